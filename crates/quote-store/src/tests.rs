@@ -1,0 +1,270 @@
+//! Store behaviour on real database files in a temporary directory.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::{Database, Error, NewQuote, Options, Store, latest_version, seed_quotes};
+
+fn temp_db() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("quotes.db");
+    (dir, path)
+}
+
+fn open(path: &Path) -> (Database, Store) {
+    let (db, _) = Database::open(path, Options::default()).expect("open");
+    let store = db.connect().expect("connect");
+    (db, store)
+}
+
+fn quote(text: &str) -> NewQuote {
+    NewQuote::new(text, "Test Author").expect("valid quote")
+}
+
+#[test]
+fn new_database_is_seeded_once_and_migrations_recorded() {
+    let (_dir, path) = temp_db();
+    let (_, first) = Database::open(&path, Options::default()).unwrap();
+    assert_eq!(first.applied, vec![1, 2]);
+    assert_eq!(first.schema_version, latest_version());
+    let (_, second) = Database::open(&path, Options::default()).unwrap();
+    assert!(second.applied.is_empty());
+    let (_, store) = open(&path);
+    assert_eq!(store.count().unwrap(), seed_quotes().count() as i64);
+}
+
+#[test]
+fn database_is_in_wal_mode_with_full_sync() {
+    let (_dir, path) = temp_db();
+    let (_db, store) = open(&path);
+    let mode: String = store
+        .conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    let sync: i64 = store
+        .conn
+        .query_row("PRAGMA synchronous", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    assert_eq!(sync, 2, "synchronous must be FULL (2)");
+}
+
+#[test]
+fn deleted_seed_quotes_do_not_come_back() {
+    let (_dir, path) = temp_db();
+    let (_db, mut store) = open(&path);
+    let first = store.list(None, 1).unwrap().quotes[0].id;
+    assert!(store.delete(first).unwrap());
+    assert!(!store.delete(first).unwrap(), "second delete finds nothing");
+    drop(store);
+    let (_db, store) = open(&path);
+    assert_eq!(store.get(first).unwrap(), None);
+}
+
+#[test]
+fn created_quote_reads_back_with_a_fresh_id() {
+    let (_dir, path) = temp_db();
+    let (_db, mut store) = open(&path);
+    let created = store.create(&quote("  Measure twice.  ")).unwrap();
+    assert_eq!(created.text, "Measure twice.");
+    assert!(created.created_at.ends_with('Z'), "{}", created.created_at);
+    assert_eq!(store.get(created.id).unwrap(), Some(created.clone()));
+    // Ids are never reused, even for the newest row after a delete.
+    assert!(store.delete(created.id).unwrap());
+    let again = store.create(&quote("Cut once.")).unwrap();
+    assert!(again.id > created.id);
+}
+
+#[test]
+fn pages_cover_every_quote_exactly_once_in_order() {
+    let (_dir, path) = temp_db();
+    let (_db, mut store) = open(&path);
+    for i in 0..37 {
+        store.create(&quote(&format!("extra {i}"))).unwrap();
+    }
+    let total = store.count().unwrap() as usize;
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list(after, 7).unwrap();
+        assert!(page.quotes.len() <= 7);
+        seen.extend(page.quotes.iter().map(|q| q.id));
+        match page.next {
+            Some(next) => {
+                assert_eq!(Some(&next), seen.last());
+                after = Some(next);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), total);
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "ids strictly increase"
+    );
+}
+
+#[test]
+fn list_limit_is_clamped() {
+    let (_dir, path) = temp_db();
+    let (_db, store) = open(&path);
+    assert_eq!(store.list(None, 0).unwrap().quotes.len(), 1);
+    assert_eq!(
+        store.list(None, 10_000).unwrap().quotes.len(),
+        seed_quotes().count().min(100)
+    );
+}
+
+#[test]
+fn random_pick_is_uniform_over_sparse_ids() {
+    let (_dir, path) = temp_db();
+    let (_db, mut store) = open(&path);
+    // Leave five quotes spread over a wide id range, so most draws miss.
+    let ids: Vec<_> = store
+        .list(None, 100)
+        .unwrap()
+        .quotes
+        .iter()
+        .map(|q| q.id)
+        .collect();
+    let keep = [
+        ids[0],
+        ids[1],
+        ids[30],
+        ids[ids.len() - 2],
+        ids[ids.len() - 1],
+    ];
+    for id in ids.iter().filter(|id| !keep.contains(id)) {
+        store.delete(*id).unwrap();
+    }
+    let draws = 5000;
+    let mut hits: HashMap<i64, usize> = HashMap::new();
+    for _ in 0..draws {
+        *hits.entry(store.random().unwrap().unwrap().id).or_default() += 1;
+    }
+    assert_eq!(
+        hits.len(),
+        keep.len(),
+        "every remaining quote is drawn: {hits:?}"
+    );
+    // Expected 1000 each, standard deviation about 28: 150 is more than five of them.
+    for (id, n) in &hits {
+        assert!(
+            (850..=1150).contains(n),
+            "quote {id} drawn {n} times of {draws}"
+        );
+    }
+}
+
+#[test]
+fn random_on_an_empty_table_is_none() {
+    let (_dir, path) = temp_db();
+    let (_db, mut store) = open(&path);
+    for q in store.list(None, 100).unwrap().quotes {
+        store.delete(q.id).unwrap();
+    }
+    assert_eq!(store.random().unwrap(), None);
+}
+
+#[test]
+fn garbage_file_is_refused_as_corrupt() {
+    let (_dir, path) = temp_db();
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    let err = Database::open(&path, Options::default()).unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+    // Refusing must not have rewritten the file.
+    assert_eq!(std::fs::read(&path).unwrap(), vec![0x5a; 8192]);
+}
+
+#[test]
+fn damaged_pages_are_refused_as_corrupt() {
+    let (_dir, path) = temp_db();
+    {
+        let (_db, mut store) = open(&path);
+        for i in 0..400 {
+            store
+                .create(&quote(&format!("{i} {}", "padding ".repeat(40))))
+                .unwrap();
+        }
+        // Closing the last connection checkpoints the WAL into the main file.
+    }
+    assert!(std::fs::metadata(&path).unwrap().len() > 16 * 4096);
+    let mut file = OpenOptions::new().write(true).open(&path).unwrap();
+    for page in [3u64, 7, 11] {
+        file.seek(SeekFrom::Start(page * 4096)).unwrap();
+        file.write_all(&[0xff; 4096]).unwrap();
+    }
+    drop(file);
+    let err = Database::open(&path, Options::default()).unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let (_dir, path) = temp_db();
+    let (_db, store) = open(&path);
+    store
+        .conn
+        .execute(
+            "INSERT INTO schema_migrations (version, name) VALUES (99, 'future')",
+            [],
+        )
+        .unwrap();
+    drop(store);
+    let err = Database::open(&path, Options::default()).unwrap_err();
+    assert!(
+        matches!(err, Error::SchemaTooNew { found: 99, .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn full_storage_refuses_the_write_and_keeps_every_quote() {
+    let (_dir, path) = temp_db();
+    drop(open(&path));
+    let size = std::fs::metadata(&path).unwrap().len();
+    let options = Options {
+        max_size: Some(size + 8 * 4096),
+        ..Options::default()
+    };
+    let (db, _) = Database::open(&path, options).unwrap();
+    let mut store = db.connect().unwrap();
+    let mut stored = Vec::new();
+    let err = loop {
+        match store.create(&quote(&format!("{} {}", stored.len(), "x".repeat(900)))) {
+            Ok(q) => stored.push(q),
+            Err(err) => break err,
+        }
+        assert!(stored.len() < 10_000, "the size limit never took effect");
+    };
+    assert!(matches!(err, Error::Full { .. }), "{err:?}");
+    assert!(!stored.is_empty());
+    for q in &stored {
+        assert_eq!(store.get(q.id).unwrap().as_ref(), Some(q));
+    }
+    assert_eq!(
+        store.count().unwrap(),
+        (seed_quotes().count() + stored.len()) as i64
+    );
+}
+
+#[test]
+fn concurrent_first_opens_seed_exactly_once() {
+    let (_dir, path) = temp_db();
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || Database::open(&path, Options::default()).map(|(_, r)| r))
+        })
+        .collect();
+    let reports: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().expect("open"))
+        .collect();
+    assert_eq!(reports.iter().filter(|r| !r.applied.is_empty()).count(), 1);
+    let (_db, store) = open(&path);
+    assert_eq!(store.count().unwrap(), seed_quotes().count() as i64);
+}
