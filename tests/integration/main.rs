@@ -1,1 +1,3 @@
-//! Workspace integration tests.
+//! Workspace integration tests: several processes against one database, abrupt kills.
+
+mod store;
