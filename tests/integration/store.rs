@@ -7,12 +7,12 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 use quote_store::{Database, Options, seed_quotes};
 
 fn writer(db: &Path, tag: &str, count: u64) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_quote-writer"))
+    tests::command(Path::new(env!("CARGO_BIN_EXE_quote-writer")))
         .args([db.to_str().unwrap(), tag, &count.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds the device binaries for aarch64 with Debian's cross toolchain, statically linked
+# against musl, and reports their stripped sizes.
+#
+#   image/build-aarch64.sh [--profile release|release-small] [--target TRIPLE] [--out DIR]
+#
+# Needs: gcc-aarch64-linux-gnu, musl-dev:arm64 (after `dpkg --add-architecture arm64`);
+# the linker and C compiler settings are in .cargo/config.toml. `cross` is the other way
+# (see README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+profile=release
+target=aarch64-unknown-linux-musl
+out=image/out/bin
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --profile) profile=$2; shift 2 ;;
+        --target) target=$2; shift 2 ;;
+        --out) out=$2; shift 2 ;;
+        *) echo "usage: $0 [--profile release|release-small] [--target TRIPLE] [--out DIR]" >&2; exit 2 ;;
+    esac
+done
+
+missing=()
+command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu)
+if [ "$target" = aarch64-unknown-linux-musl ] && [ ! -f /usr/lib/aarch64-linux-musl/musl-gcc.specs ]; then
+    missing+=(musl-dev:arm64)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "missing Debian packages: ${missing[*]}" >&2
+    echo "install with: dpkg --add-architecture arm64 && apt-get update && apt-get install ${missing[*]}" >&2
+    exit 1
+fi
+
+bins=(quote-service)
+args=()
+for bin in "${bins[@]}"; do args+=(--bin "$bin"); done
+cargo build --locked --profile "$profile" --target "$target" "${args[@]}"
+
+mkdir -p "$out/$target"
+for bin in "${bins[@]}"; do
+    src="target/$target/$profile/$bin"
+    cp "$src" "$out/$target/$bin"
+    printf '%-16s %9d bytes  %s\n' "$bin" "$(stat -c %s "$src")" "$(file -b "$src" | cut -d, -f1-2,5-6)"
+done
