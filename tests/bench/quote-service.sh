@@ -38,9 +38,9 @@ io_field() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/io"; }
 idle_rss=$(rss_kib "$svc_pid")
 base_idle_rss=$(rss_kib "$base_pid")
 
-# run NAME URL [wrk args...] → one line: name req/s p50 p99
+# run KEY NAME URL [wrk args...] → one line: name req/s p50 p99; req/s kept under KEY
 run() {
-    local name=$1 url=$2; shift 2
+    local key=$1 name=$2 url=$3; shift 3
     local out
     out=$(wrk -t2 -c"$conns" -d"$duration" --latency "$@" "$url")
     local rps p50 p99 errors
@@ -49,18 +49,18 @@ run() {
     p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
     errors=$(awk '/Non-2xx or 3xx responses:/ {print $5} /Socket errors:/ {print "socket:" $0}' <<<"$out" | tr '\n' ' ')
     printf '%-22s %12s %10s %10s  %s\n' "$name" "$rps" "$p50" "$p99" "${errors:-}"
-    echo "$rps" >"$work/rps-$name"
+    echo "$rps" >"$work/rps-$key"
 }
 
 echo "quote-service benchmark: wrk -t2 -c$conns -d$duration on $(nproc) cores, $(date -u +%FT%TZ)"
 printf '%-22s %12s %10s %10s\n' "endpoint" "req/s" "p50" "p99"
-run baseline "http://$base/"
-run "GET /quotes/random" "http://$svc/quotes/random"
-run "GET /quotes/{id}" "http://$svc/quotes/17"
+run baseline baseline "http://$base/"
+run random "GET /quotes/random" "http://$svc/quotes/random"
+run by-id "GET /quotes/{id}" "http://$svc/quotes/17"
 
 first=$(curl -sf -X POST "http://$svc/quotes" -H 'content-type: application/json' -d '{"text":"first","author":"bench"}' | sed 's/.*"id":\([0-9]*\).*/\1/')
 wb0=$(io_field "$svc_pid" write_bytes); wc0=$(io_field "$svc_pid" wchar)
-run "POST /quotes" "http://$svc/quotes" -s tests/bench/post.lua
+run insert "POST /quotes" "http://$svc/quotes" -s tests/bench/post.lua
 wb1=$(io_field "$svc_pid" write_bytes); wc1=$(io_field "$svc_pid" wchar)
 last=$(curl -sf -X POST "http://$svc/quotes" -H 'content-type: application/json' -d '{"text":"last","author":"bench"}' | sed 's/.*"id":\([0-9]*\).*/\1/')
 inserted=$((last - first - 1))
@@ -68,7 +68,7 @@ loaded_rss=$(rss_kib "$svc_pid")
 
 echo
 ratio() { awk -v a="$(cat "$work/rps-$1")" -v b="$(cat "$work/rps-baseline")" 'BEGIN {printf "%.3f", a / b}'; }
-echo "throughput vs baseline: random $(ratio 'GET /quotes/random'), by id $(ratio 'GET /quotes/{id}'), insert $(ratio 'POST /quotes')"
+echo "throughput vs baseline: random $(ratio random), by id $(ratio by-id), insert $(ratio insert)"
 echo "inserted quotes: $inserted"
 if [ "$inserted" -gt 0 ]; then
     echo "storage writes per quote: write_bytes $(( (wb1 - wb0) / inserted )) B, wchar $(( (wc1 - wc0) / inserted )) B"

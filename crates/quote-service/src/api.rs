@@ -249,7 +249,7 @@ async fn create_quote(
     JsonBody(body): JsonBody<CreateQuote>,
 ) -> Result<Response, AppError> {
     let new = NewQuote::new(&body.text, &body.author)?;
-    let quote = state.with_store(move |store| store.create(&new)).await?;
+    let quote = state.with_writer(move |store| store.create(&new)).await?;
     let location = format!("/quotes/{}", quote.id);
     Ok((
         StatusCode::CREATED,
@@ -272,7 +272,7 @@ async fn delete_quote(
     PathParam(id): PathParam<QuoteId>,
 ) -> Result<StatusCode, AppError> {
     let id = checked_id(id)?;
-    if state.with_store(move |store| store.delete(id)).await? {
+    if state.with_writer(move |store| store.delete(id)).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(no_quote(id))

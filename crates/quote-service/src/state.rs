@@ -63,6 +63,7 @@ impl AppState {
             database: Arc::new(database),
             idle: Arc::new(Mutex::new(Vec::new())),
             permits: Arc::new(Semaphore::new(connections.max(1))),
+            writer: Arc::new(Semaphore::new(1)),
         });
     }
 
@@ -91,8 +92,28 @@ impl AppState {
         &self.0.metrics
     }
 
-    /// Runs `f` on a pooled connection on the blocking pool, or 503 if the database is not open.
+    /// Runs the read `f` on a pooled connection on the blocking pool, or 503 if the database
+    /// is not open.
     pub(crate) async fn with_store<T, F>(&self, f: F) -> Result<T, AppError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> Result<T, quote_store::Error> + Send + 'static,
+    {
+        self.run(Access::Read, f).await
+    }
+
+    /// Like [`Self::with_store`] for a write: writes of this process queue here, in order,
+    /// instead of competing for SQLite's file lock, whose busy handler sleeps and retries.
+    /// Other processes' writers still wait on the busy timeout.
+    pub(crate) async fn with_writer<T, F>(&self, f: F) -> Result<T, AppError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> Result<T, quote_store::Error> + Send + 'static,
+    {
+        self.run(Access::Write, f).await
+    }
+
+    async fn run<T, F>(&self, access: Access, f: F) -> Result<T, AppError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Store) -> Result<T, quote_store::Error> + Send + 'static,
@@ -100,7 +121,7 @@ impl AppState {
         let db = self
             .db()
             .ok_or(AppError::Unavailable("the database is not open yet"))?;
-        let result = db.run(f).await;
+        let result = db.run(access, f).await;
         if let Err(AppError::Store(_)) = &result {
             self.metrics().db_error();
         }
@@ -108,28 +129,45 @@ impl AppState {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Access {
+    Read,
+    Write,
+}
+
 /// A small connection pool: SQLite connections are not shared between threads, so each
-/// query borrows one, and the semaphore bounds how many run at once.
+/// query borrows one, and the semaphore bounds how many run at once. Writes also hold the
+/// single writer permit.
 #[derive(Debug, Clone)]
 pub(crate) struct Db {
     database: Arc<Database>,
     idle: Arc<Mutex<Vec<Store>>>,
     permits: Arc<Semaphore>,
+    writer: Arc<Semaphore>,
 }
 
 impl Db {
-    async fn run<T, F>(&self, f: F) -> Result<T, AppError>
+    async fn run<T, F>(&self, access: Access, f: F) -> Result<T, AppError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Store) -> Result<T, quote_store::Error> + Send + 'static,
     {
+        let write_permit = match access {
+            Access::Write => Some(
+                Arc::clone(&self.writer)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| AppError::Unavailable("the database is closing"))?,
+            ),
+            Access::Read => None,
+        };
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
             .map_err(|_| AppError::Unavailable("the database is closing"))?;
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _permits = (permit, write_permit);
             let pooled = this.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let mut store = match pooled {
                 Some(store) => store,
