@@ -1,0 +1,839 @@
+//! The supervisor's state as a pure model: events come in with the time they happened,
+//! actions come out. No I/O, no clock, no randomness of its own (the seed is injected), so
+//! every transition is unit-tested without sleeping. The driver (`driver.rs`) does the I/O.
+//!
+//! Each replica slot moves through [`Phase`]s (see `model.md` for the diagram). A process that
+//! failed its liveness or startup probe is *retired*: taken out of rotation at once, sent
+//! SIGTERM, SIGKILLed after a short grace, while the slot already starts its replacement.
+
+use std::time::{Duration, Instant};
+
+use edge_proto::{ExitInfo, ReplicaStatus};
+
+use crate::backoff::Backoff;
+use crate::config::{Probe, Probes, RestartPolicy};
+
+/// Which probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProbeKind {
+    Startup,
+    Liveness,
+    Readiness,
+}
+
+impl ProbeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeKind::Startup => "startup",
+            ProbeKind::Liveness => "liveness",
+            ProbeKind::Readiness => "readiness",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Term,
+    Kill,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start a process for `slot`; report with [`Model::spawned`].
+    Spawn { slot: usize, generation: u64 },
+    /// Probe a process; report with [`Model::probe_result`].
+    Probe {
+        slot: usize,
+        generation: u64,
+        kind: ProbeKind,
+        pid: u32,
+        port: u16,
+    },
+    /// Signal a replica's process group.
+    Signal { pid: u32, signal: Signal },
+}
+
+/// Why a replica process ended or was replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cause {
+    Exit(i32),
+    Signal(i32),
+    OomKill,
+    Liveness(String),
+    StartupTimeout(String),
+    SpawnFailed(String),
+    /// Asked to stop (scale down, restart command, shutdown).
+    Stopped,
+}
+
+impl Cause {
+    /// The label used in metrics and status.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Cause::Exit(_) => "exit",
+            Cause::Signal(_) => "signal",
+            Cause::OomKill => "oom_kill",
+            Cause::Liveness(_) => "liveness",
+            Cause::StartupTimeout(_) => "startup_timeout",
+            Cause::SpawnFailed(_) => "spawn_failed",
+            Cause::Stopped => "stopped",
+        }
+    }
+
+    fn info(&self) -> ExitInfo {
+        let (code, signal, detail) = match self {
+            Cause::Exit(code) => (Some(*code), None, None),
+            Cause::Signal(signal) => (None, Some(*signal), None),
+            Cause::Liveness(d) | Cause::StartupTimeout(d) | Cause::SpawnFailed(d) => {
+                (None, None, Some(d.clone()))
+            }
+            Cause::OomKill | Cause::Stopped => (None, None, None),
+        };
+        ExitInfo {
+            reason: self.reason().to_owned(),
+            code,
+            signal,
+            detail,
+        }
+    }
+}
+
+/// One process started for a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Incarnation {
+    pub generation: u64,
+    pub pid: u32,
+    pub port: u16,
+    pub started: Instant,
+}
+
+/// Where a probe stands for one process.
+#[derive(Debug, Clone)]
+struct Track {
+    next_at: Instant,
+    in_flight: bool,
+    successes: u32,
+    failures: u32,
+}
+
+impl Track {
+    fn new(next_at: Instant) -> Self {
+        Track {
+            next_at,
+            in_flight: false,
+            successes: 0,
+            failures: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// No process; the next one starts at `start_at` (backoff).
+    Waiting { start_at: Instant },
+    /// A spawn was requested and not yet reported.
+    Spawning { generation: u64 },
+    /// The startup probe has not passed yet; liveness and readiness wait for it.
+    Starting { inc: Incarnation, startup: Track },
+    /// Liveness and readiness probes run; `ready` puts it in rotation.
+    Running {
+        inc: Incarnation,
+        ready_since: Option<Instant>,
+        liveness: Option<Track>,
+        readiness: Option<Track>,
+    },
+    /// Being stopped for good (scale down or shutdown): out of rotation, SIGTERM sent.
+    Stopping {
+        inc: Incarnation,
+        kill_at: Instant,
+        killed: bool,
+    },
+}
+
+#[derive(Debug)]
+struct Slot {
+    index: usize,
+    phase: Phase,
+    restarts: u32,
+    last_exit: Option<Cause>,
+    backoff: Backoff,
+    /// Scaled away: the slot disappears when its process has exited.
+    removing: bool,
+}
+
+/// A process replaced after a failed probe or a restart command, on its way out.
+#[derive(Debug)]
+struct Retiring {
+    pid: u32,
+    kill_at: Instant,
+    killed: bool,
+}
+
+/// Timing the model needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub probes: Probes,
+    pub restart: RestartPolicy,
+    pub stop_grace: Duration,
+    pub hung_grace: Duration,
+}
+
+#[derive(Debug)]
+pub struct Model {
+    timing: Timing,
+    slots: Vec<Slot>,
+    retiring: Vec<Retiring>,
+    next_generation: u64,
+    shutting_down: bool,
+    rng: fastrand::Rng,
+    actions: Vec<Action>,
+}
+
+/// A command the model refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("there is no replica {0}")]
+    UnknownReplica(String),
+    #[error("the supervisor is shutting down")]
+    ShuttingDown,
+}
+
+pub fn replica_id(index: usize) -> String {
+    format!("replica-{index}")
+}
+
+impl Model {
+    /// `replicas` slots, all due to start at `now`.
+    pub fn new(replicas: u32, timing: Timing, now: Instant, seed: u64) -> Self {
+        let mut model = Model {
+            timing,
+            slots: Vec::new(),
+            retiring: Vec::new(),
+            next_generation: 1,
+            shutting_down: false,
+            rng: fastrand::Rng::with_seed(seed),
+            actions: Vec::new(),
+        };
+        model.scale(replicas, now).expect("not shutting down yet");
+        model
+    }
+
+    /// Actions produced since the last call, in order.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// Starts what is due, schedules due probes, escalates overdue stops to SIGKILL.
+    pub fn tick(&mut self, now: Instant) {
+        let timing = &self.timing;
+        for slot in &mut self.slots {
+            slot.backoff.refresh(now);
+            match &mut slot.phase {
+                Phase::Waiting { start_at } if *start_at <= now && !self.shutting_down => {
+                    let generation = self.next_generation;
+                    self.next_generation += 1;
+                    slot.phase = Phase::Spawning { generation };
+                    self.actions.push(Action::Spawn {
+                        slot: slot.index,
+                        generation,
+                    });
+                }
+                Phase::Starting { inc, startup } => {
+                    if let Some(probe) = &timing.probes.startup {
+                        due(
+                            &mut self.actions,
+                            slot.index,
+                            inc,
+                            startup,
+                            probe,
+                            ProbeKind::Startup,
+                            now,
+                        );
+                    }
+                }
+                Phase::Running {
+                    inc,
+                    liveness,
+                    readiness,
+                    ..
+                } => {
+                    if let (Some(track), Some(probe)) = (liveness, &timing.probes.liveness) {
+                        due(
+                            &mut self.actions,
+                            slot.index,
+                            inc,
+                            track,
+                            probe,
+                            ProbeKind::Liveness,
+                            now,
+                        );
+                    }
+                    if let (Some(track), Some(probe)) = (readiness, &timing.probes.readiness) {
+                        due(
+                            &mut self.actions,
+                            slot.index,
+                            inc,
+                            track,
+                            probe,
+                            ProbeKind::Readiness,
+                            now,
+                        );
+                    }
+                }
+                Phase::Stopping {
+                    inc,
+                    kill_at,
+                    killed,
+                } if !*killed && *kill_at <= now => {
+                    *killed = true;
+                    self.actions.push(Action::Signal {
+                        pid: inc.pid,
+                        signal: Signal::Kill,
+                    });
+                }
+                _ => {}
+            }
+        }
+        for retiring in &mut self.retiring {
+            if !retiring.killed && retiring.kill_at <= now {
+                retiring.killed = true;
+                self.actions.push(Action::Signal {
+                    pid: retiring.pid,
+                    signal: Signal::Kill,
+                });
+            }
+        }
+    }
+
+    /// The driver started (or failed to start) the process asked for by [`Action::Spawn`].
+    pub fn spawned(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        result: Result<(u32, u16), String>,
+        now: Instant,
+    ) {
+        let Some(s) = self.slot_mut(slot) else {
+            if let Ok((pid, _)) = result {
+                self.actions.push(Action::Signal {
+                    pid,
+                    signal: Signal::Kill,
+                });
+            }
+            return;
+        };
+        let expected = matches!(s.phase, Phase::Spawning { generation: g } if g == generation);
+        match result {
+            Ok((pid, _)) if !expected || s.removing || self.shutting_down => {
+                // Nobody wants this process any more.
+                self.retire(pid, now, self.timing.stop_grace);
+                if expected {
+                    self.remove_or_wait(slot, now);
+                }
+            }
+            Ok((pid, port)) => {
+                let inc = Incarnation {
+                    generation,
+                    pid,
+                    port,
+                    started: now,
+                };
+                let phase = match &self.timing.probes.startup {
+                    Some(probe) => Phase::Starting {
+                        inc,
+                        startup: Track::new(now + probe.initial_delay),
+                    },
+                    None => self.running(inc, now),
+                };
+                if let Some(s) = self.slot_mut(slot) {
+                    s.phase = phase;
+                }
+            }
+            Err(error) if expected => {
+                self.restart_later(slot, Cause::SpawnFailed(error), Duration::ZERO, now)
+            }
+            Err(_) => {}
+        }
+        self.tick(now);
+    }
+
+    /// A replica process exited (`cause` is how: code, signal, OOM kill).
+    pub fn exited(&mut self, pid: u32, cause: Cause, now: Instant) {
+        if let Some(i) = self.retiring.iter().position(|r| r.pid == pid) {
+            self.retiring.remove(i);
+            self.tick(now);
+            return;
+        }
+        let found = self.slots.iter().find_map(|s| match &s.phase {
+            Phase::Starting { inc, .. } | Phase::Stopping { inc, .. } if inc.pid == pid => {
+                Some((s.index, Duration::ZERO))
+            }
+            Phase::Running {
+                inc, ready_since, ..
+            } if inc.pid == pid => Some((
+                s.index,
+                ready_since.map_or(Duration::ZERO, |since| now.saturating_duration_since(since)),
+            )),
+            _ => None,
+        });
+        let Some((index, healthy_for)) = found else {
+            return;
+        };
+        let stopping = self
+            .slot(index)
+            .is_some_and(|s| matches!(s.phase, Phase::Stopping { .. }));
+        if stopping {
+            if let Some(s) = self.slot_mut(index) {
+                s.last_exit = Some(Cause::Stopped);
+            }
+            self.remove_or_wait(index, now);
+        } else {
+            self.restart_later(index, cause, healthy_for, now);
+        }
+        self.tick(now);
+    }
+
+    /// A probe finished: `Ok` for success, `Err` with what went wrong.
+    pub fn probe_result(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        kind: ProbeKind,
+        outcome: Result<(), String>,
+        now: Instant,
+    ) {
+        let timing = self.timing.clone();
+        let Some(s) = self.slot_mut(slot) else { return };
+        let mut failed = None;
+        match (&mut s.phase, kind) {
+            (Phase::Starting { inc, startup }, ProbeKind::Startup)
+                if inc.generation == generation =>
+            {
+                startup.in_flight = false;
+                match outcome {
+                    Ok(()) => {
+                        let inc = *inc;
+                        s.phase = Phase::Running {
+                            inc,
+                            ready_since: None,
+                            liveness: None,
+                            readiness: None,
+                        };
+                        let phase = self.running(inc, now);
+                        if let Some(s) = self.slot_mut(slot) {
+                            s.phase = phase;
+                        }
+                    }
+                    Err(error) => {
+                        startup.failures += 1;
+                        let limit = timing
+                            .probes
+                            .startup
+                            .as_ref()
+                            .map_or(1, |p| p.failure_threshold.get());
+                        if startup.failures >= limit {
+                            failed = Some((inc.pid, Cause::StartupTimeout(error)));
+                        }
+                    }
+                }
+            }
+            (
+                Phase::Running {
+                    inc,
+                    liveness: Some(track),
+                    ..
+                },
+                ProbeKind::Liveness,
+            ) if inc.generation == generation => {
+                track.in_flight = false;
+                match outcome {
+                    Ok(()) => track.failures = 0,
+                    Err(error) => {
+                        track.failures += 1;
+                        let limit = timing
+                            .probes
+                            .liveness
+                            .as_ref()
+                            .map_or(1, |p| p.failure_threshold.get());
+                        if track.failures >= limit {
+                            failed = Some((inc.pid, Cause::Liveness(error)));
+                        }
+                    }
+                }
+            }
+            (
+                Phase::Running {
+                    inc,
+                    ready_since,
+                    readiness: Some(track),
+                    ..
+                },
+                ProbeKind::Readiness,
+            ) if inc.generation == generation => {
+                track.in_flight = false;
+                let probe = timing.probes.readiness.as_ref();
+                match outcome {
+                    Ok(()) => {
+                        track.failures = 0;
+                        track.successes += 1;
+                        if ready_since.is_none()
+                            && track.successes >= probe.map_or(1, |p| p.success_threshold.get())
+                        {
+                            *ready_since = Some(now);
+                        }
+                    }
+                    Err(_) => {
+                        track.successes = 0;
+                        track.failures += 1;
+                        if ready_since.is_some()
+                            && track.failures >= probe.map_or(1, |p| p.failure_threshold.get())
+                        {
+                            *ready_since = None;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Some((pid, cause)) = failed {
+            // Out of rotation now; the process gets a short grace, the slot a replacement.
+            let grace = self.timing.hung_grace;
+            self.retire(pid, now, grace);
+            self.restart_later(slot, cause, Duration::ZERO, now);
+        }
+        self.tick(now);
+    }
+
+    /// Runs `replicas` slots: new ones start now, surplus ones (highest first) are stopped
+    /// gracefully after leaving the rotation.
+    pub fn scale(&mut self, replicas: u32, now: Instant) -> Result<(), Refused> {
+        if self.shutting_down {
+            return Err(Refused::ShuttingDown);
+        }
+        let mut active: Vec<usize> = self
+            .slots
+            .iter()
+            .filter(|s| !s.removing)
+            .map(|s| s.index)
+            .collect();
+        active.sort_unstable();
+        let wanted = replicas as usize;
+        let mut index = 0;
+        while active.len() < wanted {
+            if !self.slots.iter().any(|s| s.index == index) {
+                self.slots.push(Slot {
+                    index,
+                    phase: Phase::Waiting { start_at: now },
+                    restarts: 0,
+                    last_exit: None,
+                    backoff: Backoff::new(self.timing.restart.clone()),
+                    removing: false,
+                });
+                active.push(index);
+            }
+            index += 1;
+        }
+        while active.len() > wanted {
+            let index = active.pop().expect("non-empty");
+            self.stop_slot(index, now);
+        }
+        self.slots.sort_by_key(|s| s.index);
+        self.tick(now);
+        Ok(())
+    }
+
+    /// Replaces one replica: out of rotation, SIGTERM with the stop grace, and a successor
+    /// started at once (no backoff: nothing failed).
+    pub fn restart(&mut self, id: &str, now: Instant) -> Result<(), Refused> {
+        if self.shutting_down {
+            return Err(Refused::ShuttingDown);
+        }
+        let slot = self
+            .slots
+            .iter()
+            .find(|s| !s.removing && replica_id(s.index) == id)
+            .map(|s| s.index)
+            .ok_or_else(|| Refused::UnknownReplica(id.to_owned()))?;
+        let pid = match &self.slot(slot).map(|s| &s.phase) {
+            Some(Phase::Starting { inc, .. } | Phase::Running { inc, .. }) => Some(inc.pid),
+            _ => None,
+        };
+        if let Some(pid) = pid {
+            let grace = self.timing.stop_grace;
+            self.retire(pid, now, grace);
+        }
+        if let Some(s) = self.slot_mut(slot)
+            && !matches!(s.phase, Phase::Spawning { .. })
+        {
+            s.phase = Phase::Waiting { start_at: now };
+            s.last_exit = Some(Cause::Stopped);
+        }
+        self.tick(now);
+        Ok(())
+    }
+
+    /// Stops everything: every replica leaves the rotation and gets SIGTERM, then SIGKILL
+    /// after the stop grace. [`Model::is_finished`] turns true when all have exited.
+    pub fn shutdown(&mut self, now: Instant) {
+        self.shutting_down = true;
+        let indexes: Vec<usize> = self.slots.iter().map(|s| s.index).collect();
+        for index in indexes {
+            self.stop_slot(index, now);
+        }
+        self.tick(now);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.shutting_down && self.slots.is_empty() && self.retiring.is_empty()
+    }
+
+    /// When the model next needs a [`Model::tick`], if ever.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |at: Instant| next = Some(next.map_or(at, |n| n.min(at)));
+        for slot in &self.slots {
+            match &slot.phase {
+                Phase::Waiting { start_at } if !self.shutting_down => consider(*start_at),
+                Phase::Starting { startup, .. } if !startup.in_flight => consider(startup.next_at),
+                Phase::Running {
+                    liveness,
+                    readiness,
+                    ..
+                } => {
+                    for track in [liveness, readiness].into_iter().flatten() {
+                        if !track.in_flight {
+                            consider(track.next_at);
+                        }
+                    }
+                }
+                Phase::Stopping {
+                    kill_at,
+                    killed: false,
+                    ..
+                } => consider(*kill_at),
+                _ => {}
+            }
+        }
+        for retiring in self.retiring.iter().filter(|r| !r.killed) {
+            consider(retiring.kill_at);
+        }
+        next
+    }
+
+    /// Replicas in rotation: (replica id, port), in slot order.
+    pub fn ready_backends(&self) -> Vec<(String, u16)> {
+        self.slots
+            .iter()
+            .filter_map(|s| match &s.phase {
+                Phase::Running {
+                    inc,
+                    ready_since: Some(_),
+                    ..
+                } => Some((replica_id(s.index), inc.port)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Replicas wanted (slots not being scaled away).
+    pub fn desired(&self) -> u32 {
+        self.slots.iter().filter(|s| !s.removing).count() as u32
+    }
+
+    /// Pids of every process the model knows (for the driver's final sweep).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .slots
+            .iter()
+            .filter_map(|s| match &s.phase {
+                Phase::Starting { inc, .. }
+                | Phase::Running { inc, .. }
+                | Phase::Stopping { inc, .. } => Some(inc.pid),
+                _ => None,
+            })
+            .collect();
+        pids.extend(self.retiring.iter().map(|r| r.pid));
+        pids
+    }
+
+    /// The slot a pid belongs to, if it is a slot's current process.
+    pub fn slot_of(&self, pid: u32) -> Option<usize> {
+        self.slots.iter().find_map(|s| match &s.phase {
+            Phase::Starting { inc, .. }
+            | Phase::Running { inc, .. }
+            | Phase::Stopping { inc, .. }
+                if inc.pid == pid =>
+            {
+                Some(s.index)
+            }
+            _ => None,
+        })
+    }
+
+    /// Whether a slot by this id exists.
+    pub fn has_replica(&self, id: &str) -> bool {
+        self.slots.iter().any(|s| replica_id(s.index) == id)
+    }
+
+    /// The per-replica part of `status --json`.
+    pub fn status(&self, now: Instant) -> Vec<ReplicaStatus> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let (state, inc, ready) = match &s.phase {
+                    Phase::Waiting { .. } | Phase::Spawning { .. } => ("waiting", None, false),
+                    Phase::Starting { inc, .. } => ("starting", Some(inc), false),
+                    Phase::Running {
+                        inc, ready_since, ..
+                    } => ("running", Some(inc), ready_since.is_some()),
+                    Phase::Stopping { inc, .. } => ("stopping", Some(inc), false),
+                };
+                let next_start_in_seconds = match &s.phase {
+                    Phase::Waiting { start_at } => {
+                        Some(start_at.saturating_duration_since(now).as_secs_f64())
+                    }
+                    _ => None,
+                };
+                ReplicaStatus {
+                    id: replica_id(s.index),
+                    pid: inc.map(|i| i.pid),
+                    port: inc.map(|i| i.port),
+                    state: state.to_owned(),
+                    ready,
+                    restarts: s.restarts,
+                    last_exit: s.last_exit.as_ref().map(Cause::info),
+                    crash_looping: s.backoff.crash_looping(),
+                    next_start_in_seconds,
+                }
+            })
+            .collect()
+    }
+
+    fn slot(&self, index: usize) -> Option<&Slot> {
+        self.slots.iter().find(|s| s.index == index)
+    }
+
+    fn slot_mut(&mut self, index: usize) -> Option<&mut Slot> {
+        self.slots.iter_mut().find(|s| s.index == index)
+    }
+
+    /// The phase after a successful start: readiness is probed at once (a new replica should
+    /// take traffic as soon as it can), liveness after one period.
+    fn running(&self, inc: Incarnation, now: Instant) -> Phase {
+        let probes = &self.timing.probes;
+        let after_delay = |p: &Probe, first: Instant| first.max(inc.started + p.initial_delay);
+        Phase::Running {
+            inc,
+            ready_since: probes.readiness.is_none().then_some(now),
+            liveness: probes
+                .liveness
+                .as_ref()
+                .map(|p| Track::new(after_delay(p, now + p.period))),
+            readiness: probes
+                .readiness
+                .as_ref()
+                .map(|p| Track::new(after_delay(p, now))),
+        }
+    }
+
+    /// Sends SIGTERM to a process leaving its slot, and SIGKILL after `grace`.
+    fn retire(&mut self, pid: u32, now: Instant, grace: Duration) {
+        self.actions.push(Action::Signal {
+            pid,
+            signal: Signal::Term,
+        });
+        self.retiring.push(Retiring {
+            pid,
+            kill_at: now + grace,
+            killed: false,
+        });
+    }
+
+    /// Counts a failure and schedules the slot's next start after its backoff.
+    fn restart_later(&mut self, index: usize, cause: Cause, healthy_for: Duration, now: Instant) {
+        let random = self.rng.f64();
+        let shutting_down = self.shutting_down;
+        let Some(s) = self.slot_mut(index) else {
+            return;
+        };
+        s.restarts += 1;
+        s.last_exit = Some(cause);
+        if s.removing || shutting_down {
+            self.remove_or_wait(index, now);
+            return;
+        }
+        let delay = s.backoff.next_delay(now, healthy_for, random);
+        s.phase = Phase::Waiting {
+            start_at: now + delay,
+        };
+    }
+
+    /// Stops a slot for good: a slot without a process goes at once; one with a process
+    /// leaves the rotation, gets SIGTERM, and goes when it has exited.
+    fn stop_slot(&mut self, index: usize, now: Instant) {
+        let grace = self.timing.stop_grace;
+        let Some(s) = self.slot_mut(index) else {
+            return;
+        };
+        s.removing = true;
+        match &s.phase {
+            Phase::Waiting { .. } => self.remove_or_wait(index, now),
+            Phase::Spawning { .. } | Phase::Stopping { .. } => {}
+            Phase::Starting { inc, .. } | Phase::Running { inc, .. } => {
+                let inc = *inc;
+                s.phase = Phase::Stopping {
+                    inc,
+                    kill_at: now + grace,
+                    killed: false,
+                };
+                self.actions.push(Action::Signal {
+                    pid: inc.pid,
+                    signal: Signal::Term,
+                });
+            }
+        }
+    }
+
+    /// A slot that is being removed goes; any other waits for its next start.
+    fn remove_or_wait(&mut self, index: usize, now: Instant) {
+        let remove = self.shutting_down || self.slot(index).is_some_and(|s| s.removing);
+        if remove {
+            self.slots.retain(|s| s.index != index);
+        } else if let Some(s) = self.slot_mut(index) {
+            s.phase = Phase::Waiting { start_at: now };
+        }
+    }
+}
+
+/// Emits a probe when it is due and none is in flight; periods count from each probe's start.
+fn due(
+    actions: &mut Vec<Action>,
+    slot: usize,
+    inc: &Incarnation,
+    track: &mut Track,
+    probe: &Probe,
+    kind: ProbeKind,
+    now: Instant,
+) {
+    if track.in_flight || track.next_at > now {
+        return;
+    }
+    track.in_flight = true;
+    track.next_at = now + probe.period;
+    actions.push(Action::Probe {
+        slot,
+        generation: inc.generation,
+        kind,
+        pid: inc.pid,
+        port: inc.port,
+    });
+}
+
+#[cfg(test)]
+#[path = "model_tests.rs"]
+mod tests;
