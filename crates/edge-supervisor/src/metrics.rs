@@ -1,0 +1,184 @@
+//! The supervisor's Prometheus metrics, and the admin HTTP endpoint that serves them.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RestartLabels {
+    pub replica: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: String,
+}
+
+/// Every metric the supervisor exports (prefix `edge_supervisor_`).
+pub struct Metrics {
+    registry: Registry,
+    pub restarts: Family<RestartLabels, Counter>,
+    pub ready: Gauge,
+    pub desired: Gauge,
+    pub crash_looping: Gauge,
+    pub probe_seconds: Family<KindLabels, Histogram, fn() -> Histogram>,
+    pub probe_failures: Family<KindLabels, Counter>,
+    pub proxied: Family<CodeLabels, Counter>,
+    pub proxy_errors: Family<KindLabels, Counter>,
+    pub proxy_retries: Counter,
+    pub oom_kills: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn probe_histogram() -> Histogram {
+    // 100 µs to about 0.8 s: probe timeouts are a few hundred milliseconds.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 14))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("edge_supervisor");
+        let m = Metrics {
+            restarts: Family::default(),
+            ready: Gauge::default(),
+            desired: Gauge::default(),
+            crash_looping: Gauge::default(),
+            probe_seconds: Family::new_with_constructor(probe_histogram as fn() -> Histogram),
+            probe_failures: Family::default(),
+            proxied: Family::default(),
+            proxy_errors: Family::default(),
+            proxy_retries: Counter::default(),
+            oom_kills: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "restarts",
+            "Replica restarts by replica and reason",
+            m.restarts.clone(),
+        );
+        registry.register("replicas_ready", "Replicas in rotation", m.ready.clone());
+        registry.register("replicas_desired", "Replicas wanted", m.desired.clone());
+        registry.register(
+            "replicas_crash_looping",
+            "Replica slots past their restart budget",
+            m.crash_looping.clone(),
+        );
+        registry.register(
+            "probe_duration_seconds",
+            "Probe latency by kind",
+            m.probe_seconds.clone(),
+        );
+        registry.register(
+            "probe_failures",
+            "Failed probes by kind",
+            m.probe_failures.clone(),
+        );
+        registry.register(
+            "proxied_requests",
+            "Requests answered through the router, by status class",
+            m.proxied.clone(),
+        );
+        registry.register(
+            "proxy_errors",
+            "Requests the router could not forward, by kind",
+            m.proxy_errors.clone(),
+        );
+        registry.register(
+            "proxy_retries",
+            "Requests retried on another replica after a refused or broken connection",
+            m.proxy_retries.clone(),
+        );
+        registry.register(
+            "oom_kills",
+            "Replicas killed by the kernel for exceeding memory.max",
+            m.oom_kills.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` (OpenMetrics text) and `GET /status` (the status JSON, asked of the
+/// dispatcher like any control request) on the admin address. Read-only.
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    control: tokio::sync::mpsc::Sender<crate::control::ControlRequest>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = Arc::clone(&metrics);
+        let control = control.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = Arc::clone(&metrics);
+                let control = control.clone();
+                async move {
+                    let (code, kind, body) = match req.uri().path() {
+                        "/metrics" => (
+                            StatusCode::OK,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            metrics.encode(),
+                        ),
+                        "/status" => (StatusCode::OK, "application/json", status(&control).await),
+                        _ => (
+                            StatusCode::NOT_FOUND,
+                            "text/plain",
+                            "try /metrics or /status\n".to_owned(),
+                        ),
+                    };
+                    Response::builder()
+                        .status(code)
+                        .header("content-type", kind)
+                        .body(Full::new(Bytes::from(body)))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn status(control: &tokio::sync::mpsc::Sender<crate::control::ControlRequest>) -> String {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let request = crate::control::ControlRequest {
+        request: edge_proto::Request::Status,
+        reply,
+    };
+    if control.send(request).await.is_err() {
+        return r#"{"error":"the supervisor is stopping"}"#.to_owned();
+    }
+    match answer.await {
+        Ok(edge_proto::Reply::Status(status)) => serde_json::to_string(&status).unwrap_or_default(),
+        _ => r#"{"error":"the supervisor is stopping"}"#.to_owned(),
+    }
+}

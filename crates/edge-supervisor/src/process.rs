@@ -1,0 +1,306 @@
+//! Replica processes: spawning (own process group, own port, sanitised environment),
+//! capturing their output into a bounded in-memory ring, and signalling their group.
+//!
+//! Nothing here writes to disk: captured lines live in memory only (this is flash).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use edge_proto::LogLine;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+
+use crate::config::ServiceSpec;
+use crate::model::Signal;
+
+/// Environment variables of the supervisor's own systemd protocol, never passed on: a replica
+/// that inherited them could send READY or WATCHDOG in the supervisor's name.
+const PRIVATE_ENV: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+];
+
+/// Longest captured line; the rest of a longer line is dropped and marked.
+const MAX_LINE: usize = 4096;
+
+/// What a replica's process is started with.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+}
+
+/// Resolves the program and substitutes `{port}`, `{replica}`, `{index}`, `{data_dir}`.
+pub fn launch(spec: &ServiceSpec, data_dir: &Path, index: usize, port: u16) -> Launch {
+    let replica = crate::model::replica_id(index);
+    let data_dir = data_dir.display().to_string();
+    let fill = |text: &str| {
+        text.replace("{port}", &port.to_string())
+            .replace("{replica}", &replica)
+            .replace("{index}", &index.to_string())
+            .replace("{data_dir}", &data_dir)
+    };
+    Launch {
+        program: resolve_program(&spec.command),
+        args: spec.args.iter().map(|a| fill(a)).collect(),
+        env: spec.env.iter().map(|(k, v)| (k.clone(), fill(v))).collect(),
+    }
+}
+
+/// A bare program name is looked for next to the supervisor's own binary first (the device
+/// layout: both in one bin directory, or one release slot), then on `PATH`.
+pub fn resolve_program(command: &Path) -> PathBuf {
+    if command.components().count() == 1
+        && let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_owned))
+    {
+        let beside = dir.join(command);
+        if beside.is_file() {
+            return beside;
+        }
+    }
+    command.to_owned()
+}
+
+/// A free port on 127.0.0.1 for a new replica, from the kernel's ephemeral range.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
+}
+
+/// Captured output of every replica, a bounded ring per replica id.
+#[derive(Debug, Clone)]
+pub struct LogRing {
+    capacity: usize,
+    lines: Arc<Mutex<HashMap<String, VecDeque<LogLine>>>>,
+}
+
+impl LogRing {
+    pub fn new(capacity: usize) -> Self {
+        LogRing {
+            capacity: capacity.max(1),
+            lines: Arc::default(),
+        }
+    }
+
+    pub fn push(&self, replica: &str, line: LogLine) {
+        let mut all = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = all.entry(replica.to_owned()).or_default();
+        if ring.len() == self.capacity {
+            ring.pop_front();
+        }
+        ring.push_back(line);
+    }
+
+    /// The last `n` lines of one replica, oldest first.
+    pub fn tail(&self, replica: &str, n: usize) -> Vec<LogLine> {
+        let all = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        all.get(replica)
+            .map(|ring| {
+                ring.iter()
+                    .skip(ring.len().saturating_sub(n))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Starts a replica in its own process group with its output captured. Returns the pid and a
+/// future that resolves when the process has exited.
+pub fn spawn(
+    launch: &Launch,
+    replica: &str,
+    logs: &LogRing,
+    echo: bool,
+) -> std::io::Result<(
+    u32,
+    impl Future<Output = std::io::Result<ExitStatus>> + Send + 'static,
+)> {
+    let mut command = Command::new(&launch.program);
+    command
+        .args(&launch.args)
+        .envs(&launch.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own group, so a signal reaches everything it started, and a terminal's
+        // Ctrl-C reaches only the supervisor, which then stops replicas in order.
+        .process_group(0)
+        .kill_on_drop(false);
+    for key in PRIVATE_ENV {
+        command.env_remove(key);
+    }
+    let mut child = command.spawn()?;
+    let pid = child
+        .id()
+        .ok_or_else(|| std::io::Error::other("the process exited before it was seen"))?;
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(capture(
+            out,
+            "stdout",
+            pid,
+            replica.to_owned(),
+            logs.clone(),
+            echo,
+        ));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(capture(
+            err,
+            "stderr",
+            pid,
+            replica.to_owned(),
+            logs.clone(),
+            echo,
+        ));
+    }
+    Ok((pid, async move { child.wait().await }))
+}
+
+async fn capture(
+    stream: impl AsyncRead + Unpin,
+    name: &'static str,
+    pid: u32,
+    replica: String,
+    logs: LogRing,
+    echo: bool,
+) {
+    let mut reader = BufReader::new(stream);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match read_line_bounded(&mut reader, &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+        if echo {
+            tracing::info!(target: "replica", replica = %replica, pid, "{line}");
+        }
+        let at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        logs.push(
+            &replica,
+            LogLine {
+                at_ms,
+                stream: name.to_owned(),
+                pid,
+                line,
+            },
+        );
+    }
+}
+
+/// Reads one line, keeping at most [`MAX_LINE`] bytes of it; returns bytes consumed.
+async fn read_line_bounded<R: AsyncBufReadExt + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    let mut consumed = 0;
+    loop {
+        let chunk = reader.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(consumed);
+        }
+        let (take, done) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        let room = MAX_LINE.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..take.min(room)]);
+        if take > room && !buf.ends_with(b" [truncated]") {
+            buf.extend_from_slice(b" [truncated]");
+        }
+        reader.consume(take);
+        consumed += take;
+        if done {
+            return Ok(consumed);
+        }
+    }
+}
+
+/// Signals a replica's whole process group. A group that is already gone is not an error.
+pub fn signal_group(pid: u32, signal: Signal) -> std::io::Result<()> {
+    let Some(pgid) = rustix::process::Pid::from_raw(pid as i32) else {
+        return Ok(());
+    };
+    let signal = match signal {
+        Signal::Term => rustix::process::Signal::TERM,
+        Signal::Kill => rustix::process::Signal::KILL,
+    };
+    match rustix::process::kill_process_group(pgid, signal) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn long_lines_are_cut_and_marked() {
+        let text = format!("{}\nshort\n", "x".repeat(10_000));
+        let mut reader = BufReader::with_capacity(64, text.as_bytes());
+        let mut buf = Vec::new();
+        let n = read_line_bounded(&mut reader, &mut buf).await.unwrap();
+        assert_eq!(n, 10_001);
+        assert!(buf.len() <= MAX_LINE + 12 && buf.ends_with(b" [truncated]"));
+        buf.clear();
+        read_line_bounded(&mut reader, &mut buf).await.unwrap();
+        assert_eq!(buf, b"short\n");
+    }
+
+    #[test]
+    fn the_ring_keeps_the_newest_lines() {
+        let ring = LogRing::new(3);
+        for i in 0..5 {
+            ring.push(
+                "replica-0",
+                LogLine {
+                    at_ms: i,
+                    stream: "stdout".into(),
+                    pid: 1,
+                    line: i.to_string(),
+                },
+            );
+        }
+        let lines: Vec<_> = ring
+            .tail("replica-0", 10)
+            .into_iter()
+            .map(|l| l.line)
+            .collect();
+        assert_eq!(lines, ["2", "3", "4"]);
+        assert_eq!(ring.tail("replica-0", 1)[0].line, "4");
+        assert!(ring.tail("replica-9", 10).is_empty());
+    }
+
+    #[test]
+    fn placeholders_are_filled_in() {
+        let spec = ServiceSpec {
+            command: PathBuf::from("/bin/true"),
+            args: vec!["--port={port}".into(), "{replica}".into()],
+            env: crate::config::default_env(),
+            stop_grace: std::time::Duration::from_secs(1),
+            hung_grace: std::time::Duration::from_secs(1),
+            log_lines: 10,
+        };
+        let l = launch(&spec, Path::new("/data"), 2, 41000);
+        assert_eq!(l.args, ["--port=41000", "replica-2"]);
+        assert_eq!(l.env["QUOTE_LISTEN"], "127.0.0.1:41000");
+        assert_eq!(l.env["QUOTE_DB"], "/data/quotes.db");
+        assert_eq!(l.env["QUOTE_INSTANCE"], "replica-2");
+    }
+}

@@ -1,0 +1,566 @@
+//! The dispatcher: one task owns the model and all state, and `select!`s over a closed set of
+//! events (replica exits, probe results, control requests, signals, timers). Everything else
+//! (the router, the admin endpoint, the control socket, probe and wait tasks) talks to it by
+//! message. It executes the model's actions, publishes the ready set to the router, and
+//! feeds the watchdogs, only from this loop, so that a hung loop starves them.
+
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edge_proto::{ErrorKind, Limits, PROTOCOL_VERSION, Reply, Request, Status};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::config::Settings;
+use crate::control::{self, ControlRequest};
+use crate::limits::{CgroupHandle, Limiter};
+use crate::metrics::{KindLabels, Metrics, RestartLabels};
+use crate::model::{Action, Cause, Model, ProbeKind, Timing, replica_id};
+use crate::process::{self, LogRing};
+use crate::proxy::{self, Backend, Router};
+use crate::watchdog::{HardwareWatchdog, Systemd, WatchdogError};
+
+/// The supervisor's version, as reported in `status`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why the supervisor could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Watchdog(#[from] WatchdogError),
+}
+
+impl RunError {
+    pub fn exit_code(&self) -> i32 {
+        use edge_proto::exit;
+        match self {
+            RunError::Bind { .. } | RunError::DataDir { .. } | RunError::Control(_) => exit::IO,
+            // The device is busy or absent: a configuration problem, not worth restart loops.
+            RunError::Watchdog(_) => exit::CONFIG,
+        }
+    }
+}
+
+/// The closed set of things the dispatcher reacts to.
+#[derive(Debug)]
+enum Event {
+    Exited {
+        pid: u32,
+        status: ExitStatus,
+    },
+    Probe {
+        slot: usize,
+        generation: u64,
+        kind: ProbeKind,
+        outcome: Result<(), String>,
+        took: Duration,
+    },
+    Control(ControlRequest),
+    /// The router has stopped accepting and its connections have drained.
+    RouterDrained,
+}
+
+struct Dispatcher {
+    settings: Arc<Settings>,
+    model: Model,
+    started: Instant,
+    limiter: Limiter,
+    limits: Limits,
+    cgroups: HashMap<u32, CgroupHandle>,
+    logs: LogRing,
+    metrics: Arc<Metrics>,
+    routes: watch::Sender<Arc<[Backend]>>,
+    events: mpsc::Sender<Event>,
+    systemd: Systemd,
+    hardware: Option<HardwareWatchdog>,
+    restarts_seen: HashMap<String, u32>,
+    stopping: bool,
+}
+
+/// Runs the supervisor until SIGTERM or SIGINT, then stops in order: the public address stops
+/// accepting, in-flight requests drain, replicas leave the rotation and are stopped with their
+/// grace, and nothing is left running.
+pub async fn run(settings: Settings) -> Result<(), RunError> {
+    let settings = Arc::new(settings);
+    std::fs::create_dir_all(&settings.data_dir).map_err(|source| RunError::DataDir {
+        path: settings.data_dir.clone(),
+        source,
+    })?;
+    let public = TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            what: "public address",
+            addr: settings.listen,
+            source,
+        })?;
+    let admin = match settings.admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind {
+                    what: "admin address",
+                    addr,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let control_socket = control::bind(&settings.control_socket, settings.control_gid)?;
+    let hardware = match &settings.watchdog {
+        Some(w) => Some(HardwareWatchdog::open(&w.device, w.timeout)?),
+        None => None,
+    };
+    let (limiter, limits) = Limiter::detect(&settings.resources);
+    tracing::info!(
+        listen = %settings.listen,
+        replicas = settings.replicas,
+        limits = %limits.mode,
+        note = limits.note.as_deref().unwrap_or(""),
+        control = %settings.control_socket.display(),
+        "edge-supervisor starting"
+    );
+
+    let metrics = Arc::new(Metrics::default());
+    let (routes, backends) = watch::channel::<Arc<[Backend]>>(Arc::from(Vec::new()));
+    let (events, mut inbox) = mpsc::channel::<Event>(1024);
+    let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(64);
+
+    let stop_router = Arc::new(Notify::new());
+    let router = Arc::new(Router::new(backends, Arc::clone(&metrics)));
+    {
+        let stop = Arc::clone(&stop_router);
+        let events = events.clone();
+        let grace = settings.service.stop_grace;
+        tokio::spawn(async move {
+            proxy::serve(public, router, async move { stop.notified().await }, grace).await;
+            let _ = events.send(Event::RouterDrained).await;
+        });
+    }
+    tokio::spawn(control::serve(
+        control_socket,
+        settings.control_gid,
+        control_tx.clone(),
+    ));
+    {
+        let events = events.clone();
+        tokio::spawn(async move {
+            while let Some(request) = control_rx.recv().await {
+                if events.send(Event::Control(request)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    if let Some(admin) = admin {
+        tokio::spawn(crate::metrics::serve_admin(
+            admin,
+            Arc::clone(&metrics),
+            control_tx,
+        ));
+    }
+
+    let now = Instant::now();
+    let timing = Timing {
+        probes: settings.probes.clone(),
+        restart: settings.restart.clone(),
+        stop_grace: settings.service.stop_grace,
+        hung_grace: settings.service.hung_grace,
+    };
+    let mut dispatcher = Dispatcher {
+        model: Model::new(settings.replicas, timing, now, fastrand::u64(..)),
+        logs: LogRing::new(settings.service.log_lines),
+        settings: Arc::clone(&settings),
+        started: now,
+        limiter,
+        limits,
+        cgroups: HashMap::new(),
+        metrics,
+        routes,
+        events,
+        systemd: Systemd::default(),
+        hardware,
+        restarts_seen: HashMap::new(),
+        stopping: false,
+    };
+
+    let watchdog_every = [
+        Systemd::watchdog_interval(),
+        settings.watchdog.as_ref().map(|w| w.timeout / 3),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(Duration::from_secs(3600));
+    let mut feed = tokio::time::interval(watchdog_every);
+    feed.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let signals = quote_signals();
+    tokio::pin!(signals);
+
+    loop {
+        dispatcher.execute();
+        dispatcher.publish();
+        if dispatcher.model.is_finished() {
+            break;
+        }
+        let deadline = dispatcher.model.next_deadline().map_or_else(
+            || tokio::time::Instant::now() + Duration::from_secs(3600),
+            tokio::time::Instant::from_std,
+        );
+        tokio::select! {
+            Some(event) = inbox.recv() => dispatcher.handle(event),
+            () = tokio::time::sleep_until(deadline) => dispatcher.model.tick(Instant::now()),
+            _ = feed.tick() => dispatcher.feed_watchdogs(),
+            () = &mut signals, if !dispatcher.stopping => {
+                tracing::info!("stopping: draining the router, then the replicas");
+                dispatcher.stopping = true;
+                Systemd::stopping();
+                stop_router.notify_one();
+            }
+        }
+    }
+    if let Some(hardware) = dispatcher.hardware.take() {
+        hardware.close();
+    }
+    let _ = std::fs::remove_file(&settings.control_socket);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+async fn quote_signals() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    let recv = |s: &mut Option<tokio::signal::unix::Signal>| {
+        let s = s.take();
+        async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+    };
+    tokio::select! {
+        () = recv(&mut term) => {}
+        () = recv(&mut int) => {}
+    }
+}
+
+impl Dispatcher {
+    fn handle(&mut self, event: Event) {
+        let now = Instant::now();
+        match event {
+            Event::Exited { pid, status } => {
+                let cause = self.exit_cause(pid, status);
+                if let Some(slot) = self.model.slot_of(pid) {
+                    if self.model.is_shutting_down() {
+                        tracing::info!(replica = %replica_id(slot), pid, ?status, "replica stopped");
+                    } else {
+                        tracing::warn!(replica = %replica_id(slot), pid, reason = cause.reason(), ?status, "replica exited");
+                    }
+                }
+                self.model.exited(pid, cause, now);
+            }
+            Event::Probe {
+                slot,
+                generation,
+                kind,
+                outcome,
+                took,
+            } => {
+                let labels = KindLabels {
+                    kind: kind.as_str().to_owned(),
+                };
+                self.metrics
+                    .probe_seconds
+                    .get_or_create(&labels)
+                    .observe(took.as_secs_f64());
+                if let Err(error) = &outcome {
+                    self.metrics.probe_failures.get_or_create(&labels).inc();
+                    tracing::debug!(replica = %replica_id(slot), kind = kind.as_str(), %error, "probe failed");
+                }
+                self.model
+                    .probe_result(slot, generation, kind, outcome, now);
+            }
+            Event::Control(ControlRequest { request, reply }) => {
+                let answer = self.control(request, now);
+                let _ = reply.send(answer);
+            }
+            Event::RouterDrained => self.model.shutdown(now),
+        }
+    }
+
+    fn control(&mut self, request: Request, now: Instant) -> Reply {
+        match request {
+            Request::Status => Reply::Status(self.status(now)),
+            Request::Scale { replicas } if replicas > self.settings.max_replicas => control::error(
+                ErrorKind::OutOfRange,
+                &format!(
+                    "{replicas} is above max_replicas ({})",
+                    self.settings.max_replicas
+                ),
+            ),
+            Request::Scale { replicas } => match self.model.scale(replicas, now) {
+                Ok(()) => Reply::Accepted {
+                    message: format!("scaling to {replicas} replicas"),
+                },
+                Err(e) => control::error(ErrorKind::NotAllowedNow, &e.to_string()),
+            },
+            Request::Restart { replica } => match self.model.restart(&replica, now) {
+                Ok(()) => Reply::Accepted {
+                    message: format!("{replica} is being replaced"),
+                },
+                Err(crate::model::Refused::UnknownReplica(_)) => control::error(
+                    ErrorKind::UnknownReplica,
+                    &format!("there is no replica {replica}"),
+                ),
+                Err(e) => control::error(ErrorKind::NotAllowedNow, &e.to_string()),
+            },
+            Request::Logs { replica, lines } => {
+                if !self.model.has_replica(&replica) && self.logs.tail(&replica, 1).is_empty() {
+                    return control::error(
+                        ErrorKind::UnknownReplica,
+                        &format!("there is no replica {replica}"),
+                    );
+                }
+                let n = lines.unwrap_or(100) as usize;
+                Reply::Logs {
+                    lines: self.logs.tail(&replica, n),
+                    replica,
+                }
+            }
+            Request::Apply { .. } => control::error(
+                ErrorKind::Unavailable,
+                "OTA updates are not available in this build yet",
+            ),
+        }
+    }
+
+    fn status(&self, now: Instant) -> Status {
+        let replicas = self.model.status(now);
+        Status {
+            version: VERSION.to_owned(),
+            protocol: PROTOCOL_VERSION,
+            state: if self.stopping {
+                "stopping"
+            } else if replicas.iter().any(|r| r.ready) {
+                "running"
+            } else {
+                "starting"
+            }
+            .to_owned(),
+            listen: self.settings.listen.to_string(),
+            desired: self.model.desired(),
+            ready: replicas.iter().filter(|r| r.ready).count() as u32,
+            limits: self.limits.clone(),
+            replicas,
+            uptime_seconds: now.duration_since(self.started).as_secs_f64(),
+        }
+    }
+
+    /// How a process ended; an OOM kill is read from its cgroup's `memory.events`.
+    fn exit_cause(&mut self, pid: u32, status: ExitStatus) -> Cause {
+        let oom = self.cgroups.remove(&pid).is_some_and(|cgroup| {
+            let killed = cgroup.oom_kills() > 0;
+            cgroup.remove();
+            killed
+        });
+        if oom {
+            self.metrics.oom_kills.inc();
+            Cause::OomKill
+        } else if let Some(code) = status.code() {
+            Cause::Exit(code)
+        } else {
+            Cause::Signal(status.signal().unwrap_or(0))
+        }
+    }
+
+    /// Carries out what the model asked for, until it asks for nothing more.
+    fn execute(&mut self) {
+        loop {
+            let actions = self.model.take_actions();
+            if actions.is_empty() {
+                return;
+            }
+            // Routing first: a replica leaves the rotation before any signal reaches it.
+            self.publish_routes();
+            for action in actions {
+                match action {
+                    Action::Spawn { slot, generation } => self.spawn(slot, generation),
+                    Action::Probe {
+                        slot,
+                        generation,
+                        kind,
+                        port,
+                        ..
+                    } => self.probe(slot, generation, kind, port),
+                    Action::Signal { pid, signal } => {
+                        if let Err(error) = process::signal_group(pid, signal) {
+                            tracing::warn!(pid, ?signal, %error, "cannot signal a replica");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn(&mut self, slot: usize, generation: u64) {
+        let now = Instant::now();
+        let replica = replica_id(slot);
+        let port = match process::free_port() {
+            Ok(port) => port,
+            Err(error) => {
+                self.model
+                    .spawned(slot, generation, Err(format!("no free port: {error}")), now);
+                return;
+            }
+        };
+        let launch = process::launch(&self.settings.service, &self.settings.data_dir, slot, port);
+        match process::spawn(&launch, &replica, &self.logs, true) {
+            Ok((pid, exited)) => {
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    // A wait error leaves no status to report; count it as a kill.
+                    let status = exited.await.unwrap_or_else(|_| ExitStatus::from_raw(9));
+                    let _ = events.send(Event::Exited { pid, status }).await;
+                });
+                match self
+                    .limiter
+                    .apply(&self.settings.resources, &replica, generation, pid)
+                {
+                    Ok(Some(cgroup)) => {
+                        self.cgroups.insert(pid, cgroup);
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        // Never run a replica without the limits it was promised.
+                        tracing::error!(%error, "killing a replica that could not be limited");
+                        let _ = process::signal_group(pid, crate::model::Signal::Kill);
+                    }
+                }
+                tracing::info!(%replica, pid, port, "replica started");
+                self.model.spawned(slot, generation, Ok((pid, port)), now);
+            }
+            Err(error) => {
+                let message = format!("cannot start {}: {error}", launch.program.display());
+                tracing::error!(%replica, "{message}");
+                self.model.spawned(slot, generation, Err(message), now);
+            }
+        }
+    }
+
+    fn probe(&self, slot: usize, generation: u64, kind: ProbeKind, port: u16) {
+        let probe = match kind {
+            ProbeKind::Startup => self.settings.probes.startup.clone(),
+            ProbeKind::Liveness => self.settings.probes.liveness.clone(),
+            ProbeKind::Readiness => self.settings.probes.readiness.clone(),
+        };
+        let Some(probe) = probe else { return };
+        let events = self.events.clone();
+        let data_dir = self.settings.data_dir.display().to_string();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let replica = replica_id(slot);
+            let outcome = crate::probe::run(&probe, port, |w| {
+                w.replace("{port}", &port.to_string())
+                    .replace("{replica}", &replica)
+                    .replace("{index}", &slot.to_string())
+                    .replace("{data_dir}", &data_dir)
+            })
+            .await;
+            let took = started.elapsed();
+            let _ = events
+                .send(Event::Probe {
+                    slot,
+                    generation,
+                    kind,
+                    outcome,
+                    took,
+                })
+                .await;
+        });
+    }
+
+    fn publish_routes(&self) {
+        let ready: Vec<Backend> = self
+            .model
+            .ready_backends()
+            .into_iter()
+            .map(|(id, port)| Backend { id, port })
+            .collect();
+        self.routes.send_if_modified(|current| {
+            if current[..] == ready[..] {
+                false
+            } else {
+                tracing::info!(ready = ?ready.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), "rotation changed");
+                *current = Arc::from(ready);
+                true
+            }
+        });
+    }
+
+    /// Routing, gauges, restart counters and systemd's status line, after every step.
+    fn publish(&mut self) {
+        self.publish_routes();
+        let now = Instant::now();
+        let replicas = self.model.status(now);
+        let ready = replicas.iter().filter(|r| r.ready).count() as u32;
+        let desired = self.model.desired();
+        self.metrics.ready.set(i64::from(ready));
+        self.metrics.desired.set(i64::from(desired));
+        self.metrics
+            .crash_looping
+            .set(replicas.iter().filter(|r| r.crash_looping).count() as i64);
+        for r in &replicas {
+            let seen = self.restarts_seen.entry(r.id.clone()).or_default();
+            if r.restarts > *seen {
+                let reason = r
+                    .last_exit
+                    .as_ref()
+                    .map_or("unknown", |e| e.reason.as_str())
+                    .to_owned();
+                if r.crash_looping {
+                    tracing::warn!(replica = %r.id, restarts = r.restarts, "crash looping: restarting at the slowest pace");
+                }
+                self.metrics
+                    .restarts
+                    .get_or_create(&RestartLabels {
+                        replica: r.id.clone(),
+                        reason,
+                    })
+                    .inc_by(u64::from(r.restarts - *seen));
+                *seen = r.restarts;
+            }
+        }
+        if !self.stopping {
+            self.systemd.update(ready, desired);
+        }
+    }
+
+    fn feed_watchdogs(&mut self) {
+        Systemd::ping();
+        if let Some(hardware) = &mut self.hardware {
+            hardware.feed();
+        }
+    }
+}
