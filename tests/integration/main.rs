@@ -1,3 +1,5 @@
-//! Workspace integration tests: several processes against one database, abrupt kills.
+//! Workspace integration tests: several processes against one database, abrupt kills, and the
+//! supervisor with real and fake replicas.
 
 mod store;
+mod supervisor;

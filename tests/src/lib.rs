@@ -19,3 +19,34 @@ pub fn command(program: &Path) -> Command {
         None => Command::new(program),
     }
 }
+
+/// A binary of another workspace package, next to the test executable
+/// (`target/<triple>/<profile>/`). `cargo test --workspace` builds it because its package has
+/// integration tests; `cargo test -p tests` alone may not.
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built; run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// The program and leading arguments that start `program` as a replica: through
+/// `QUOTE_EDGE_TEST_RUNNER` under emulation, as [`command`] does.
+pub fn service_command(program: &Path) -> (String, Vec<String>) {
+    let runner = std::env::var("QUOTE_EDGE_TEST_RUNNER").unwrap_or_default();
+    let mut words: Vec<String> = runner.split_whitespace().map(str::to_owned).collect();
+    if words.is_empty() {
+        return (program.display().to_string(), Vec::new());
+    }
+    let first = words.remove(0);
+    words.push(program.display().to_string());
+    (first, words)
+}

@@ -256,21 +256,25 @@ pub struct Overrides {
 
 /// Reads and validates `path`, or the built-in defaults when `path` is `None`.
 pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Settings, ConfigError> {
-    let (file, origin) = match path {
+    match path {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.to_owned(),
                 source,
             })?;
-            let file: File = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                path: path.to_owned(),
-                message: e.to_string().trim_end().to_owned(),
-            })?;
-            (file, path.display().to_string())
+            parse(&text, path, overrides)
         }
-        None => (File::default(), "(built-in defaults)".to_owned()),
-    };
-    validate(file, &origin, overrides)
+        None => validate(File::default(), "(built-in defaults)", overrides),
+    }
+}
+
+/// Validates configuration text; `path` names it in errors.
+pub fn parse(text: &str, path: &Path, overrides: &Overrides) -> Result<Settings, ConfigError> {
+    let file: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().to_owned(),
+    })?;
+    validate(file, &path.display().to_string(), overrides)
 }
 
 /// The default environment of a replica: the quote-service's variables.

@@ -5,6 +5,7 @@
 //! feeds the watchdogs, only from this loop, so that a hung loop starves them.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -99,153 +100,197 @@ struct Dispatcher {
 /// accepting, in-flight requests drain, replicas leave the rotation and are stopped with their
 /// grace, and nothing is left running.
 pub async fn run(settings: Settings) -> Result<(), RunError> {
-    let settings = Arc::new(settings);
-    std::fs::create_dir_all(&settings.data_dir).map_err(|source| RunError::DataDir {
-        path: settings.data_dir.clone(),
-        source,
-    })?;
-    let public = TcpListener::bind(settings.listen)
-        .await
-        .map_err(|source| RunError::Bind {
-            what: "public address",
-            addr: settings.listen,
+    Bound::bind(settings).await?.run(stop_signal()).await
+}
+
+/// A supervisor whose addresses, control socket and devices are open, not yet running.
+#[derive(Debug)]
+pub struct Bound {
+    settings: Arc<Settings>,
+    public: TcpListener,
+    admin: Option<TcpListener>,
+    control: tokio::net::UnixListener,
+    hardware: Option<HardwareWatchdog>,
+}
+
+impl Bound {
+    /// Claims everything the supervisor needs, so that a configuration that cannot work fails
+    /// here, before any replica starts.
+    pub async fn bind(settings: Settings) -> Result<Bound, RunError> {
+        std::fs::create_dir_all(&settings.data_dir).map_err(|source| RunError::DataDir {
+            path: settings.data_dir.clone(),
             source,
         })?;
-    let admin = match settings.admin_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::Bind {
-                    what: "admin address",
-                    addr,
-                    source,
-                })?,
-        ),
-        None => None,
-    };
-    let control_socket = control::bind(&settings.control_socket, settings.control_gid)?;
-    let hardware = match &settings.watchdog {
-        Some(w) => Some(HardwareWatchdog::open(&w.device, w.timeout)?),
-        None => None,
-    };
-    let (limiter, limits) = Limiter::detect(&settings.resources);
-    tracing::info!(
-        listen = %settings.listen,
-        replicas = settings.replicas,
-        limits = %limits.mode,
-        note = limits.note.as_deref().unwrap_or(""),
-        control = %settings.control_socket.display(),
-        "edge-supervisor starting"
-    );
-
-    let metrics = Arc::new(Metrics::default());
-    let (routes, backends) = watch::channel::<Arc<[Backend]>>(Arc::from(Vec::new()));
-    let (events, mut inbox) = mpsc::channel::<Event>(1024);
-    let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(64);
-
-    let stop_router = Arc::new(Notify::new());
-    let router = Arc::new(Router::new(backends, Arc::clone(&metrics)));
-    {
-        let stop = Arc::clone(&stop_router);
-        let events = events.clone();
-        let grace = settings.service.stop_grace;
-        tokio::spawn(async move {
-            proxy::serve(public, router, async move { stop.notified().await }, grace).await;
-            let _ = events.send(Event::RouterDrained).await;
-        });
+        let public = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| RunError::Bind {
+                what: "public address",
+                addr: settings.listen,
+                source,
+            })?;
+        let admin = match settings.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RunError::Bind {
+                        what: "admin address",
+                        addr,
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        let control = control::bind(&settings.control_socket, settings.control_gid)?;
+        let hardware = match &settings.watchdog {
+            Some(w) => Some(HardwareWatchdog::open(&w.device, w.timeout)?),
+            None => None,
+        };
+        Ok(Bound {
+            settings: Arc::new(settings),
+            public,
+            admin,
+            control,
+            hardware,
+        })
     }
-    tokio::spawn(control::serve(
-        control_socket,
-        settings.control_gid,
-        control_tx.clone(),
-    ));
-    {
-        let events = events.clone();
-        tokio::spawn(async move {
-            while let Some(request) = control_rx.recv().await {
-                if events.send(Event::Control(request)).await.is_err() {
-                    break;
+
+    /// The public address actually bound (useful with port 0).
+    pub fn public_addr(&self) -> std::net::SocketAddr {
+        self.public.local_addr().unwrap_or(self.settings.listen)
+    }
+
+    /// The admin address actually bound, if any.
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
+    /// Runs until `stop` completes, then stops in order (see [`run`]).
+    pub async fn run(self, stop: impl Future<Output = ()>) -> Result<(), RunError> {
+        let Bound {
+            settings,
+            public,
+            admin,
+            control: control_socket,
+            hardware,
+        } = self;
+        let (limiter, limits) = Limiter::detect(&settings.resources);
+        tracing::info!(
+            listen = %settings.listen,
+            replicas = settings.replicas,
+            limits = %limits.mode,
+            note = limits.note.as_deref().unwrap_or(""),
+            control = %settings.control_socket.display(),
+            "edge-supervisor starting"
+        );
+
+        let metrics = Arc::new(Metrics::default());
+        let (routes, backends) = watch::channel::<Arc<[Backend]>>(Arc::from(Vec::new()));
+        let (events, mut inbox) = mpsc::channel::<Event>(1024);
+        let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(64);
+
+        let stop_router = Arc::new(Notify::new());
+        let router = Arc::new(Router::new(backends, Arc::clone(&metrics)));
+        {
+            let stop = Arc::clone(&stop_router);
+            let events = events.clone();
+            let grace = settings.service.stop_grace;
+            tokio::spawn(async move {
+                proxy::serve(public, router, async move { stop.notified().await }, grace).await;
+                let _ = events.send(Event::RouterDrained).await;
+            });
+        }
+        tokio::spawn(control::serve(
+            control_socket,
+            settings.control_gid,
+            control_tx.clone(),
+        ));
+        {
+            let events = events.clone();
+            tokio::spawn(async move {
+                while let Some(request) = control_rx.recv().await {
+                    if events.send(Event::Control(request)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        if let Some(admin) = admin {
+            tokio::spawn(crate::metrics::serve_admin(
+                admin,
+                Arc::clone(&metrics),
+                control_tx,
+            ));
+        }
+
+        let now = Instant::now();
+        let timing = Timing {
+            probes: settings.probes.clone(),
+            restart: settings.restart.clone(),
+            stop_grace: settings.service.stop_grace,
+            hung_grace: settings.service.hung_grace,
+        };
+        let mut dispatcher = Dispatcher {
+            model: Model::new(settings.replicas, timing, now, fastrand::u64(..)),
+            logs: LogRing::new(settings.service.log_lines),
+            settings: Arc::clone(&settings),
+            started: now,
+            limiter,
+            limits,
+            cgroups: HashMap::new(),
+            metrics,
+            routes,
+            events,
+            systemd: Systemd::default(),
+            hardware,
+            restarts_seen: HashMap::new(),
+            stopping: false,
+        };
+
+        let watchdog_every = [
+            Systemd::watchdog_interval(),
+            settings.watchdog.as_ref().map(|w| w.timeout / 3),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(Duration::from_secs(3600));
+        let mut feed = tokio::time::interval(watchdog_every);
+        feed.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+
+        loop {
+            dispatcher.execute();
+            dispatcher.publish();
+            if dispatcher.model.is_finished() {
+                break;
+            }
+            let deadline = dispatcher.model.next_deadline().map_or_else(
+                || tokio::time::Instant::now() + Duration::from_secs(3600),
+                tokio::time::Instant::from_std,
+            );
+            tokio::select! {
+                Some(event) = inbox.recv() => dispatcher.handle(event),
+                () = tokio::time::sleep_until(deadline) => dispatcher.model.tick(Instant::now()),
+                _ = feed.tick() => dispatcher.feed_watchdogs(),
+                () = &mut stop, if !dispatcher.stopping => {
+                    tracing::info!("stopping: draining the router, then the replicas");
+                    dispatcher.stopping = true;
+                    Systemd::stopping();
+                    stop_router.notify_one();
                 }
             }
-        });
-    }
-    if let Some(admin) = admin {
-        tokio::spawn(crate::metrics::serve_admin(
-            admin,
-            Arc::clone(&metrics),
-            control_tx,
-        ));
-    }
-
-    let now = Instant::now();
-    let timing = Timing {
-        probes: settings.probes.clone(),
-        restart: settings.restart.clone(),
-        stop_grace: settings.service.stop_grace,
-        hung_grace: settings.service.hung_grace,
-    };
-    let mut dispatcher = Dispatcher {
-        model: Model::new(settings.replicas, timing, now, fastrand::u64(..)),
-        logs: LogRing::new(settings.service.log_lines),
-        settings: Arc::clone(&settings),
-        started: now,
-        limiter,
-        limits,
-        cgroups: HashMap::new(),
-        metrics,
-        routes,
-        events,
-        systemd: Systemd::default(),
-        hardware,
-        restarts_seen: HashMap::new(),
-        stopping: false,
-    };
-
-    let watchdog_every = [
-        Systemd::watchdog_interval(),
-        settings.watchdog.as_ref().map(|w| w.timeout / 3),
-    ]
-    .into_iter()
-    .flatten()
-    .min()
-    .unwrap_or(Duration::from_secs(3600));
-    let mut feed = tokio::time::interval(watchdog_every);
-    feed.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let signals = quote_signals();
-    tokio::pin!(signals);
-
-    loop {
-        dispatcher.execute();
-        dispatcher.publish();
-        if dispatcher.model.is_finished() {
-            break;
         }
-        let deadline = dispatcher.model.next_deadline().map_or_else(
-            || tokio::time::Instant::now() + Duration::from_secs(3600),
-            tokio::time::Instant::from_std,
-        );
-        tokio::select! {
-            Some(event) = inbox.recv() => dispatcher.handle(event),
-            () = tokio::time::sleep_until(deadline) => dispatcher.model.tick(Instant::now()),
-            _ = feed.tick() => dispatcher.feed_watchdogs(),
-            () = &mut signals, if !dispatcher.stopping => {
-                tracing::info!("stopping: draining the router, then the replicas");
-                dispatcher.stopping = true;
-                Systemd::stopping();
-                stop_router.notify_one();
-            }
+        if let Some(hardware) = dispatcher.hardware.take() {
+            hardware.close();
         }
+        let _ = std::fs::remove_file(&settings.control_socket);
+        tracing::info!("stopped");
+        Ok(())
     }
-    if let Some(hardware) = dispatcher.hardware.take() {
-        hardware.close();
-    }
-    let _ = std::fs::remove_file(&settings.control_socket);
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// Completes on the first SIGTERM or SIGINT.
-async fn quote_signals() {
+pub async fn stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).ok();
     let mut int = signal(SignalKind::interrupt()).ok();

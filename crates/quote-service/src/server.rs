@@ -122,13 +122,14 @@ async fn open_database(
     .await;
     match opened {
         Ok(Ok((database, report))) => {
+            // Attach before saying so: whoever reads "ready" may send a request at once.
+            state.attach_database(database, connections);
             tracing::info!(
                 path = %path.display(),
                 schema_version = report.schema_version,
                 applied = ?report.applied,
                 "database open; ready"
             );
-            state.attach_database(database, connections);
         }
         Ok(Err(error)) => {
             let _ = failed.send(RunError::Database(error));

@@ -1,0 +1,495 @@
+//! The supervisor run in-process against real quote-service replicas and fake ones that
+//! crash, hang (SIGSTOP), never get ready, or eat memory. Waits are on conditions observed
+//! through the control socket, with a deadline that only fails a test, never paces it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use edge_proto::{ErrorKind, Reply, Request, Status};
+use edge_supervisor::config::{self, Overrides};
+use edge_supervisor::supervisor::{Bound, RunError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+struct Supervisor {
+    addr: SocketAddr,
+    socket: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), RunError>>>,
+    _dir: tempfile::TempDir,
+}
+
+fn fake_replica() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fake-replica"))
+}
+
+/// `[service]` for the fake replica with one mode per replica index.
+fn fake_service(modes: &str) -> String {
+    let (command, mut args) = tests::service_command(&fake_replica());
+    args.extend(["{port}", "{replica}", modes, "{index}"].map(str::to_owned));
+    format!("[service]\ncommand = {command:?}\nargs = {args:?}\nenv = {{}}\nstop_grace = \"2s\"\n")
+}
+
+/// `[service]` for the real quote-service on the default environment.
+fn quote_service() -> String {
+    let (command, args) = tests::service_command(&tests::workspace_binary("quote-service"));
+    format!("[service]\ncommand = {command:?}\nargs = {args:?}\n")
+}
+
+impl Supervisor {
+    async fn start(replicas: u32, config: &str) -> Supervisor {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"\"\nreplicas = {replicas}\n{config}"
+        );
+        let overrides = Overrides {
+            data_dir: Some(dir.path().to_owned()),
+            ..Overrides::default()
+        };
+        let settings =
+            config::parse(&text, Path::new("test.toml"), &overrides).expect("valid test config");
+        let socket = settings.control_socket.clone();
+        let bound = Bound::bind(settings).await.expect("bind");
+        let addr = bound.public_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(bound.run(async move {
+            let _ = stopped.await;
+        }));
+        Supervisor {
+            addr,
+            socket,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    async fn ask(&self, request: Request) -> Reply {
+        edge_supervisor::control::request(&self.socket, &request)
+            .await
+            .expect("control socket")
+    }
+
+    async fn status(&self) -> Status {
+        match self.ask(Request::Status).await {
+            Reply::Status(status) => status,
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    /// Waits until `condition` holds for the status, and returns that status.
+    async fn wait_for(&self, what: &str, condition: impl Fn(&Status) -> bool) -> Status {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            let status = self.status().await;
+            if condition(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < until,
+                "never saw {what}; last status: {status:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn all_ready(&self, n: u32) -> Status {
+        self.wait_for(&format!("{n} ready"), |s| {
+            s.ready == n && s.replicas.len() == n as usize
+        })
+        .await
+    }
+
+    async fn stop(mut self) -> Vec<u32> {
+        let pids: Vec<u32> = self
+            .status()
+            .await
+            .replicas
+            .iter()
+            .filter_map(|r| r.pid)
+            .collect();
+        let _ = self.stop.take().unwrap().send(());
+        self.task
+            .take()
+            .unwrap()
+            .await
+            .unwrap()
+            .expect("clean stop");
+        pids
+    }
+}
+
+fn pid_of(status: &Status, replica: &str) -> u32 {
+    status
+        .replicas
+        .iter()
+        .find(|r| r.id == replica)
+        .and_then(|r| r.pid)
+        .expect("replica has a process")
+}
+
+fn signal(pid: u32, name: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{name} {pid}");
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// One request on a fresh connection: (status, X-Served-By, body).
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut raw))
+        .await
+        .map_err(|_| std::io::Error::other("no answer within 10 s"))??;
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let served_by = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-served-by: ")
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    Ok((status, served_by, body.to_owned()))
+}
+
+async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String, String)> {
+    request(addr, "GET", path, "").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_spreads_requests_over_replicas_that_share_one_database() {
+    let sup = Supervisor::start(3, &quote_service()).await;
+    sup.all_ready(3).await;
+    let (status, _, body) = request(
+        sup.addr,
+        "POST",
+        "/quotes",
+        r#"{"text":"Same data, any replica.","author":"Test"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let id = body
+        .split("\"id\":")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap()
+        .to_owned();
+    let mut servers = std::collections::BTreeSet::new();
+    for _ in 0..9 {
+        let (status, served_by, body) = get(sup.addr, &format!("/quotes/{id}")).await.unwrap();
+        assert_eq!(status, 200);
+        assert!(body.contains("Same data, any replica."), "{body}");
+        servers.insert(served_by);
+    }
+    assert_eq!(
+        servers.into_iter().collect::<Vec<_>>(),
+        ["replica-0", "replica-1", "replica-2"]
+    );
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_replica_under_a_client_loop_fails_no_request() {
+    let sup = Supervisor::start(3, &quote_service()).await;
+    let before = sup.all_ready(3).await;
+    let victim = pid_of(&before, "replica-1");
+    let done = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let done = Arc::clone(&done);
+        let addr = sup.addr;
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for _ in 0..300 {
+                match get(addr, "/quotes/random").await {
+                    Ok((200, _, _)) => {}
+                    other => failures.push(format!("{other:?}")),
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            failures
+        })
+    };
+    while done.load(Ordering::SeqCst) < 100 {
+        tokio::task::yield_now().await;
+    }
+    signal(victim, "KILL");
+    let failures = client.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {failures:?}",
+        failures.len()
+    );
+    let after = sup
+        .wait_for("replica-1 replaced and ready", |s| {
+            s.ready == 3 && pid_of(s, "replica-1") != victim
+        })
+        .await;
+    let r1 = &after.replicas[1];
+    assert_eq!(r1.restarts, 1);
+    assert_eq!(
+        r1.last_exit.as_ref().map(|e| (e.reason.as_str(), e.signal)),
+        Some(("signal", Some(9)))
+    );
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_replica_leaves_rotation_and_is_replaced() {
+    let sup = Supervisor::start(3, &fake_service("ok")).await;
+    let before = sup.all_ready(3).await;
+    let hung = pid_of(&before, "replica-1");
+    signal(hung, "STOP");
+    let after = sup
+        .wait_for("a replacement for the hung replica", |s| {
+            s.ready == 3 && pid_of(s, "replica-1") != hung
+        })
+        .await;
+    assert_eq!(
+        after.replicas[1]
+            .last_exit
+            .as_ref()
+            .map(|e| e.reason.as_str()),
+        Some("liveness")
+    );
+    for _ in 0..30 {
+        let (status, _, _) = get(sup.addr, "/")
+            .await
+            .expect("no request reaches the hung process");
+        assert_eq!(status, 200);
+    }
+    // The hung process is SIGKILLed after the hung grace, even though it is stopped.
+    let until = Instant::now() + DEADLINE;
+    while alive(hung) {
+        assert!(
+            Instant::now() < until,
+            "the hung replica {hung} was never killed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_backs_off_and_says_so() {
+    let config = format!(
+        "{}[restart]\nbackoff = \"10ms\"\nmax_backoff = \"300ms\"\njitter = 0.0\nbudget = 4\nbudget_window = \"60s\"\n",
+        fake_service("exit:3")
+    );
+    let sup = Supervisor::start(1, &config).await;
+    let status = sup
+        .wait_for("a crash loop", |s| s.replicas[0].crash_looping)
+        .await;
+    let r = &status.replicas[0];
+    assert!(r.restarts >= 5, "{r:?}");
+    let last = r.last_exit.as_ref().unwrap();
+    assert_eq!((last.reason.as_str(), last.code), ("exit", Some(3)));
+    // Past the budget every restart waits the longest delay; before it, delays doubled from 0.
+    if let Some(wait) = r.next_start_in_seconds {
+        assert!(wait <= 0.3 + 1e-6, "{wait}");
+    }
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_never_becomes_ready_gets_no_traffic() {
+    let sup = Supervisor::start(2, &fake_service("ok,never-ready")).await;
+    let status = sup
+        .wait_for("replica-0 ready, replica-1 running unready", |s| {
+            s.replicas.len() == 2
+                && s.replicas[0].ready
+                && s.replicas[1].state == "running"
+                && !s.replicas[1].ready
+        })
+        .await;
+    assert_eq!(status.ready, 1);
+    for _ in 0..20 {
+        let (code, _, body) = get(sup.addr, "/").await.unwrap();
+        assert_eq!((code, body.as_str()), (200, "replica-0"));
+    }
+    assert_eq!(
+        sup.status().await.replicas[1].restarts,
+        0,
+        "readiness never restarts a replica"
+    );
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_hog_is_stopped_by_its_limit_and_replaced() {
+    let config = format!(
+        "{}[resources]\nmemory_max = \"96MiB\"\n",
+        fake_service("hog:16")
+    );
+    let sup = Supervisor::start(1, &config).await;
+    let status = sup
+        .wait_for("the hog to be stopped", |s| s.replicas[0].restarts >= 1)
+        .await;
+    let reason = status.replicas[0]
+        .last_exit
+        .as_ref()
+        .unwrap()
+        .reason
+        .clone();
+    match status.limits.mode.as_str() {
+        // Where cgroup v2 is delegated (the device image), the kernel's OOM killer acts.
+        "cgroup-v2" => assert_eq!(reason, "oom_kill"),
+        // Elsewhere the fallback is said plainly, and the allocation failure ends the process.
+        mode => {
+            assert_eq!(mode, "rlimit");
+            assert!(
+                status
+                    .limits
+                    .note
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("falling back"),
+                "{:?}",
+                status.limits
+            );
+            assert!(reason == "signal" || reason == "exit", "{reason}");
+        }
+    }
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_restart_and_logs_through_the_control_socket() {
+    let sup = Supervisor::start(2, &fake_service("ok")).await;
+    sup.all_ready(2).await;
+    assert!(matches!(
+        sup.ask(Request::Scale { replicas: 3 }).await,
+        Reply::Accepted { .. }
+    ));
+    sup.all_ready(3).await;
+    assert!(matches!(
+        sup.ask(Request::Scale { replicas: 1 }).await,
+        Reply::Accepted { .. }
+    ));
+    let one = sup.all_ready(1).await;
+    assert_eq!(one.replicas[0].id, "replica-0");
+    let old = pid_of(&one, "replica-0");
+    assert!(matches!(
+        sup.ask(Request::Restart {
+            replica: "replica-0".into()
+        })
+        .await,
+        Reply::Accepted { .. }
+    ));
+    sup.wait_for("replica-0 replaced", |s| {
+        s.ready == 1 && pid_of(s, "replica-0") != old
+    })
+    .await;
+    match sup
+        .ask(Request::Logs {
+            replica: "replica-0".into(),
+            lines: Some(50),
+        })
+        .await
+    {
+        Reply::Logs { lines, .. } => assert!(
+            lines
+                .iter()
+                .any(|l| l.line.contains("fake-replica replica-0")),
+            "{lines:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let refused = [
+        (
+            Request::Logs {
+                replica: "replica-7".into(),
+                lines: None,
+            },
+            ErrorKind::UnknownReplica,
+        ),
+        (
+            Request::Restart {
+                replica: "replica-7".into(),
+            },
+            ErrorKind::UnknownReplica,
+        ),
+        (Request::Scale { replicas: 999 }, ErrorKind::OutOfRange),
+        (
+            Request::Apply {
+                bundle: "/nonexistent.bundle".into(),
+            },
+            ErrorKind::Unavailable,
+        ),
+    ];
+    for (request, expected) in refused {
+        match sup.ask(request.clone()).await {
+            Reply::Error { kind, .. } => assert_eq!(kind, expected, "{request:?}"),
+            other => panic!("{request:?} answered {other:?}"),
+        }
+    }
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_has_the_documented_shape() {
+    let sup = Supervisor::start(2, &fake_service("ok")).await;
+    let status = sup.all_ready(2).await;
+    let mut json = serde_json::to_value(&status).unwrap();
+    // Volatile values out; the shape and the stable values stay.
+    json["uptime_seconds"] = 0.into();
+    json["listen"] = "ADDR".into();
+    for r in json["replicas"].as_array_mut().unwrap() {
+        r["pid"] = "PID".into();
+        r["port"] = "PORT".into();
+    }
+    let actual = serde_json::to_string_pretty(&json).unwrap();
+    let expected_path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/snapshots/status.json");
+    let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
+    assert_eq!(
+        actual.trim(),
+        expected.trim(),
+        "status JSON changed; if on purpose, update {}",
+        expected_path.display()
+    );
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_leaves_nothing_running() {
+    let sup = Supervisor::start(3, &fake_service("ok")).await;
+    sup.all_ready(3).await;
+    let pids = sup.stop().await;
+    assert_eq!(pids.len(), 3);
+    for pid in pids {
+        assert!(!alive(pid), "replica {pid} outlived the supervisor");
+    }
+}
