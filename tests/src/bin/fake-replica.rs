@@ -65,7 +65,7 @@ async fn serve(port: String, name: String, mode: String) {
                         _ if mode == "never-ready" => false,
                         Some(("flap", ms)) => {
                             let period = ms.parse::<u128>().unwrap_or(500).max(1);
-                            (started.elapsed().as_millis() / period) % 2 == 0
+                            (started.elapsed().as_millis() / period).is_multiple_of(2)
                         }
                         _ => true,
                     };
