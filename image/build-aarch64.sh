@@ -33,7 +33,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 1
 fi
 
-bins=(quote-service)
+bins=(edge-supervisor quote-service)
 args=()
 for bin in "${bins[@]}"; do args+=(--bin "$bin"); done
 cargo build --locked --profile "$profile" --target "$target" "${args[@]}"

@@ -592,3 +592,124 @@ fn probe(kind: &str, file: Option<ProbeFile>, origin: &str) -> Result<Option<Pro
         )?,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Settings, ConfigError> {
+        parse(
+            text,
+            Path::new("/etc/quote-edge/supervisor.toml"),
+            &Overrides::default(),
+        )
+    }
+
+    #[test]
+    fn the_shipped_example_is_exactly_the_defaults() {
+        let example = include_str!("../../../image/overlay/etc/quote-edge/supervisor.toml");
+        let from_file = parse_str(example).expect("the example parses");
+        let defaults = load(None, &Overrides::default()).unwrap();
+        assert_eq!(from_file, defaults);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let overrides = Overrides {
+            listen: Some("0.0.0.0:9000".parse().unwrap()),
+            replicas: Some(5),
+            data_dir: Some(PathBuf::from("/var/lib/q")),
+            trusted_keys: None,
+        };
+        let s = parse(
+            "replicas = 2\nlisten = \"127.0.0.1:1\"\n",
+            Path::new("f.toml"),
+            &overrides,
+        )
+        .unwrap();
+        assert_eq!((s.replicas, s.listen.port()), (5, 9000));
+        assert_eq!(
+            s.control_socket,
+            PathBuf::from("/var/lib/q/supervisor.sock")
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file_the_key_and_the_reason() {
+        let cases = [
+            ("replicass = 3", "replicass"),
+            ("replicas = 40", "`replicas` is 40, above max_replicas (16)"),
+            (
+                "[probes.liveness]\nperiod = \"2ms\"",
+                "`probes.liveness.period` must be at least 10ms",
+            ),
+            (
+                "[probes.readiness]\nhttp = \"readyz\"",
+                "`probes.readiness.http` must be a path",
+            ),
+            ("[probes.startup]\nhttp = \"/a\"\ntcp = true", "only one of"),
+            (
+                "[probes.liveness]\nsuccess_threshold = 2",
+                "must be 1 for startup and liveness",
+            ),
+            (
+                "[probes.readiness]\nfailure_threshold = 0",
+                "`probes.readiness.failure_threshold` must be at least 1",
+            ),
+            ("[probes.liveness]\ntimeout = \"soon\"", "timeout"),
+            (
+                "[restart]\nbackoff = \"10s\"\nmax_backoff = \"1s\"",
+                "`restart.max_backoff`",
+            ),
+            (
+                "[restart]\njitter = 2.0",
+                "`restart.jitter` must be between 0 and 1",
+            ),
+            (
+                "[resources]\nmemory_max = \"64MiB\"\nmemory_high = \"1GiB\"",
+                "`resources.memory_high` is above",
+            ),
+            ("[resources]\nmemory_max = \"12 parsecs\"", "memory_max"),
+            ("[resources]\ncpu_max = -1", "`resources.cpu_max`"),
+            (
+                "[service]\nenv = { NOTIFY_SOCKET = \"x\" }",
+                "`service.env.NOTIFY_SOCKET`",
+            ),
+            (
+                "[watchdog]\ndevice = \"/dev/watchdog\"\ntimeout = \"0s\"",
+                "`watchdog.timeout`",
+            ),
+            (
+                "admin_listen = \"localhost\"",
+                "`admin_listen` is not an address",
+            ),
+            ("listen = [1, 2]", "listen"),
+        ];
+        for (text, needle) in cases {
+            let err = parse_str(text).expect_err(text).to_string();
+            assert!(
+                err.contains("/etc/quote-edge/supervisor.toml"),
+                "{text}: {err}"
+            );
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let err = load(
+            Some(Path::new("/nonexistent/sup.toml")),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/sup.toml"));
+    }
+
+    #[test]
+    fn sizes_and_cores_become_kernel_units() {
+        let s =
+            parse_str("[resources]\nmemory_max = \"64MiB\"\ncpu_max = 0.5\npids_max = 32").unwrap();
+        assert_eq!(s.resources.memory_max, Some(64 << 20));
+        assert_eq!(s.resources.cpu_max, Some((50_000, 100_000)));
+    }
+}
