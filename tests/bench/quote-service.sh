@@ -17,6 +17,8 @@ done
 
 cargo build --release --locked -p quote-service -p tests --bin quote-service --bin bench-baseline >&2
 work=$(mktemp -d)
+# shellcheck source=tests/bench/lib.sh
+. tests/bench/lib.sh
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
@@ -33,42 +35,26 @@ for _ in $(seq 200); do
 done
 curl -sf "http://$svc/readyz" >/dev/null || { echo "quote-service never became ready" >&2; exit 1; }
 
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 io_field() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/io"; }
 idle_rss=$(rss_kib "$svc_pid")
 base_idle_rss=$(rss_kib "$base_pid")
 
-# run KEY NAME URL [wrk args...] → one line: name req/s p50 p99; req/s kept under KEY
-run() {
-    local key=$1 name=$2 url=$3; shift 3
-    local out
-    out=$(wrk -t2 -c"$conns" -d"$duration" --latency "$@" "$url")
-    local rps p50 p99 errors
-    rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
-    p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
-    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-    errors=$(awk '/Non-2xx or 3xx responses:/ {print $5} /Socket errors:/ {print "socket:" $0}' <<<"$out" | tr '\n' ' ')
-    printf '%-22s %12s %10s %10s  %s\n' "$name" "$rps" "$p50" "$p99" "${errors:-}"
-    echo "$rps" >"$work/rps-$key"
-}
-
 echo "quote-service benchmark: wrk -t2 -c$conns -d$duration on $(nproc) cores, $(date -u +%FT%TZ)"
 printf '%-22s %12s %10s %10s\n' "endpoint" "req/s" "p50" "p99"
-run baseline baseline "http://$base/"
-run random "GET /quotes/random" "http://$svc/quotes/random"
-run by-id "GET /quotes/{id}" "http://$svc/quotes/17"
+wrk_run baseline baseline "http://$base/"
+wrk_run random "GET /quotes/random" "http://$svc/quotes/random"
+wrk_run by-id "GET /quotes/{id}" "http://$svc/quotes/17"
 
 first=$(curl -sf -X POST "http://$svc/quotes" -H 'content-type: application/json' -d '{"text":"first","author":"bench"}' | sed 's/.*"id":\([0-9]*\).*/\1/')
 wb0=$(io_field "$svc_pid" write_bytes); wc0=$(io_field "$svc_pid" wchar)
-run insert "POST /quotes" "http://$svc/quotes" -s tests/bench/post.lua
+wrk_run insert "POST /quotes" "http://$svc/quotes" -s tests/bench/post.lua
 wb1=$(io_field "$svc_pid" write_bytes); wc1=$(io_field "$svc_pid" wchar)
 last=$(curl -sf -X POST "http://$svc/quotes" -H 'content-type: application/json' -d '{"text":"last","author":"bench"}' | sed 's/.*"id":\([0-9]*\).*/\1/')
 inserted=$((last - first - 1))
 loaded_rss=$(rss_kib "$svc_pid")
 
 echo
-ratio() { awk -v a="$(cat "$work/rps-$1")" -v b="$(cat "$work/rps-baseline")" 'BEGIN {printf "%.3f", a / b}'; }
-echo "throughput vs baseline: random $(ratio random), by id $(ratio by-id), insert $(ratio insert)"
+echo "throughput vs baseline: random $(ratio random baseline), by id $(ratio by-id baseline), insert $(ratio insert baseline)"
 echo "inserted quotes: $inserted"
 if [ "$inserted" -gt 0 ]; then
     echo "storage writes per quote: write_bytes $(( (wb1 - wb0) / inserted )) B, wchar $(( (wc1 - wc0) / inserted )) B"

@@ -406,6 +406,8 @@ impl Model {
         let timing = self.timing.clone();
         let Some(s) = self.slot_mut(slot) else { return };
         let mut failed = None;
+        // How long the failing process had been in rotation: a long healthy run resets the backoff.
+        let mut healthy_for = Duration::ZERO;
         match (&mut s.phase, kind) {
             (Phase::Starting { inc, startup }, ProbeKind::Startup)
                 if inc.generation == generation =>
@@ -442,6 +444,7 @@ impl Model {
                 Phase::Running {
                     inc,
                     liveness: Some(track),
+                    ready_since,
                     ..
                 },
                 ProbeKind::Liveness,
@@ -457,6 +460,9 @@ impl Model {
                             .as_ref()
                             .map_or(1, |p| p.failure_threshold.get());
                         if track.failures >= limit {
+                            healthy_for = ready_since.map_or(Duration::ZERO, |since| {
+                                now.saturating_duration_since(since)
+                            });
                             failed = Some((inc.pid, Cause::Liveness(error)));
                         }
                     }
@@ -500,7 +506,7 @@ impl Model {
             // Out of rotation now; the process gets a short grace, the slot a replacement.
             let grace = self.timing.hung_grace;
             self.retire(pid, now, grace);
-            self.restart_later(slot, cause, Duration::ZERO, now);
+            self.restart_later(slot, cause, healthy_for, now);
         }
         self.tick(now);
     }

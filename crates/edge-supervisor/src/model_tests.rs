@@ -375,3 +375,29 @@ fn deadlines_cover_every_pending_probe_and_start() {
         next - h.t0
     );
 }
+
+#[test]
+fn a_replica_that_hangs_after_a_long_healthy_run_is_replaced_without_backoff() {
+    let mut h = Harness::new(1);
+    h.all_ready();
+    for round in 0..3 {
+        // Healthy for longer than reset_after (60 s), answering every probe.
+        for _ in 0..250 {
+            h.advance(250 * MS);
+            h.answer(|_, _| true);
+        }
+        let hung = h.pid_of("replica-0");
+        for _ in 0..2 {
+            h.advance(250 * MS);
+            h.answer(|_, _| false);
+        }
+        let status = h.model.status(h.now);
+        assert_eq!(status[0].restarts, round + 1);
+        assert_ne!(
+            h.pid_of("replica-0"),
+            hung,
+            "round {round}: the replacement started at once"
+        );
+        h.all_ready();
+    }
+}
