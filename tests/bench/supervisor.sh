@@ -124,5 +124,5 @@ status_json | python3 -c 'import json,sys; s=json.load(sys.stdin); print("after 
 echo
 echo "(f) supervisor RSS: idle ${idle_rss} KiB, after load ${loaded_rss} KiB, peak $(hwm_kib "$sup") KiB"
 for bin in target/release/edge-supervisor image/out/bin/aarch64-unknown-linux-musl/edge-supervisor; do
-    [ -f "$bin" ] && printf '%s: %d bytes\n' "$bin" "$(stat -c %s "$bin")"
+    if [ -f "$bin" ]; then printf '%s: %d bytes\n' "$bin" "$(stat -c %s "$bin")"; fi
 done

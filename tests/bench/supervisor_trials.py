@@ -46,7 +46,7 @@ def alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
             return ") Z " not in f.read()
-    except FileNotFoundError:
+    except OSError:  # gone between the open and the read, or already reaped
         return False
 
 

@@ -140,6 +140,9 @@ enum Phase {
     Running {
         inc: Incarnation,
         ready_since: Option<Instant>,
+        /// When this process first became ready; kept when readiness later fails, because a
+        /// long healthy run (not the current readiness) is what resets the restart backoff.
+        first_ready: Option<Instant>,
         liveness: Option<Track>,
         readiness: Option<Track>,
     },
@@ -370,10 +373,10 @@ impl Model {
                 Some((s.index, Duration::ZERO))
             }
             Phase::Running {
-                inc, ready_since, ..
+                inc, first_ready, ..
             } if inc.pid == pid => Some((
                 s.index,
-                ready_since.map_or(Duration::ZERO, |since| now.saturating_duration_since(since)),
+                first_ready.map_or(Duration::ZERO, |since| now.saturating_duration_since(since)),
             )),
             _ => None,
         });
@@ -419,6 +422,7 @@ impl Model {
                         s.phase = Phase::Running {
                             inc,
                             ready_since: None,
+                            first_ready: None,
                             liveness: None,
                             readiness: None,
                         };
@@ -444,7 +448,7 @@ impl Model {
                 Phase::Running {
                     inc,
                     liveness: Some(track),
-                    ready_since,
+                    first_ready,
                     ..
                 },
                 ProbeKind::Liveness,
@@ -460,7 +464,7 @@ impl Model {
                             .as_ref()
                             .map_or(1, |p| p.failure_threshold.get());
                         if track.failures >= limit {
-                            healthy_for = ready_since.map_or(Duration::ZERO, |since| {
+                            healthy_for = first_ready.map_or(Duration::ZERO, |since| {
                                 now.saturating_duration_since(since)
                             });
                             failed = Some((inc.pid, Cause::Liveness(error)));
@@ -472,6 +476,7 @@ impl Model {
                 Phase::Running {
                     inc,
                     ready_since,
+                    first_ready,
                     readiness: Some(track),
                     ..
                 },
@@ -487,6 +492,7 @@ impl Model {
                             && track.successes >= probe.map_or(1, |p| p.success_threshold.get())
                         {
                             *ready_since = Some(now);
+                            first_ready.get_or_insert(now);
                         }
                     }
                     Err(_) => {
@@ -736,6 +742,7 @@ impl Model {
         Phase::Running {
             inc,
             ready_since: probes.readiness.is_none().then_some(now),
+            first_ready: probes.readiness.is_none().then_some(now),
             liveness: probes
                 .liveness
                 .as_ref()

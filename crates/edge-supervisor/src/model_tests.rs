@@ -387,6 +387,12 @@ fn a_replica_that_hangs_after_a_long_healthy_run_is_replaced_without_backoff() {
             h.answer(|_, _| true);
         }
         let hung = h.pid_of("replica-0");
+        // Readiness fails first (out of rotation), then liveness: the healthy run still counts.
+        h.advance(250 * MS);
+        h.answer(|_, kind| kind != ProbeKind::Readiness);
+        h.advance(250 * MS);
+        h.answer(|_, kind| kind != ProbeKind::Readiness);
+        assert!(h.ready().is_empty());
         for _ in 0..2 {
             h.advance(250 * MS);
             h.answer(|_, _| false);
