@@ -1,0 +1,23 @@
+//! The quote-edge update bundle (`ota/FORMAT.md`): header, canonical manifest, Ed25519
+//! signatures, and the two directions: [`pack`] builds a bundle from a release directory,
+//! [`Bundle::open`] verifies one and hands out its chunks only after each was authenticated.
+//!
+//! Architecture invariant: this crate never writes a slot and knows nothing of slots. Its reader
+//! gives a caller's sink only bytes whose hash matched the signed manifest.
+
+mod error;
+mod header;
+mod keys;
+mod manifest;
+mod pack;
+mod read;
+
+pub use error::BundleError;
+pub use header::{HEADER_LEN, Header, MAGIC, MAX_MANIFEST_LEN, MAX_SIGNATURES, SIGNATURE_LEN};
+pub use keys::{KeyId, PublicKey, SecretKey, TrustedKeys};
+pub use manifest::{CHUNK_SIZE, Chunk, FileEntry, MAX_FILES, Manifest};
+pub use pack::{PackOptions, PackReport, add_signature, pack};
+pub use read::{Bundle, Chunked, ChunksError, SIGNING_DOMAIN, signed_message};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,288 @@
+//! Building a bundle from a release directory, and adding signatures to one.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::BundleError;
+use crate::header::{HEADER_LEN, Header, MAX_MANIFEST_LEN, MAX_SIGNATURES, SIGNATURE_LEN};
+use crate::keys::SecretKey;
+use crate::manifest::{CHUNK_SIZE, Chunk, FileEntry, MAX_FILES, Manifest, check_path};
+use crate::read::{read_unverified, signed_message};
+
+#[derive(Debug, Clone)]
+pub struct PackOptions {
+    pub product: String,
+    pub version: String,
+    pub security_version: u64,
+    /// Unix seconds; `ota pack` uses the build host's clock (informational only).
+    pub issued_at: u64,
+    /// zstd level (1-22).
+    pub level: i32,
+}
+
+/// What `pack` produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackReport {
+    pub files: usize,
+    pub input_bytes: u64,
+    pub bundle_bytes: u64,
+}
+
+/// Packs the regular files under `dir` into a bundle at `out`, signed with `key`. `progress` is
+/// called with (bytes done, bytes total). Links, devices, sockets and FIFOs are refused: the
+/// format cannot carry them and a release should not need them.
+pub fn pack(
+    dir: &Path,
+    out: &Path,
+    options: &PackOptions,
+    key: &SecretKey,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<PackReport, BundleError> {
+    let files = release_files(dir)?;
+    let total: u64 = files.iter().map(|(_, _, size)| size).sum();
+    let out_dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let write_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| BundleError::Write { path, source }
+    };
+    // Frames go to a temporary file beside the output, then after the header and manifest.
+    let mut payload = tempfile::tempfile_in(out_dir).map_err(write_err(out_dir))?;
+    let mut payload_writer = BufWriter::new(&mut payload);
+    let mut compressor = zstd::bulk::Compressor::new(options.level).map_err(write_err(out))?;
+    compressor
+        .include_contentsize(true)
+        .map_err(write_err(out))?;
+    let mut entries = Vec::with_capacity(files.len());
+    let mut done = 0u64;
+    let mut buf = vec![0u8; CHUNK_SIZE as usize];
+    for (relative, full, size) in &files {
+        let read_err = |source| BundleError::Release {
+            path: full.clone(),
+            reason: format!("cannot read: {source}"),
+        };
+        let file = File::open(full).map_err(read_err)?;
+        let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o755;
+        let mut reader = BufReader::new(file);
+        let mut whole = blake3::Hasher::new();
+        let mut chunks = Vec::new();
+        let mut remaining = *size;
+        while remaining > 0 {
+            let n = remaining.min(CHUNK_SIZE) as usize;
+            reader.read_exact(&mut buf[..n]).map_err(read_err)?;
+            whole.update(&buf[..n]);
+            let frame = compressor.compress(&buf[..n]).map_err(write_err(out))?;
+            payload_writer.write_all(&frame).map_err(write_err(out))?;
+            chunks.push(Chunk {
+                hash: blake3::hash(&buf[..n]).to_hex().to_string(),
+                size: n as u64,
+                csize: Some(frame.len() as u64),
+                copy: false,
+            });
+            remaining -= n as u64;
+            done += n as u64;
+            progress(done, total);
+        }
+        entries.push(FileEntry {
+            path: relative.clone(),
+            mode,
+            size: *size,
+            digest: whole.finalize().to_hex().to_string(),
+            chunks,
+        });
+    }
+    payload_writer.flush().map_err(write_err(out))?;
+    drop(payload_writer);
+    let manifest = Manifest {
+        format: 1,
+        product: options.product.clone(),
+        version: options.version.clone(),
+        security_version: options.security_version,
+        issued_at: options.issued_at,
+        hash: "blake3".into(),
+        chunk_size: CHUNK_SIZE,
+        base: None,
+        files: entries,
+    };
+    manifest.validate()?;
+    let manifest_bytes = manifest.to_canonical();
+    if manifest_bytes.len() > MAX_MANIFEST_LEN as usize {
+        return Err(BundleError::Manifest(format!(
+            "{} bytes, more than the 1 MiB limit",
+            manifest_bytes.len()
+        )));
+    }
+    let signature = (
+        key.public().id(),
+        key.sign(&signed_message(&manifest_bytes)),
+    );
+    payload.rewind().map_err(write_err(out))?;
+    let bundle_bytes = assemble(
+        out,
+        &manifest_bytes,
+        &[signature],
+        manifest.payload_len(),
+        &mut payload,
+    )?;
+    Ok(PackReport {
+        files: files.len(),
+        input_bytes: total,
+        bundle_bytes,
+    })
+}
+
+/// Writes header, manifest, signatures and payload to `out` atomically (temporary file, fsync,
+/// rename), so a crash never leaves half a bundle under the final name.
+pub(crate) fn assemble(
+    out: &Path,
+    manifest: &[u8],
+    signatures: &[crate::read::Signature],
+    payload_len: u64,
+    payload: &mut impl Read,
+) -> Result<u64, BundleError> {
+    let write_err = |source| BundleError::Write {
+        path: out.to_owned(),
+        source,
+    };
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(write_err)?;
+    {
+        let mut w = BufWriter::new(temp.as_file_mut());
+        let header = Header {
+            manifest_len: manifest.len() as u32,
+            signature_count: signatures.len() as u16,
+            payload_len,
+        };
+        w.write_all(&header.encode()).map_err(write_err)?;
+        w.write_all(manifest).map_err(write_err)?;
+        for (id, signature) in signatures {
+            w.write_all(&id.0).map_err(write_err)?;
+            w.write_all(signature).map_err(write_err)?;
+        }
+        let copied = std::io::copy(&mut payload.take(payload_len), &mut w).map_err(write_err)?;
+        if copied != payload_len {
+            return Err(BundleError::Truncated {
+                what: "payload",
+                offset: copied,
+                needed: payload_len - copied,
+            });
+        }
+        w.flush().map_err(write_err)?;
+    }
+    temp.as_file().sync_all().map_err(write_err)?;
+    let size = HEADER_LEN as u64
+        + manifest.len() as u64
+        + (signatures.len() * SIGNATURE_LEN) as u64
+        + payload_len;
+    temp.persist(out).map_err(|e| write_err(e.error))?;
+    Ok(size)
+}
+
+/// Adds `key`'s signature to the bundle at `path` (k-of-n signing), rewriting it atomically.
+/// Signing again with a key that already signed is refused.
+pub fn add_signature(path: &Path, key: &SecretKey) -> Result<usize, BundleError> {
+    let read_err = |source| BundleError::Read { offset: 0, source };
+    let mut file = BufReader::new(File::open(path).map_err(read_err)?);
+    let crate::read::Unverified {
+        header,
+        manifest: manifest_bytes,
+        mut signatures,
+        ..
+    } = read_unverified(&mut file)?;
+    // Refuse to sign what could not be installed.
+    Manifest::parse_canonical(&manifest_bytes)?;
+    let id = key.public().id();
+    if signatures.iter().any(|(existing, _)| *existing == id) {
+        return Err(BundleError::Key {
+            path: path.to_owned(),
+            reason: format!("is already signed by key {id}"),
+        });
+    }
+    if signatures.len() >= MAX_SIGNATURES as usize {
+        return Err(BundleError::Key {
+            path: path.to_owned(),
+            reason: "already has the most signatures a bundle may carry (16)".into(),
+        });
+    }
+    signatures.push((id, key.sign(&signed_message(&manifest_bytes))));
+    assemble(
+        path,
+        &manifest_bytes,
+        &signatures,
+        header.payload_len,
+        &mut file,
+    )?;
+    Ok(signatures.len())
+}
+
+/// The regular files under `dir`, sorted by their release path, with their sizes.
+fn release_files(dir: &Path) -> Result<Vec<(String, PathBuf, u64)>, BundleError> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(current) = pending.pop() {
+        let release_err = |path: &Path, reason: String| BundleError::Release {
+            path: path.to_owned(),
+            reason,
+        };
+        let entries = std::fs::read_dir(&current)
+            .map_err(|e| release_err(&current, format!("cannot list: {e}")))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| release_err(&current, e.to_string()))?;
+            let path = entry.path();
+            let kind = entry
+                .file_type()
+                .map_err(|e| release_err(&path, e.to_string()))?;
+            if kind.is_dir() {
+                pending.push(path);
+            } else if kind.is_file() {
+                let relative = path
+                    .strip_prefix(dir)
+                    .ok()
+                    .and_then(|p| p.to_str())
+                    .ok_or_else(|| release_err(&path, "the path is not UTF-8".into()))?
+                    .to_owned();
+                check_path(&relative).map_err(|reason| release_err(&path, reason))?;
+                let size = entry
+                    .metadata()
+                    .map_err(|e| release_err(&path, e.to_string()))?
+                    .len();
+                files.push((relative, path, size));
+            } else {
+                let what = if kind.is_symlink() {
+                    "a symbolic link"
+                } else if kind.is_block_device() || kind.is_char_device() {
+                    "a device file"
+                } else if kind.is_fifo() {
+                    "a FIFO"
+                } else {
+                    "not a regular file"
+                };
+                return Err(release_err(
+                    &path,
+                    format!("is {what}; a release holds regular files only"),
+                ));
+            }
+        }
+    }
+    if files.is_empty() {
+        return Err(BundleError::Release {
+            path: dir.to_owned(),
+            reason: "holds no files".into(),
+        });
+    }
+    if files.len() > MAX_FILES {
+        return Err(BundleError::Release {
+            path: dir.to_owned(),
+            reason: format!("holds {} files, more than {MAX_FILES}", files.len()),
+        });
+    }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(files)
+}

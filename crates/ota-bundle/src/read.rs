@@ -1,0 +1,247 @@
+//! Opening a bundle: header, then signatures against the trusted keys, then the manifest's
+//! rules, then (on request) the chunks, each decompressed within its declared size and hashed
+//! before the caller sees a byte of it.
+
+use std::io::Read;
+
+use crate::BundleError;
+use crate::header::{HEADER_LEN, Header, SIGNATURE_LEN};
+use crate::keys::{KeyId, TrustedKeys};
+use crate::manifest::{CHUNK_SIZE, FileEntry, Manifest};
+
+/// Prefixed to the manifest in every signed message, so a signature over a bundle manifest can
+/// never be mistaken for a signature over anything else.
+pub const SIGNING_DOMAIN: &[u8] = b"quote-edge bundle v1\n";
+
+/// The bytes an Ed25519 signature of a bundle covers.
+pub fn signed_message(manifest: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(SIGNING_DOMAIN.len() + manifest.len());
+    message.extend_from_slice(SIGNING_DOMAIN);
+    message.extend_from_slice(manifest);
+    message
+}
+
+/// A bundle whose signatures and manifest are verified; its payload is read on demand.
+#[derive(Debug)]
+pub struct Bundle<R> {
+    pub header: Header,
+    pub manifest: Manifest,
+    /// The raw manifest bytes (what was signed).
+    pub manifest_bytes: Vec<u8>,
+    /// Ids of the trusted keys whose signatures verified.
+    pub signed_by: Vec<KeyId>,
+    reader: R,
+    offset: u64,
+}
+
+/// Reads exactly `buf.len()` bytes, naming what was being read when the input ends.
+fn read_exact(
+    reader: &mut impl Read,
+    buf: &mut [u8],
+    offset: &mut u64,
+    what: &'static str,
+) -> Result<(), BundleError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => {
+                return Err(BundleError::Truncated {
+                    what,
+                    offset: *offset + filled as u64,
+                    needed: (buf.len() - filled) as u64,
+                });
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(BundleError::Read {
+                    offset: *offset + filled as u64,
+                    source,
+                });
+            }
+        }
+    }
+    *offset += buf.len() as u64;
+    Ok(())
+}
+
+/// A signature as stored: the signer's key id and the Ed25519 signature.
+pub(crate) type Signature = (KeyId, [u8; 64]);
+
+/// Everything before the payload, not yet trusted: header, manifest bytes, signatures, and the
+/// offset reached.
+pub(crate) struct Unverified {
+    pub header: Header,
+    pub manifest: Vec<u8>,
+    pub signatures: Vec<Signature>,
+    pub offset: u64,
+}
+
+/// The header, the manifest bytes and the signatures, before anything is trusted.
+pub(crate) fn read_unverified(reader: &mut impl Read) -> Result<Unverified, BundleError> {
+    let mut offset = 0u64;
+    let mut head = [0u8; HEADER_LEN];
+    read_exact(reader, &mut head, &mut offset, "header")?;
+    let header = Header::parse(&head)?;
+    // Bounded by the header check (at most 1 MiB).
+    let mut manifest = vec![0u8; header.manifest_len as usize];
+    read_exact(reader, &mut manifest, &mut offset, "manifest")?;
+    let mut signatures = Vec::with_capacity(header.signature_count.into());
+    for _ in 0..header.signature_count {
+        let mut entry = [0u8; SIGNATURE_LEN];
+        read_exact(reader, &mut entry, &mut offset, "signatures")?;
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&entry[..8]);
+        let mut signature = [0u8; 64];
+        signature.copy_from_slice(&entry[8..]);
+        signatures.push((KeyId(id), signature));
+    }
+    Ok(Unverified {
+        header,
+        manifest,
+        signatures,
+        offset,
+    })
+}
+
+impl<R: Read> Bundle<R> {
+    /// Reads and verifies everything before the payload. Nothing of the manifest is looked at
+    /// until enough trusted signatures verified.
+    pub fn open(mut reader: R, trusted: &TrustedKeys) -> Result<Bundle<R>, BundleError> {
+        let Unverified {
+            header,
+            manifest: manifest_bytes,
+            signatures,
+            offset,
+        } = read_unverified(&mut reader)?;
+        let message = signed_message(&manifest_bytes);
+        let mut signed_by: Vec<KeyId> = Vec::new();
+        for (id, signature) in &signatures {
+            if signed_by.contains(id) {
+                continue;
+            }
+            if let Some(key) = trusted.get(id)
+                && key.verify(&message, signature)
+            {
+                signed_by.push(*id);
+            }
+        }
+        if signed_by.len() < trusted.threshold() {
+            let list = |ids: &mut dyn Iterator<Item = &KeyId>| {
+                ids.map(KeyId::to_string).collect::<Vec<_>>().join(", ")
+            };
+            return Err(BundleError::NotEnoughSignatures {
+                valid: signed_by.len(),
+                needed: trusted.threshold(),
+                bundle_keys: list(&mut signatures.iter().map(|(id, _)| id)),
+                trusted_keys: list(&mut trusted.ids()),
+            });
+        }
+        let manifest = Manifest::parse_canonical(&manifest_bytes)?;
+        if manifest.payload_len() != header.payload_len {
+            return Err(BundleError::Header {
+                field: "payload_len",
+                value: header.payload_len,
+                rule: "must equal the sum of the manifest's frame sizes",
+            });
+        }
+        Ok(Bundle {
+            header,
+            manifest,
+            manifest_bytes,
+            signed_by,
+            reader,
+            offset,
+        })
+    }
+
+    /// Walks the payload in manifest order. For each chunk, `sink` gets the file, the chunk's
+    /// index and its bytes, only after they matched the signed hash; a copied (delta) chunk is
+    /// handed to `sink` with no bytes, to be fetched from the base by hash. Reading stops at the
+    /// first error, and the input must end exactly where the payload does.
+    pub fn chunks<E>(
+        mut self,
+        mut sink: impl FnMut(&FileEntry, usize, Chunked<'_>) -> Result<(), E>,
+    ) -> Result<(), ChunksError<E>> {
+        let mut frame = Vec::new();
+        let mut plain = vec![0u8; CHUNK_SIZE as usize];
+        let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| {
+            ChunksError::Bundle(BundleError::Read {
+                offset: self.offset,
+                source: e,
+            })
+        })?;
+        for file in &self.manifest.files {
+            for (index, chunk) in file.chunks.iter().enumerate() {
+                let Some(csize) = chunk.csize else {
+                    sink(file, index, Chunked::Copy { hash: &chunk.hash })
+                        .map_err(ChunksError::Sink)?;
+                    continue;
+                };
+                let at = self.offset;
+                let fail = |reason: String| {
+                    ChunksError::Bundle(BundleError::Chunk {
+                        path: file.path.clone(),
+                        index,
+                        offset: at,
+                        reason,
+                    })
+                };
+                // Bounded by the manifest check (at most chunk size + zstd's overhead).
+                frame.resize(csize as usize, 0);
+                read_exact(&mut self.reader, &mut frame, &mut self.offset, "payload")
+                    .map_err(ChunksError::Bundle)?;
+                let size = chunk.size as usize;
+                let produced = decompressor
+                    .decompress_to_buffer(&frame, &mut plain[..size])
+                    .map_err(|e| {
+                        fail(format!(
+                            "does not decompress within its declared {size} bytes: {e}"
+                        ))
+                    })?;
+                if produced != size {
+                    return Err(fail(format!(
+                        "decompresses to {produced} bytes, {size} declared"
+                    )));
+                }
+                let hash = blake3::hash(&plain[..size]);
+                if hash.to_hex().as_str() != chunk.hash {
+                    return Err(fail(
+                        "its content does not match the signed hash".to_owned(),
+                    ));
+                }
+                sink(file, index, Chunked::Data(&plain[..size])).map_err(ChunksError::Sink)?;
+            }
+        }
+        let mut extra = [0u8; 1];
+        match self.reader.read(&mut extra) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(ChunksError::Bundle(BundleError::TrailingData {
+                offset: self.offset,
+                extra: 1,
+            })),
+            Err(source) => Err(ChunksError::Bundle(BundleError::Read {
+                offset: self.offset,
+                source,
+            })),
+        }
+    }
+}
+
+/// One chunk as handed to a sink.
+#[derive(Debug, Clone, Copy)]
+pub enum Chunked<'a> {
+    /// Verified bytes.
+    Data(&'a [u8]),
+    /// A delta chunk: copy the chunk with this hash from the base release.
+    Copy { hash: &'a str },
+}
+
+/// Why walking the chunks stopped: the bundle, or the caller's sink.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunksError<E> {
+    #[error(transparent)]
+    Bundle(BundleError),
+    #[error("writing a verified chunk failed: {0}")]
+    Sink(E),
+}
