@@ -17,7 +17,9 @@ pub use header::{HEADER_LEN, Header, MAGIC, MAX_MANIFEST_LEN, MAX_SIGNATURES, SI
 pub use keys::{KeyId, PublicKey, SecretKey, TrustedKeys};
 pub use manifest::{CHUNK_SIZE, Chunk, FileEntry, MAX_FILES, Manifest};
 pub use pack::{PackOptions, PackReport, add_signature, pack};
-pub use read::{Bundle, Chunked, ChunksError, SIGNING_DOMAIN, signed_message};
+pub use read::{
+    Bundle, Chunked, ChunksError, SIGNING_DOMAIN, read_manifest_unverified, signed_message,
+};
 
 #[cfg(test)]
 mod tests;

@@ -245,3 +245,16 @@ pub enum ChunksError<E> {
     #[error("writing a verified chunk failed: {0}")]
     Sink(E),
 }
+
+/// The manifest and the signers' key ids of a bundle, read *without* checking signatures (for
+/// `ota inspect`). The manifest's rules are still checked: a malformed one is refused.
+pub fn read_manifest_unverified(
+    mut reader: impl Read,
+) -> Result<(Manifest, Vec<KeyId>), BundleError> {
+    let unverified = read_unverified(&mut reader)?;
+    let manifest = Manifest::parse_canonical(&unverified.manifest)?;
+    Ok((
+        manifest,
+        unverified.signatures.iter().map(|(id, _)| *id).collect(),
+    ))
+}

@@ -7,7 +7,8 @@
 //! - `exit:N`: exits with code N at once (a crash loop);
 //! - `never-ready`: alive, but `/readyz` always answers 503;
 //! - `flap:MS`: readiness alternates every MS milliseconds;
-//! - `hog:MIB`: ready, then allocates and touches MIB mebibytes per 100 ms, for ever.
+//! - `hog:MIB`: ready, then allocates and touches MIB mebibytes per 100 ms, up to 1 GiB
+//!   (a cap so that a limit that fails to act cannot take the test machine down).
 //!
 //! A hung replica is made by the tests themselves, with SIGSTOP.
 
@@ -84,8 +85,10 @@ async fn serve(port: String, name: String, mode: String) {
         std::thread::spawn(move || {
             let mut hoard: Vec<Vec<u8>> = Vec::new();
             loop {
-                // Touch every page so the memory is really resident.
-                hoard.push(vec![0x5a; mib << 20]);
+                if hoard.len() * mib < 1024 {
+                    // Touch every page so the memory is really resident.
+                    hoard.push(vec![0x5a; mib << 20]);
+                }
                 std::thread::sleep(Duration::from_millis(100));
             }
         });

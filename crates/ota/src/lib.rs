@@ -1,0 +1,347 @@
+//! `ota`: the host-side update tool. `keygen` makes a signing key, `pack` turns a release
+//! directory into a signed bundle, `sign` adds a signature (k-of-n), `verify` checks a bundle
+//! completely against trusted keys, `inspect` shows what a bundle claims without trusting it.
+//!
+//! Architecture invariant: `ota` never touches a device slot; installing is the supervisor's
+//! OTA agent's job.
+
+use std::fs::OpenOptions;
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+use ota_bundle::{
+    Bundle, BundleError, ChunksError, PackOptions, PublicKey, SecretKey, TrustedKeys,
+};
+use serde::Serialize;
+
+/// Exit codes of `ota`.
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// The bundle was refused (bad signature, corrupt, malformed).
+    pub const REFUSED: i32 = 1;
+    /// Bad command line.
+    pub const USAGE: i32 = 2;
+    /// A file could not be read or written.
+    pub const IO: i32 = 74;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ota",
+    version,
+    about = "quote-edge update bundles: keygen, pack, sign, verify, inspect"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make an Ed25519 signing key: PREFIX.key (mode 0600) and PREFIX.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+        /// Free text stored in the public key line.
+        #[arg(long, default_value = "quote-edge signing key")]
+        comment: String,
+    },
+    /// Pack a release directory (bin/, etc/, migrations/, ...) into a signed bundle.
+    Pack {
+        /// Signing key (from `ota keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Display version, e.g. 1.4.0.
+        #[arg(long)]
+        version: String,
+        /// Monotonic anti-rollback number; devices refuse lower ones.
+        #[arg(long, default_value_t = 0)]
+        security_version: u64,
+        /// The product the bundle is for; devices refuse another.
+        #[arg(long, default_value = "quote-edge")]
+        compatible: String,
+        /// zstd level: 3 is fast, 19 is the release level.
+        #[arg(long, default_value_t = 19)]
+        level: i32,
+        #[arg(long)]
+        out: PathBuf,
+        /// The release directory.
+        dir: PathBuf,
+    },
+    /// Add a signature to a bundle (for k-of-n signing).
+    Sign {
+        #[arg(long)]
+        key: PathBuf,
+        file: PathBuf,
+    },
+    /// Check signatures, manifest and every chunk of a bundle.
+    Verify {
+        /// A trusted public key.
+        #[arg(long, conflicts_with = "keys", required_unless_present = "keys")]
+        key: Option<PathBuf>,
+        /// A directory of trusted *.pub keys (and an optional `threshold` file).
+        #[arg(long)]
+        keys: Option<PathBuf>,
+        file: PathBuf,
+    },
+    /// Show what a bundle claims, without checking signatures.
+    Inspect {
+        #[arg(long)]
+        json: bool,
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OtaError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl OtaError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            OtaError::Bundle(
+                BundleError::Write { .. } | BundleError::Key { .. } | BundleError::Release { .. },
+            ) => exit::IO,
+            OtaError::Bundle(_) => exit::REFUSED,
+            OtaError::Io { .. } => exit::IO,
+            OtaError::Usage(_) => exit::USAGE,
+        }
+    }
+}
+
+/// What `inspect --json` prints.
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    pub verified: bool,
+    pub product: String,
+    pub version: String,
+    pub security_version: u64,
+    pub issued_at: u64,
+    pub files: Vec<InspectedFile>,
+    pub signatures: Vec<String>,
+    pub payload_bytes: u64,
+    pub bundle_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InspectedFile {
+    pub path: String,
+    pub mode: String,
+    pub size: u64,
+    pub chunks: usize,
+}
+
+/// Runs one command, writing its report to `out`.
+pub fn run(command: Command, out: &mut dyn Write) -> Result<(), OtaError> {
+    match command {
+        Command::Keygen {
+            out: prefix,
+            comment,
+        } => keygen(&prefix, &comment, out),
+        Command::Pack {
+            key,
+            version,
+            security_version,
+            compatible,
+            level,
+            out: file,
+            dir,
+        } => {
+            if !(1..=22).contains(&level) {
+                return Err(OtaError::Usage(format!(
+                    "--level must be 1 to 22, got {level}"
+                )));
+            }
+            let key = SecretKey::load(&key)?;
+            let options = PackOptions {
+                product: compatible,
+                version,
+                security_version,
+                issued_at: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                level,
+            };
+            let terminal = std::io::stderr().is_terminal();
+            let mut shown = u64::MAX;
+            let report = ota_bundle::pack(&dir, &file, &options, &key, |done, total| {
+                let percent = (done * 100).checked_div(total).unwrap_or(100);
+                if terminal && percent != shown {
+                    shown = percent;
+                    let _ = write!(std::io::stderr(), "\rpacking {percent:3}%");
+                }
+            })?;
+            if terminal {
+                let _ = writeln!(std::io::stderr());
+            }
+            let ratio = report.bundle_bytes as f64 / report.input_bytes.max(1) as f64 * 100.0;
+            writeln!(
+                out,
+                "{}: {} files, {} bytes -> {} bytes ({ratio:.1}%), signed by {}",
+                file.display(),
+                report.files,
+                report.input_bytes,
+                report.bundle_bytes,
+                key.public().id()
+            )
+            .map_err(|e| io(&file, e))
+        }
+        Command::Sign { key, file } => {
+            let key = SecretKey::load(&key)?;
+            let count = ota_bundle::add_signature(&file, &key)?;
+            writeln!(
+                out,
+                "{}: signed by {} ({count} signatures)",
+                file.display(),
+                key.public().id()
+            )
+            .map_err(|e| io(&file, e))
+        }
+        Command::Verify { key, keys, file } => {
+            let trusted = match (key, keys) {
+                (Some(key), _) => TrustedKeys::new([PublicKey::load(&key)?], 1),
+                (None, Some(dir)) => TrustedKeys::load_dir(&dir)?,
+                (None, None) => return Err(OtaError::Usage("--key or --keys is required".into())),
+            };
+            let reader = std::io::BufReader::with_capacity(
+                1 << 20,
+                std::fs::File::open(&file).map_err(|e| io(&file, e))?,
+            );
+            let bundle = Bundle::open(reader, &trusted)?;
+            let summary = format!(
+                "{}: OK: {} {} (security version {}), {} files, signed by {}",
+                file.display(),
+                bundle.manifest.product,
+                bundle.manifest.version,
+                bundle.manifest.security_version,
+                bundle.manifest.files.len(),
+                bundle
+                    .signed_by
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            bundle
+                .chunks(|_, _, _| Ok::<(), std::convert::Infallible>(()))
+                .map_err(|e| match e {
+                    ChunksError::Bundle(e) => OtaError::Bundle(e),
+                    ChunksError::Sink(never) => match never {},
+                })?;
+            writeln!(out, "{summary}").map_err(|e| io(&file, e))
+        }
+        Command::Inspect { json, file } => {
+            let inspection = inspect(&file)?;
+            let text = if json {
+                serde_json::to_string_pretty(&inspection).unwrap_or_default()
+            } else {
+                let mut text = format!(
+                    "{} {} (security version {}, issued at {}), NOT verified: use `ota verify`\n",
+                    inspection.product,
+                    inspection.version,
+                    inspection.security_version,
+                    inspection.issued_at
+                );
+                for f in &inspection.files {
+                    text.push_str(&format!("  {} {:>10}  {}\n", f.mode, f.size, f.path));
+                }
+                text.push_str(&format!(
+                    "signatures by: {}\npayload {} bytes, bundle {} bytes",
+                    inspection.signatures.join(", "),
+                    inspection.payload_bytes,
+                    inspection.bundle_bytes
+                ));
+                text
+            };
+            writeln!(out, "{text}").map_err(|e| io(&file, e))
+        }
+    }
+}
+
+/// Reads the header and manifest of a bundle without trusting it (no signature check).
+pub fn inspect(file: &Path) -> Result<Inspection, OtaError> {
+    let bundle_bytes = std::fs::metadata(file).map_err(|e| io(file, e))?.len();
+    let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| io(file, e))?);
+    let (manifest, signers) = ota_bundle::read_manifest_unverified(reader)?;
+    Ok(Inspection {
+        verified: false,
+        product: manifest.product.clone(),
+        version: manifest.version.clone(),
+        security_version: manifest.security_version,
+        issued_at: manifest.issued_at,
+        payload_bytes: manifest.payload_len(),
+        files: manifest
+            .files
+            .iter()
+            .map(|f| InspectedFile {
+                path: f.path.clone(),
+                mode: format!("{:o}", f.mode),
+                size: f.size,
+                chunks: f.chunks.len(),
+            })
+            .collect(),
+        signatures: signers.iter().map(ToString::to_string).collect(),
+        bundle_bytes,
+    })
+}
+
+fn keygen(prefix: &Path, comment: &str, out: &mut dyn Write) -> Result<(), OtaError> {
+    let key = SecretKey::generate()?;
+    let secret_path = with_suffix(prefix, "key");
+    let public_path = with_suffix(prefix, "pub");
+    // create_new: never overwrite a key; mode 0600 from the first byte.
+    let mut secret = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&secret_path)
+        .map_err(|e| io(&secret_path, e))?;
+    secret
+        .write_all(key.to_line().as_bytes())
+        .map_err(|e| io(&secret_path, e))?;
+    secret.sync_all().map_err(|e| io(&secret_path, e))?;
+    let mut public = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&public_path)
+        .map_err(|e| io(&public_path, e))?;
+    public
+        .write_all(key.public().to_line(comment).as_bytes())
+        .map_err(|e| io(&public_path, e))?;
+    writeln!(
+        out,
+        "key id {}: {} (secret, 0600), {}",
+        key.public().id(),
+        secret_path.display(),
+        public_path.display()
+    )
+    .map_err(|e| io(prefix, e))
+}
+
+fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
+    let mut name = prefix.as_os_str().to_owned();
+    name.push(".");
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn io(path: &Path, source: std::io::Error) -> OtaError {
+    OtaError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}

@@ -1,0 +1,185 @@
+//! The `ota` binary as a release engineer uses it: keygen, pack, verify, sign, inspect, and
+//! what a tampered bundle looks like to them.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn ota(args: &[&str]) -> Output {
+    let program = Path::new(env!("CARGO_BIN_EXE_ota"));
+    let runner = std::env::var("QUOTE_EDGE_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    let mut command = match words.next() {
+        Some(emulator) => {
+            let mut c = Command::new(emulator);
+            c.args(words).arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
+    command.args(args).output().expect("run ota")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn release(dir: &Path) {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    std::fs::write(dir.join("bin/quote-service"), vec![0x7f; 300_000]).unwrap();
+    std::fs::set_permissions(
+        dir.join("bin/quote-service"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(dir.join("etc/supervisor.toml"), "replicas = 3\n").unwrap();
+}
+
+#[test]
+fn keygen_pack_verify_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).display().to_string();
+    let out = ota(&["keygen", "--out", &d("release")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mode = std::fs::metadata(d("release.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let again = ota(&["keygen", "--out", &d("release")]);
+    assert_eq!(
+        again.status.code(),
+        Some(74),
+        "keygen never overwrites a key"
+    );
+
+    release(&dir.path().join("rel"));
+    let out = ota(&[
+        "pack",
+        "--key",
+        &d("release.key"),
+        "--version",
+        "1.4.0",
+        "--security-version",
+        "3",
+        "--level",
+        "3",
+        "--out",
+        &d("r.bundle"),
+        &d("rel"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("2 files"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = ota(&["verify", "--key", &d("release.pub"), &d("r.bundle")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("OK: quote-edge 1.4.0 (security version 3), 2 files"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = ota(&["inspect", "--json", &d("r.bundle")]);
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("inspect --json prints JSON");
+    assert_eq!(json["version"], "1.4.0");
+    assert_eq!(json["verified"], false);
+    assert_eq!(json["security_version"], 3);
+    assert_eq!(json["files"][0]["path"], "bin/quote-service");
+    assert_eq!(json["files"][0]["mode"], "755");
+}
+
+#[test]
+fn a_tampered_bundle_is_refused_with_where_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).display().to_string();
+    assert!(ota(&["keygen", "--out", &d("k")]).status.success());
+    release(&dir.path().join("rel"));
+    assert!(
+        ota(&[
+            "pack",
+            "--key",
+            &d("k.key"),
+            "--version",
+            "1",
+            "--level",
+            "3",
+            "--out",
+            &d("r.bundle"),
+            &d("rel")
+        ])
+        .status
+        .success()
+    );
+    let mut bytes = std::fs::read(d("r.bundle")).unwrap();
+    let last = bytes.len() - 10;
+    bytes[last] ^= 0xff;
+    std::fs::write(d("bad.bundle"), &bytes).unwrap();
+    let out = ota(&["verify", "--key", &d("k.pub"), &d("bad.bundle")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("chunk 0 of etc/supervisor.toml") && err.contains("offset"),
+        "{err}"
+    );
+
+    std::fs::write(
+        d("garbage.bundle"),
+        b"not a bundle, just some text in a file",
+    )
+    .unwrap();
+    let out = ota(&["verify", "--key", &d("k.pub"), &d("garbage.bundle")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("not a quote-edge bundle"));
+}
+
+#[test]
+fn two_of_three_signing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).display().to_string();
+    let keys = dir.path().join("trusted");
+    std::fs::create_dir(&keys).unwrap();
+    for name in ["a", "b", "c"] {
+        assert!(ota(&["keygen", "--out", &d(name)]).status.success());
+        std::fs::copy(d(&format!("{name}.pub")), keys.join(format!("{name}.pub"))).unwrap();
+    }
+    std::fs::write(keys.join("threshold"), "2\n").unwrap();
+    release(&dir.path().join("rel"));
+    assert!(
+        ota(&[
+            "pack",
+            "--key",
+            &d("a.key"),
+            "--version",
+            "2",
+            "--level",
+            "3",
+            "--out",
+            &d("r.bundle"),
+            &d("rel")
+        ])
+        .status
+        .success()
+    );
+    let keys = keys.display().to_string();
+    let out = ota(&["verify", "--keys", &keys, &d("r.bundle")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("signed by 1 of the trusted keys, 2 needed"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        ota(&["sign", "--key", &d("c.key"), &d("r.bundle")])
+            .status
+            .success()
+    );
+    let out = ota(&["verify", "--keys", &keys, &d("r.bundle")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
