@@ -63,9 +63,21 @@ impl Database {
             db.check_integrity(&conn)?;
         }
         // WAL is a property of the file: set once here, every later connection inherits it.
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-            .map_err(|source| db.corrupt_or("journal_mode", source))?;
+        // Switching needs an exclusive lock, and SQLite may answer BUSY at once, without its
+        // busy handler, while other processes open the same new file: retry within the timeout.
+        let started = std::time::Instant::now();
+        let mode: String = loop {
+            match conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)) {
+                Ok(mode) => break mode,
+                Err(source)
+                    if source.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                        && started.elapsed() < db.options.busy_timeout =>
+                {
+                    std::thread::sleep(Duration::from_millis(5 + fastrand::u64(..10)));
+                }
+                Err(source) => return Err(db.corrupt_or("journal_mode", source)),
+            }
+        };
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(Error::Configure {
                 path: db.path.clone(),

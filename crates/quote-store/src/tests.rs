@@ -253,6 +253,12 @@ fn full_storage_refuses_the_write_and_keeps_every_quote() {
 
 #[test]
 fn concurrent_first_opens_seed_exactly_once() {
+    for _ in 0..20 {
+        concurrent_first_open_round();
+    }
+}
+
+fn concurrent_first_open_round() {
     let (_dir, path) = temp_db();
     let handles: Vec<_> = (0..3)
         .map(|_| {
