@@ -431,3 +431,14 @@ proptest! {
         let _ = Manifest::parse_canonical(json.as_bytes());
     }
 }
+
+#[test]
+fn the_committed_sample_manifest_and_test_keys_are_valid() {
+    let sample: Manifest =
+        serde_json::from_str(include_str!("../../../ota/samples/manifest.json")).unwrap();
+    sample.validate().unwrap();
+    let keys = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ota/keys");
+    let secret = SecretKey::load(&keys.join("test-signing.key")).unwrap();
+    let public = crate::PublicKey::load(&keys.join("test-signing.pub")).unwrap();
+    assert_eq!(secret.public(), public);
+}
