@@ -1,0 +1,412 @@
+//! The slot state and its verbs. Each verb either returns the next state or refuses, naming
+//! the state it was in; nothing is changed by a refused verb.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Bundle digests remembered as failed, newest last.
+pub const MAX_FAILED: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotName {
+    A,
+    B,
+}
+
+impl SlotName {
+    pub fn other(self) -> SlotName {
+        match self {
+            SlotName::A => SlotName::B,
+            SlotName::B => SlotName::A,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotName::A => "a",
+            SlotName::B => "b",
+        }
+    }
+}
+
+/// Which release runs: the factory one, or a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "slot")]
+pub enum Release {
+    Factory,
+    Slot(SlotName),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotStatus {
+    /// Nothing usable.
+    Empty,
+    /// Being written: never to be run, whatever its files say.
+    Installing,
+    /// Written and verified; may be switched to.
+    Ready,
+    /// Switched to and rolled back; kept for inspection until overwritten.
+    Bad,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotInfo {
+    pub status: SlotStatus,
+    pub version: Option<String>,
+    pub security_version: Option<u64>,
+    pub bundle_digest: Option<String>,
+}
+
+impl SlotInfo {
+    fn empty() -> Self {
+        SlotInfo {
+            status: SlotStatus::Empty,
+            version: None,
+            security_version: None,
+            bundle_digest: None,
+        }
+    }
+}
+
+/// A release on probation after a switch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trial {
+    pub slot: SlotName,
+    /// Boots (supervisor starts) into this trial so far; the agent gives up past its limit.
+    pub attempts: u32,
+}
+
+/// How the last update ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum Outcome {
+    Committed { version: String },
+    RolledBack { version: String, reason: String },
+    InstallFailed { version: String, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Format of this document.
+    pub format: u32,
+    /// Incremented on every save: the newest state wins.
+    pub generation: u64,
+    pub active: Release,
+    /// What to roll back to during a trial.
+    pub previous: Option<Release>,
+    pub trial: Option<Trial>,
+    pub slots: BTreeMap<SlotName, SlotInfo>,
+    /// Digests of bundles that failed, so the same bundle is not retried in a loop.
+    pub failed_bundles: Vec<String>,
+    /// Anti-rollback: the highest committed security version and its issue time.
+    pub highest_security_version: u64,
+    pub highest_issued_at: u64,
+    pub last_result: Option<Outcome>,
+}
+
+/// A verb not allowed in the current state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("an update is on trial in slot {0}; commit or roll back first")]
+    TrialInProgress(&'static str),
+    #[error("no update is on trial")]
+    NoTrial,
+    #[error("bundle {0} failed before; it will not be retried")]
+    FailedBefore(String),
+    #[error("slot {slot} is {status:?}, not {expected:?}")]
+    WrongStatus {
+        slot: &'static str,
+        status: SlotStatus,
+        expected: SlotStatus,
+    },
+    #[error("slot {0} is the active release")]
+    Active(&'static str),
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State::factory()
+    }
+}
+
+impl State {
+    /// A device fresh from the factory: both slots empty.
+    pub fn factory() -> State {
+        State {
+            format: 1,
+            generation: 0,
+            active: Release::Factory,
+            previous: None,
+            trial: None,
+            slots: [
+                (SlotName::A, SlotInfo::empty()),
+                (SlotName::B, SlotInfo::empty()),
+            ]
+            .into_iter()
+            .collect(),
+            failed_bundles: Vec::new(),
+            highest_security_version: 0,
+            highest_issued_at: 0,
+            last_result: None,
+        }
+    }
+
+    pub fn slot(&self, name: SlotName) -> &SlotInfo {
+        self.slots.get(&name).expect("both slots always exist")
+    }
+
+    fn slot_mut(&mut self, name: SlotName) -> &mut SlotInfo {
+        self.slots.entry(name).or_insert_with(SlotInfo::empty)
+    }
+
+    /// The slot an update goes to: the one not running.
+    pub fn inactive(&self) -> SlotName {
+        match self.active {
+            Release::Slot(slot) => slot.other(),
+            Release::Factory => SlotName::A,
+        }
+    }
+
+    /// Step 1: mark the inactive slot `installing` (persist before writing a byte to it).
+    pub fn begin_install(
+        &self,
+        digest: &str,
+        version: &str,
+        security_version: u64,
+    ) -> Result<(State, SlotName), Refused> {
+        if let Some(trial) = &self.trial {
+            return Err(Refused::TrialInProgress(trial.slot.as_str()));
+        }
+        if self.failed_bundles.iter().any(|d| d == digest) {
+            return Err(Refused::FailedBefore(digest.to_owned()));
+        }
+        let target = self.inactive();
+        let mut next = self.clone();
+        *next.slot_mut(target) = SlotInfo {
+            status: SlotStatus::Installing,
+            version: Some(version.to_owned()),
+            security_version: Some(security_version),
+            bundle_digest: Some(digest.to_owned()),
+        };
+        Ok((next, target))
+    }
+
+    /// Step 2, after every file was written from verified chunks and synced: mark it `ready`.
+    pub fn finish_install(&self, slot: SlotName) -> Result<State, Refused> {
+        self.expect(slot, SlotStatus::Installing)?;
+        let mut next = self.clone();
+        next.slot_mut(slot).status = SlotStatus::Ready;
+        Ok(next)
+    }
+
+    /// An install that failed (bad chunk, full disk): the slot is unusable, the bundle remembered.
+    pub fn fail_install(&self, slot: SlotName, reason: &str) -> Result<State, Refused> {
+        self.expect(slot, SlotStatus::Installing)?;
+        let mut next = self.clone();
+        let info = next.slot_mut(slot);
+        let version = info.version.clone().unwrap_or_default();
+        let digest = info.bundle_digest.clone();
+        *info = SlotInfo::empty();
+        next.remember_failed(digest);
+        next.last_result = Some(Outcome::InstallFailed {
+            version,
+            reason: reason.to_owned(),
+        });
+        Ok(next)
+    }
+
+    /// Step 3: run the ready slot, on trial.
+    pub fn switch(&self, slot: SlotName) -> Result<State, Refused> {
+        if let Some(trial) = &self.trial {
+            return Err(Refused::TrialInProgress(trial.slot.as_str()));
+        }
+        if self.active == Release::Slot(slot) {
+            return Err(Refused::Active(slot.as_str()));
+        }
+        self.expect(slot, SlotStatus::Ready)?;
+        let mut next = self.clone();
+        next.previous = Some(self.active);
+        next.active = Release::Slot(slot);
+        next.trial = Some(Trial { slot, attempts: 0 });
+        Ok(next)
+    }
+
+    /// Counts one start of the trial release (the agent rolls back past its limit).
+    pub fn trial_attempt(&self) -> Result<State, Refused> {
+        let mut next = self.clone();
+        let trial = next.trial.as_mut().ok_or(Refused::NoTrial)?;
+        trial.attempts += 1;
+        Ok(next)
+    }
+
+    /// Step 4a: the trial passed. The slot becomes the release; anti-rollback moves up.
+    pub fn commit(&self, issued_at: u64) -> Result<State, Refused> {
+        let trial = self.trial.as_ref().ok_or(Refused::NoTrial)?;
+        let mut next = self.clone();
+        let info = next.slot(trial.slot).clone();
+        let security_version = info.security_version.unwrap_or(0);
+        if security_version > next.highest_security_version
+            || (security_version == next.highest_security_version
+                && issued_at > next.highest_issued_at)
+        {
+            next.highest_security_version = security_version;
+            next.highest_issued_at = issued_at;
+        }
+        next.trial = None;
+        next.previous = None;
+        next.last_result = Some(Outcome::Committed {
+            version: info.version.unwrap_or_default(),
+        });
+        Ok(next)
+    }
+
+    /// Step 4b: the trial failed. The previous release runs again, the slot is marked bad, the
+    /// bundle remembered as failed.
+    pub fn rollback(&self, reason: &str) -> Result<State, Refused> {
+        let trial = self.trial.as_ref().ok_or(Refused::NoTrial)?;
+        let mut next = self.clone();
+        next.active = self.previous.unwrap_or(Release::Factory);
+        next.previous = None;
+        next.trial = None;
+        let info = next.slot_mut(trial.slot);
+        info.status = SlotStatus::Bad;
+        let version = info.version.clone().unwrap_or_default();
+        let digest = info.bundle_digest.clone();
+        next.remember_failed(digest);
+        next.last_result = Some(Outcome::RolledBack {
+            version,
+            reason: reason.to_owned(),
+        });
+        Ok(next)
+    }
+
+    fn expect(&self, slot: SlotName, expected: SlotStatus) -> Result<(), Refused> {
+        let status = self.slot(slot).status;
+        if status == expected {
+            Ok(())
+        } else {
+            Err(Refused::WrongStatus {
+                slot: slot.as_str(),
+                status,
+                expected,
+            })
+        }
+    }
+
+    fn remember_failed(&mut self, digest: Option<String>) {
+        if let Some(digest) = digest
+            && !self.failed_bundles.contains(&digest)
+        {
+            self.failed_bundles.push(digest);
+            if self.failed_bundles.len() > MAX_FAILED {
+                self.failed_bundles.remove(0);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn installed(state: &State, digest: &str, version: &str, sv: u64) -> (State, SlotName) {
+        let (s, slot) = state.begin_install(digest, version, sv).unwrap();
+        (s.finish_install(slot).unwrap(), slot)
+    }
+
+    #[test]
+    fn install_switch_commit_moves_the_release_and_anti_rollback() {
+        let s = State::factory();
+        let (s, slot) = installed(&s, "d1", "1.1", 3);
+        assert_eq!(slot, SlotName::A);
+        assert_eq!(
+            s.active,
+            Release::Factory,
+            "installing never changes what runs"
+        );
+        let s = s.switch(slot).unwrap();
+        assert_eq!(
+            (s.active, s.previous),
+            (Release::Slot(SlotName::A), Some(Release::Factory))
+        );
+        let s = s.commit(100).unwrap();
+        assert_eq!(
+            (
+                s.trial.clone(),
+                s.highest_security_version,
+                s.highest_issued_at
+            ),
+            (None, 3, 100)
+        );
+        assert_eq!(
+            s.inactive(),
+            SlotName::B,
+            "the next update goes to the other slot"
+        );
+    }
+
+    #[test]
+    fn rollback_restores_the_previous_release_and_remembers_the_bundle() {
+        let (s, _) = installed(&State::factory(), "d1", "1.1", 1);
+        let s = s.switch(SlotName::A).unwrap().commit(1).unwrap();
+        let (s, slot) = installed(&s, "d2", "1.2", 2);
+        assert_eq!(slot, SlotName::B);
+        let s = s
+            .switch(slot)
+            .unwrap()
+            .rollback("replicas crash-looped")
+            .unwrap();
+        assert_eq!(s.active, Release::Slot(SlotName::A));
+        assert_eq!(s.slot(SlotName::B).status, SlotStatus::Bad);
+        assert_eq!(
+            s.highest_security_version, 1,
+            "a rolled-back update does not move anti-rollback"
+        );
+        assert_eq!(
+            s.begin_install("d2", "1.2", 2).unwrap_err(),
+            Refused::FailedBefore("d2".into())
+        );
+    }
+
+    #[test]
+    fn verbs_out_of_order_are_refused_and_change_nothing() {
+        let s = State::factory();
+        assert!(matches!(
+            s.switch(SlotName::A),
+            Err(Refused::WrongStatus { .. })
+        ));
+        assert_eq!(s.commit(0), Err(Refused::NoTrial));
+        assert_eq!(s.rollback("x"), Err(Refused::NoTrial));
+        assert!(matches!(
+            s.finish_install(SlotName::B),
+            Err(Refused::WrongStatus { .. })
+        ));
+        let (s, slot) = installed(&s, "d1", "1.1", 1);
+        let trial = s.switch(slot).unwrap();
+        assert_eq!(
+            trial.begin_install("d9", "9", 9).unwrap_err(),
+            Refused::TrialInProgress("a")
+        );
+        assert_eq!(
+            trial.switch(SlotName::A).unwrap_err(),
+            Refused::TrialInProgress("a")
+        );
+    }
+
+    #[test]
+    fn the_failed_list_is_bounded() {
+        let mut s = State::factory();
+        for i in 0..(MAX_FAILED + 5) {
+            let (next, slot) = s.begin_install(&format!("d{i}"), "v", 0).unwrap();
+            s = next.fail_install(slot, "bad chunk").unwrap();
+        }
+        assert_eq!(s.failed_bundles.len(), MAX_FAILED);
+        assert_eq!(
+            s.failed_bundles.last().unwrap(),
+            &format!("d{}", MAX_FAILED + 4)
+        );
+    }
+}

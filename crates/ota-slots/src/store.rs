@@ -1,0 +1,234 @@
+//! The state file: read, and replaced atomically (temporary file in the same directory, fsync,
+//! rename, fsync of the directory), so that after a power cut at any instant the file holds
+//! either the old state or the new one. All file operations go through [`Fs`] so that tests can
+//! fail each of them in turn.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::State;
+
+/// The file operations a save performs, in order.
+pub trait Fs {
+    fn write_new(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()>;
+    fn sync_file(&mut self, path: &Path) -> std::io::Result<()>;
+    fn rename(&mut self, from: &Path, to: &Path) -> std::io::Result<()>;
+    fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()>;
+}
+
+/// The real file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealFs;
+
+impl Fs for RealFs {
+    fn write_new(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        let mut file = std::fs::File::create(path)?;
+        file.write_all(bytes)
+    }
+    fn sync_file(&mut self, path: &Path) -> std::io::Result<()> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)?
+            .sync_all()
+    }
+    fn rename(&mut self, from: &Path, to: &Path) -> std::io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()> {
+        std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read the OTA state {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the OTA state {path} is not valid ({reason}); it was left in place for inspection")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "cannot save the OTA state {path} ({step}): {source}; the previous state is still in force"
+    )]
+    Save {
+        path: PathBuf,
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Largest state file read (a few kilobytes in practice).
+const MAX_STATE_BYTES: u64 = 1 << 20;
+
+/// `<dir>/state.json`.
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    dir: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(dir: &Path) -> StateFile {
+        StateFile {
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    /// The saved state, or the factory state when there is none yet. A leftover temporary file
+    /// from an interrupted save is ignored: the rename never happened, so the old state holds.
+    pub fn load(&self) -> Result<State, StateError> {
+        let path = self.path();
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::factory()),
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        if meta.len() > MAX_STATE_BYTES {
+            return Err(StateError::Corrupt {
+                path,
+                reason: format!("{} bytes, more than any state", meta.len()),
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(|source| StateError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let state: State = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if state.format != 1 {
+            return Err(StateError::Corrupt {
+                path,
+                reason: format!("format {} is not 1", state.format),
+            });
+        }
+        Ok(state)
+    }
+
+    /// Saves `state` with the next generation number; returns what was saved. On error the
+    /// previous state is still the one on disk.
+    pub fn save(&self, fs: &mut impl Fs, state: &State) -> Result<State, StateError> {
+        let mut next = state.clone();
+        next.generation += 1;
+        let bytes = serde_json::to_vec_pretty(&next).expect("state serialises");
+        let path = self.path();
+        let temp = self.dir.join("state.json.tmp");
+        let fail = |step| {
+            let path = path.clone();
+            move |source| StateError::Save { path, step, source }
+        };
+        std::fs::create_dir_all(&self.dir).map_err(fail("create directory"))?;
+        fs.write_new(&temp, &bytes)
+            .map_err(fail("write temporary file"))?;
+        fs.sync_file(&temp).map_err(fail("fsync temporary file"))?;
+        fs.rename(&temp, &path).map_err(fail("rename"))?;
+        fs.sync_dir(&self.dir).map_err(fail("fsync directory"))?;
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Release, SlotName};
+
+    /// Fails the n-th file operation (0-based) and every one after it, like a power cut.
+    struct CutAt {
+        n: usize,
+        seen: usize,
+    }
+
+    impl CutAt {
+        fn step(&mut self) -> std::io::Result<()> {
+            let this = self.seen;
+            self.seen += 1;
+            if this >= self.n {
+                Err(std::io::Error::other("power cut"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl Fs for CutAt {
+        fn write_new(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+            self.step()?;
+            RealFs.write_new(path, bytes)
+        }
+        fn sync_file(&mut self, path: &Path) -> std::io::Result<()> {
+            self.step()?;
+            RealFs.sync_file(path)
+        }
+        fn rename(&mut self, from: &Path, to: &Path) -> std::io::Result<()> {
+            self.step()?;
+            RealFs.rename(from, to)
+        }
+        fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()> {
+            self.step()?;
+            RealFs.sync_dir(dir)
+        }
+    }
+
+    fn trial_from(state: &State) -> State {
+        let (s, slot) = state.begin_install("d1", "1.1", 2).unwrap();
+        s.finish_install(slot).unwrap().switch(slot).unwrap()
+    }
+
+    #[test]
+    fn a_fresh_device_is_on_the_factory_release() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(StateFile::new(dir.path()).load().unwrap(), State::factory());
+    }
+
+    #[test]
+    fn a_cut_at_every_step_of_a_save_leaves_the_old_or_the_new_state() {
+        for n in 0..=4 {
+            let dir = tempfile::tempdir().unwrap();
+            let file = StateFile::new(dir.path());
+            let saved_old = file.save(&mut RealFs, &State::factory()).unwrap();
+            let new = trial_from(&saved_old);
+            let result = file.save(&mut CutAt { n, seen: 0 }, &new);
+            let loaded = file.load().expect("the state file is never half written");
+            if n < 3 {
+                // Before the rename: the old state holds.
+                assert!(result.is_err());
+                assert_eq!(loaded, saved_old, "cut at step {n}");
+            } else {
+                // The rename happened; only the directory sync failed or nothing did.
+                assert_eq!(loaded.active, Release::Slot(SlotName::A), "cut at step {n}");
+                assert_eq!(loaded.generation, saved_old.generation + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn generations_increase_with_every_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::new(dir.path());
+        let a = file.save(&mut RealFs, &State::factory()).unwrap();
+        let b = file.save(&mut RealFs, &a).unwrap();
+        assert_eq!((a.generation, b.generation), (1, 2));
+        assert_eq!(file.load().unwrap(), b);
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_named_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::new(dir.path());
+        std::fs::write(file.path(), b"{\"format\":1,\"active\":").unwrap();
+        let err = file.load().unwrap_err();
+        assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("state.json"));
+        assert!(
+            file.path().exists(),
+            "a corrupt state is evidence: never deleted"
+        );
+    }
+}
