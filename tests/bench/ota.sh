@@ -13,7 +13,7 @@ anchors=$(cd ../shared/anchors/ota 2>/dev/null && pwd) || { echo "needs ../share
 export WORK=${WORK:-/tmp/ota-work}
 [ -f "$WORK/v1.ext4" ] || bash "$anchors/01-payload.sh" >&2
 [ -x /usr/bin/time ] || { echo "needs GNU time (apt-get install time)" >&2; exit 1; }
-cargo build --release --locked --bin ota >&2
+cargo build --release --locked --bin ota --bin ota-install >&2
 ota=target/release/ota
 bench=$WORK/quote-edge-bench
 rm -rf "$bench"; mkdir -p "$bench/release"
@@ -44,6 +44,8 @@ for level in 3 19; do
     size=$(stat -c %s "$bench/l$level.bundle")
     printf '%-32s %d bytes = %.1f%% of the payload\n' "  bundle size" "$size" "$(echo "$size * 100 / $payload" | bc -l)"
     measure "verify (all chunks) level $level" $ota verify --key "$bench/key.pub" "$bench/l$level.bundle"
+    # The install data path: verify, decompress, hash, write, fsync files and directories.
+    measure "install into a slot level $level" target/release/ota-install "$bench/key.pub" "$bench/l$level.bundle" "$bench/slot"
 done
 echo "hash speed on this CPU, 64 MiB (single thread): blake3 vs sha256"
 python3 - "$bench/release/rootfs.ext4" <<'PY'

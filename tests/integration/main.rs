@@ -1,5 +1,6 @@
 //! Workspace integration tests: several processes against one database, abrupt kills, and the
 //! supervisor with real and fake replicas.
 
+mod ota;
 mod store;
 mod supervisor;

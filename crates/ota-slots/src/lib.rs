@@ -14,8 +14,10 @@
 
 mod state;
 mod store;
+mod writer;
 
 pub use state::{
     MAX_FAILED, Outcome, Refused, Release, SlotInfo, SlotName, SlotStatus, State, Trial,
 };
 pub use store::{Fs, RealFs, StateError, StateFile};
+pub use writer::{SlotWriter, WriteError};

@@ -1,0 +1,223 @@
+//! Writing a release into a slot directory, chunk by chunk, from bytes the caller has already
+//! verified (the agent feeds it from `ota_bundle::Bundle::chunks`). Files are created fresh in
+//! an emptied slot, synced when complete, and the directories synced at the end.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("slot path {path:?} is not a plain relative path")]
+    BadPath { path: String },
+    #[error("cannot write {path} in the slot: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: chunks arrived out of order (expected chunk {expected}, got {got})")]
+    OutOfOrder {
+        path: String,
+        expected: usize,
+        got: usize,
+    },
+}
+
+/// Writes one release into `dir`, which it empties first.
+#[derive(Debug)]
+pub struct SlotWriter {
+    dir: PathBuf,
+    current: Option<Open>,
+    dirs: Vec<PathBuf>,
+    written: u64,
+}
+
+#[derive(Debug)]
+struct Open {
+    path: String,
+    file: File,
+    mode: u32,
+    next_chunk: usize,
+}
+
+impl SlotWriter {
+    /// Empties the slot directory (the slot must already be marked `installing`).
+    pub fn create(dir: &Path) -> Result<SlotWriter, WriteError> {
+        let io = |source| WriteError::Io {
+            path: dir.to_owned(),
+            source,
+        };
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        std::fs::create_dir_all(dir).map_err(io)?;
+        Ok(SlotWriter {
+            dir: dir.to_owned(),
+            current: None,
+            dirs: vec![dir.to_owned()],
+            written: 0,
+        })
+    }
+
+    /// Appends verified chunk `index` of `path` (mode applied when the file is complete).
+    pub fn chunk(
+        &mut self,
+        path: &str,
+        mode: u32,
+        index: usize,
+        bytes: &[u8],
+    ) -> Result<(), WriteError> {
+        if self.current.as_ref().is_none_or(|open| open.path != path) {
+            self.finish_file()?;
+            self.open(path, mode)?;
+        }
+        let open = self.current.as_mut().expect("opened above");
+        if index != open.next_chunk {
+            return Err(WriteError::OutOfOrder {
+                path: path.to_owned(),
+                expected: open.next_chunk,
+                got: index,
+            });
+        }
+        open.file
+            .write_all(bytes)
+            .map_err(|source| WriteError::Io {
+                path: self.dir.join(path),
+                source,
+            })?;
+        open.next_chunk += 1;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// An empty file (no chunks).
+    pub fn empty_file(&mut self, path: &str, mode: u32) -> Result<(), WriteError> {
+        self.finish_file()?;
+        self.open(path, mode)?;
+        self.finish_file()
+    }
+
+    /// Syncs the last file and every directory; returns the bytes written.
+    pub fn finish(mut self) -> Result<u64, WriteError> {
+        self.finish_file()?;
+        for dir in &self.dirs {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| WriteError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
+        }
+        Ok(self.written)
+    }
+
+    fn open(&mut self, path: &str, mode: u32) -> Result<(), WriteError> {
+        let relative = Path::new(path);
+        // The manifest was validated already; this is the writer's own guard.
+        if path.is_empty()
+            || !relative
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(WriteError::BadPath {
+                path: path.to_owned(),
+            });
+        }
+        let full = self.dir.join(relative);
+        if let Some(parent) = full.parent()
+            && !self.dirs.iter().any(|d| d == parent)
+        {
+            std::fs::create_dir_all(parent).map_err(|source| WriteError::Io {
+                path: parent.to_owned(),
+                source,
+            })?;
+            self.dirs.push(parent.to_owned());
+        }
+        // create_new in an emptied directory: nothing (no link planted there) is followed.
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&full)
+            .map_err(|source| WriteError::Io {
+                path: full.clone(),
+                source,
+            })?;
+        self.current = Some(Open {
+            path: path.to_owned(),
+            file,
+            mode,
+            next_chunk: 0,
+        });
+        Ok(())
+    }
+
+    fn finish_file(&mut self) -> Result<(), WriteError> {
+        if let Some(open) = self.current.take() {
+            let path = self.dir.join(&open.path);
+            let io = |source| WriteError::Io {
+                path: path.clone(),
+                source,
+            };
+            open.file.sync_all().map_err(io)?;
+            open.file
+                .set_permissions(std::fs::Permissions::from_mode(open.mode & 0o755))
+                .map_err(io)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_written_in_order_with_their_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let slot = dir.path().join("a");
+        std::fs::create_dir_all(slot.join("stale")).unwrap();
+        std::fs::write(slot.join("stale/old"), b"x").unwrap();
+        let mut w = SlotWriter::create(&slot).unwrap();
+        w.chunk("bin/svc", 0o755, 0, b"hello ").unwrap();
+        w.chunk("bin/svc", 0o755, 1, b"world").unwrap();
+        w.empty_file("etc/empty", 0o644).unwrap();
+        assert_eq!(w.finish().unwrap(), 11);
+        assert_eq!(std::fs::read(slot.join("bin/svc")).unwrap(), b"hello world");
+        let mode = std::fs::metadata(slot.join("bin/svc"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o755);
+        assert!(!slot.join("stale").exists(), "the slot is emptied first");
+    }
+
+    #[test]
+    fn escaping_paths_and_out_of_order_chunks_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = SlotWriter::create(&dir.path().join("b")).unwrap();
+        for path in ["../x", "/etc/passwd", "a/../../x", ""] {
+            assert!(
+                matches!(
+                    w.chunk(path, 0o644, 0, b"x"),
+                    Err(WriteError::BadPath { .. })
+                ),
+                "{path:?}"
+            );
+        }
+        w.chunk("f", 0o644, 0, b"x").unwrap();
+        assert!(matches!(
+            w.chunk("f", 0o644, 2, b"x"),
+            Err(WriteError::OutOfOrder {
+                expected: 1,
+                got: 2,
+                ..
+            })
+        ));
+    }
+}
