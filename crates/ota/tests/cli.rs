@@ -3,21 +3,13 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn ota(args: &[&str]) -> Output {
-    let program = Path::new(env!("CARGO_BIN_EXE_ota"));
-    let runner = std::env::var("QUOTE_EDGE_TEST_RUNNER").unwrap_or_default();
-    let mut words = runner.split_whitespace();
-    let mut command = match words.next() {
-        Some(emulator) => {
-            let mut c = Command::new(emulator);
-            c.args(words).arg(program);
-            c
-        }
-        None => Command::new(program),
-    };
-    command.args(args).output().expect("run ota")
+    tests::command(Path::new(env!("CARGO_BIN_EXE_ota")))
+        .args(args)
+        .output()
+        .expect("run ota")
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -8,17 +8,7 @@ use std::process::Command;
 
 /// The binary, through `QUOTE_EDGE_TEST_RUNNER` when the tests run under an emulator.
 pub fn supervisor() -> Command {
-    let program = Path::new(env!("CARGO_BIN_EXE_edge-supervisor"));
-    let runner = std::env::var("QUOTE_EDGE_TEST_RUNNER").unwrap_or_default();
-    let mut words = runner.split_whitespace();
-    match words.next() {
-        Some(emulator) => {
-            let mut command = Command::new(emulator);
-            command.args(words).arg(program);
-            command
-        }
-        None => Command::new(program),
-    }
+    tests::command(Path::new(env!("CARGO_BIN_EXE_edge-supervisor")))
 }
 
 /// A config whose replicas are Python's tiny HTTP server, probed by TCP: enough for the

@@ -10,21 +10,6 @@ use std::time::{Duration, Instant};
 /// Failsafe for waits on events; reaching it fails the test, it never paces it.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// The binary, through `QUOTE_EDGE_TEST_RUNNER` when the tests run under an emulator
-/// (the same rule as `tests::command` in the workspace tests package).
-fn command(program: &Path) -> Command {
-    let runner = std::env::var("QUOTE_EDGE_TEST_RUNNER").unwrap_or_default();
-    let mut words = runner.split_whitespace();
-    match words.next() {
-        Some(emulator) => {
-            let mut command = Command::new(emulator);
-            command.args(words).arg(program);
-            command
-        }
-        None => Command::new(program),
-    }
-}
-
 struct Service {
     child: Child,
     lines: Receiver<String>,
@@ -33,7 +18,7 @@ struct Service {
 
 impl Service {
     fn start(args: &[&str]) -> Service {
-        let mut child = command(Path::new(env!("CARGO_BIN_EXE_quote-service")))
+        let mut child = tests::command(Path::new(env!("CARGO_BIN_EXE_quote-service")))
             .args(args)
             .env("QUOTE_LOG", "info")
             .stdout(Stdio::null())
