@@ -8,16 +8,10 @@ use std::process::Command;
 /// `qemu-aarch64-static`), and the child runs through it too: without binfmt_misc the kernel
 /// cannot exec a foreign binary directly.
 pub fn command(program: &Path) -> Command {
-    let runner = std::env::var("QUOTE_EDGE_TEST_RUNNER").unwrap_or_default();
-    let mut words = runner.split_whitespace();
-    match words.next() {
-        Some(emulator) => {
-            let mut command = Command::new(emulator);
-            command.args(words).arg(program);
-            command
-        }
-        None => Command::new(program),
-    }
+    let (program, args) = service_command(program);
+    let mut command = Command::new(program);
+    command.args(args);
+    command
 }
 
 /// A binary of another workspace package, next to the test executable
@@ -38,8 +32,8 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     path
 }
 
-/// The program and leading arguments that start `program` as a replica: through
-/// `QUOTE_EDGE_TEST_RUNNER` under emulation, as [`command`] does.
+/// The program and leading arguments that start `program`: itself, or the emulator named by
+/// `QUOTE_EDGE_TEST_RUNNER` followed by the program (what a supervisor config needs).
 pub fn service_command(program: &Path) -> (String, Vec<String>) {
     let runner = std::env::var("QUOTE_EDGE_TEST_RUNNER").unwrap_or_default();
     let mut words: Vec<String> = runner.split_whitespace().map(str::to_owned).collect();

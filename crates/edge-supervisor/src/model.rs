@@ -1,6 +1,6 @@
 //! The supervisor's state as a pure model: events come in with the time they happened,
 //! actions come out. No I/O, no clock, no randomness of its own (the seed is injected), so
-//! every transition is unit-tested without sleeping. The driver (`driver.rs`) does the I/O.
+//! every transition is unit-tested without sleeping. The dispatcher (`supervisor.rs`) does the I/O.
 //!
 //! Each replica slot moves through [`Phase`]s (see `model.md` for the diagram). A process that
 //! failed its liveness or startup probe is *retired*: taken out of rotation at once, sent
@@ -47,7 +47,6 @@ pub enum Action {
         slot: usize,
         generation: u64,
         kind: ProbeKind,
-        pid: u32,
         port: u16,
     },
     /// Signal a replica's process group.
@@ -406,9 +405,19 @@ impl Model {
         outcome: Result<(), String>,
         now: Instant,
     ) {
-        let timing = self.timing.clone();
+        let probes = &self.timing.probes;
+        let failures_allowed =
+            |p: &Option<Probe>| p.as_ref().map_or(1, |p| p.failure_threshold.get());
+        let startup_limit = failures_allowed(&probes.startup);
+        let liveness_limit = failures_allowed(&probes.liveness);
+        let readiness_limit = failures_allowed(&probes.readiness);
+        let ready_after = probes
+            .readiness
+            .as_ref()
+            .map_or(1, |p| p.success_threshold.get());
         let Some(s) = self.slot_mut(slot) else { return };
         let mut failed = None;
+        let mut started = None;
         // How long the failing process had been in rotation: a long healthy run resets the backoff.
         let mut healthy_for = Duration::ZERO;
         match (&mut s.phase, kind) {
@@ -417,28 +426,10 @@ impl Model {
             {
                 startup.in_flight = false;
                 match outcome {
-                    Ok(()) => {
-                        let inc = *inc;
-                        s.phase = Phase::Running {
-                            inc,
-                            ready_since: None,
-                            first_ready: None,
-                            liveness: None,
-                            readiness: None,
-                        };
-                        let phase = self.running(inc, now);
-                        if let Some(s) = self.slot_mut(slot) {
-                            s.phase = phase;
-                        }
-                    }
+                    Ok(()) => started = Some(*inc),
                     Err(error) => {
                         startup.failures += 1;
-                        let limit = timing
-                            .probes
-                            .startup
-                            .as_ref()
-                            .map_or(1, |p| p.failure_threshold.get());
-                        if startup.failures >= limit {
+                        if startup.failures >= startup_limit {
                             failed = Some((inc.pid, Cause::StartupTimeout(error)));
                         }
                     }
@@ -458,12 +449,7 @@ impl Model {
                     Ok(()) => track.failures = 0,
                     Err(error) => {
                         track.failures += 1;
-                        let limit = timing
-                            .probes
-                            .liveness
-                            .as_ref()
-                            .map_or(1, |p| p.failure_threshold.get());
-                        if track.failures >= limit {
+                        if track.failures >= liveness_limit {
                             healthy_for = first_ready.map_or(Duration::ZERO, |since| {
                                 now.saturating_duration_since(since)
                             });
@@ -483,14 +469,11 @@ impl Model {
                 ProbeKind::Readiness,
             ) if inc.generation == generation => {
                 track.in_flight = false;
-                let probe = timing.probes.readiness.as_ref();
                 match outcome {
                     Ok(()) => {
                         track.failures = 0;
                         track.successes += 1;
-                        if ready_since.is_none()
-                            && track.successes >= probe.map_or(1, |p| p.success_threshold.get())
-                        {
+                        if ready_since.is_none() && track.successes >= ready_after {
                             *ready_since = Some(now);
                             first_ready.get_or_insert(now);
                         }
@@ -498,15 +481,19 @@ impl Model {
                     Err(_) => {
                         track.successes = 0;
                         track.failures += 1;
-                        if ready_since.is_some()
-                            && track.failures >= probe.map_or(1, |p| p.failure_threshold.get())
-                        {
+                        if ready_since.is_some() && track.failures >= readiness_limit {
                             *ready_since = None;
                         }
                     }
                 }
             }
             _ => {}
+        }
+        if let Some(inc) = started {
+            let phase = self.running(inc, now);
+            if let Some(s) = self.slot_mut(slot) {
+                s.phase = phase;
+            }
         }
         if let Some((pid, cause)) = failed {
             // Out of rotation now; the process gets a short grace, the slot a replacement.
@@ -655,22 +642,6 @@ impl Model {
     /// Replicas wanted (slots not being scaled away).
     pub fn desired(&self) -> u32 {
         self.slots.iter().filter(|s| !s.removing).count() as u32
-    }
-
-    /// Pids of every process the model knows (for the driver's final sweep).
-    pub fn pids(&self) -> Vec<u32> {
-        let mut pids: Vec<u32> = self
-            .slots
-            .iter()
-            .filter_map(|s| match &s.phase {
-                Phase::Starting { inc, .. }
-                | Phase::Running { inc, .. }
-                | Phase::Stopping { inc, .. } => Some(inc.pid),
-                _ => None,
-            })
-            .collect();
-        pids.extend(self.retiring.iter().map(|r| r.pid));
-        pids
     }
 
     /// The slot a pid belongs to, if it is a slot's current process.
@@ -842,7 +813,6 @@ fn due(
         slot,
         generation: inc.generation,
         kind,
-        pid: inc.pid,
         port: inc.port,
     });
 }

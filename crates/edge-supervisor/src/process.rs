@@ -38,20 +38,45 @@ pub struct Launch {
     pub env: BTreeMap<String, String>,
 }
 
-/// Resolves the program and substitutes `{port}`, `{replica}`, `{index}`, `{data_dir}`.
+/// The values substituted into a replica's arguments, environment and exec probes:
+/// `{port}`, `{replica}`, `{index}`, `{data_dir}`.
+#[derive(Debug, Clone)]
+pub struct Placeholders {
+    port: String,
+    replica: String,
+    index: String,
+    data_dir: String,
+}
+
+impl Placeholders {
+    pub fn new(data_dir: &Path, index: usize, port: u16) -> Self {
+        Placeholders {
+            port: port.to_string(),
+            replica: crate::model::replica_id(index),
+            index: index.to_string(),
+            data_dir: data_dir.display().to_string(),
+        }
+    }
+
+    pub fn fill(&self, text: &str) -> String {
+        text.replace("{port}", &self.port)
+            .replace("{replica}", &self.replica)
+            .replace("{index}", &self.index)
+            .replace("{data_dir}", &self.data_dir)
+    }
+}
+
+/// Resolves the program and fills in the placeholders of its arguments and environment.
 pub fn launch(spec: &ServiceSpec, data_dir: &Path, index: usize, port: u16) -> Launch {
-    let replica = crate::model::replica_id(index);
-    let data_dir = data_dir.display().to_string();
-    let fill = |text: &str| {
-        text.replace("{port}", &port.to_string())
-            .replace("{replica}", &replica)
-            .replace("{index}", &index.to_string())
-            .replace("{data_dir}", &data_dir)
-    };
+    let values = Placeholders::new(data_dir, index, port);
     Launch {
         program: resolve_program(&spec.command),
-        args: spec.args.iter().map(|a| fill(a)).collect(),
-        env: spec.env.iter().map(|(k, v)| (k.clone(), fill(v))).collect(),
+        args: spec.args.iter().map(|a| values.fill(a)).collect(),
+        env: spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), values.fill(v)))
+            .collect(),
     }
 }
 

@@ -152,7 +152,7 @@ impl Router {
                 Err(_) => {
                     return self.refuse(
                         StatusCode::BAD_REQUEST,
-                        "body",
+                        "target",
                         "the request target is not a valid path",
                     );
                 }

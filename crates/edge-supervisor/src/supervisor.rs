@@ -457,7 +457,6 @@ impl Dispatcher {
                         generation,
                         kind,
                         port,
-                        ..
                     } => self.probe(slot, generation, kind, port),
                     Action::Signal { pid, signal } => {
                         if let Err(error) = process::signal_group(pid, signal) {
@@ -522,17 +521,10 @@ impl Dispatcher {
         };
         let Some(probe) = probe else { return };
         let events = self.events.clone();
-        let data_dir = self.settings.data_dir.display().to_string();
+        let values = process::Placeholders::new(&self.settings.data_dir, slot, port);
         tokio::spawn(async move {
             let started = Instant::now();
-            let replica = replica_id(slot);
-            let outcome = crate::probe::run(&probe, port, |w| {
-                w.replace("{port}", &port.to_string())
-                    .replace("{replica}", &replica)
-                    .replace("{index}", &slot.to_string())
-                    .replace("{data_dir}", &data_dir)
-            })
-            .await;
+            let outcome = crate::probe::run(&probe, port, |w| values.fill(w)).await;
             let took = started.elapsed();
             let _ = events
                 .send(Event::Probe {

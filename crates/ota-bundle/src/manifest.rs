@@ -222,19 +222,6 @@ impl Manifest {
         }
         Ok(())
     }
-
-    /// BLAKE3 of the canonical list of (path, mode, digest): what a delta's `base.digest` names.
-    pub fn release_digest(&self) -> String {
-        let mut hasher = blake3::Hasher::new();
-        for f in &self.files {
-            hasher.update(f.path.as_bytes());
-            hasher.update(&[0]);
-            hasher.update(&f.mode.to_le_bytes());
-            hasher.update(f.digest.as_bytes());
-            hasher.update(&[0]);
-        }
-        hasher.finalize().to_hex().to_string()
-    }
 }
 
 fn check_hex(field: &str, value: &str) -> Result<(), BundleError> {

@@ -75,7 +75,7 @@ impl SlotInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Trial {
     pub slot: SlotName,
-    /// Boots (supervisor starts) into this trial so far; the agent gives up past its limit.
+    /// Starts of the trial release so far (counted by the agent, which gives up past a limit).
     pub attempts: u32,
 }
 
@@ -231,14 +231,6 @@ impl State {
         next.previous = Some(self.active);
         next.active = Release::Slot(slot);
         next.trial = Some(Trial { slot, attempts: 0 });
-        Ok(next)
-    }
-
-    /// Counts one start of the trial release (the agent rolls back past its limit).
-    pub fn trial_attempt(&self) -> Result<State, Refused> {
-        let mut next = self.clone();
-        let trial = next.trial.as_mut().ok_or(Refused::NoTrial)?;
-        trial.attempts += 1;
         Ok(next)
     }
 

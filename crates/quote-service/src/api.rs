@@ -50,11 +50,6 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The OpenAPI 3 document, generated from the handlers' annotations.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    routed().1
-}
-
 fn routed() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(list_quotes, create_quote))

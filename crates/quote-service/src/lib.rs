@@ -15,7 +15,7 @@ mod metrics;
 mod server;
 mod state;
 
-pub use api::{app, openapi};
+pub use api::app;
 pub use config::{Cli, ConfigError, Settings};
 pub use error::AppError;
 pub use server::{RunError, run, serve, shutdown_signal};
