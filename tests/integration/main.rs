@@ -4,3 +4,4 @@
 mod ota;
 mod store;
 mod supervisor;
+mod update;

@@ -16,8 +16,8 @@ use tokio::sync::oneshot;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-struct Supervisor {
-    addr: SocketAddr,
+pub(crate) struct Supervisor {
+    pub(crate) addr: SocketAddr,
     socket: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), RunError>>>,
@@ -42,7 +42,7 @@ fn quote_service() -> String {
 }
 
 impl Supervisor {
-    async fn start(replicas: u32, config: &str) -> Supervisor {
+    pub(crate) async fn start(replicas: u32, config: &str) -> Supervisor {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
             "listen = \"127.0.0.1:0\"\nadmin_listen = \"\"\nreplicas = {replicas}\n{config}"
@@ -69,21 +69,25 @@ impl Supervisor {
         }
     }
 
-    async fn ask(&self, request: Request) -> Reply {
+    pub(crate) fn data_dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    pub(crate) async fn ask(&self, request: Request) -> Reply {
         edge_supervisor::control::request(&self.socket, &request)
             .await
             .expect("control socket")
     }
 
-    async fn status(&self) -> Status {
+    pub(crate) async fn status(&self) -> Status {
         match self.ask(Request::Status).await {
-            Reply::Status(status) => status,
+            Reply::Status(status) => *status,
             other => panic!("not a status: {other:?}"),
         }
     }
 
     /// Waits until `condition` holds for the status, and returns that status.
-    async fn wait_for(&self, what: &str, condition: impl Fn(&Status) -> bool) -> Status {
+    pub(crate) async fn wait_for(&self, what: &str, condition: impl Fn(&Status) -> bool) -> Status {
         let until = Instant::now() + DEADLINE;
         loop {
             let status = self.status().await;
@@ -98,14 +102,14 @@ impl Supervisor {
         }
     }
 
-    async fn all_ready(&self, n: u32) -> Status {
+    pub(crate) async fn all_ready(&self, n: u32) -> Status {
         self.wait_for(&format!("{n} ready"), |s| {
             s.ready == n && s.replicas.len() == n as usize
         })
         .await
     }
 
-    async fn stop(mut self) -> Vec<u32> {
+    pub(crate) async fn stop(mut self) -> Vec<u32> {
         let pids: Vec<u32> = self
             .status()
             .await
@@ -151,7 +155,7 @@ fn alive(pid: u32) -> bool {
 }
 
 /// One request on a fresh connection: (status, X-Served-By, body).
-async fn request(
+pub(crate) async fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -184,7 +188,7 @@ async fn request(
     Ok((status, served_by, body.to_owned()))
 }
 
-async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String, String)> {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String, String)> {
     request(addr, "GET", path, "").await
 }
 
@@ -453,7 +457,7 @@ async fn scale_restart_and_logs_through_the_control_socket() {
             Request::Apply {
                 bundle: "/nonexistent.bundle".into(),
             },
-            ErrorKind::Unavailable,
+            ErrorKind::BadRequest,
         ),
     ];
     for (request, expected) in refused {

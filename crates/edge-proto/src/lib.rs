@@ -36,7 +36,7 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
-    Status(Status),
+    Status(Box<Status>),
     /// The command was accepted; `message` says what will happen.
     Accepted {
         message: String,
@@ -89,6 +89,47 @@ pub struct Status {
     pub replicas: Vec<ReplicaStatus>,
     /// Seconds since the supervisor started.
     pub uptime_seconds: f64,
+    /// The release running and the OTA agent's state.
+    #[serde(default)]
+    pub update: UpdateStatus,
+}
+
+/// The OTA agent: what runs, what it is doing, how the last update ended.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct UpdateStatus {
+    /// The running release's version (`factory` for the release shipped with the device).
+    pub version: String,
+    /// The slot it runs from (`a`, `b`), none for the factory release.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// `idle`, `installing`, `snapshotting`, `rolling_out`, `trial`, `checking`, `rolling_back`.
+    pub state: String,
+    /// The version being installed or tried.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Bytes written into the slot so far, and in all, while installing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// How the last update ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_result: Option<UpdateResult>,
+    /// The highest security version committed (anti-rollback floor).
+    pub security_version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+}
+
+/// `committed`, `rolled_back` or `install_failed`, for a version, with the reason of a failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateResult {
+    pub result: String,
+    pub version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +161,9 @@ pub struct ReplicaStatus {
     /// Seconds until the next start attempt, while `waiting`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_start_in_seconds: Option<f64>,
+    /// The release version this replica runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
 }
 
 /// How and why a replica process ended.

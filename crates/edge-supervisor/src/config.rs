@@ -62,6 +62,47 @@ pub struct File {
     pub resources: ResourcesFile,
     #[serde(default)]
     pub watchdog: WatchdogFile,
+    #[serde(default)]
+    pub ota: OtaFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtaFile {
+    /// Directories scanned for `*.bundle` files besides `<data_dir>/ota/inbox` (default none;
+    /// on the device, where a USB stick is mounted).
+    pub inbox: Option<Vec<PathBuf>>,
+    /// How often the inboxes are scanned (default 2s).
+    #[serde(default, with = "humantime_serde")]
+    pub scan_interval: Option<Duration>,
+    /// The product a bundle must be built for (default `quote-edge`).
+    pub product: Option<String>,
+    /// How long every replica of a new release must stay ready and live (default 10s).
+    #[serde(default, with = "humantime_serde")]
+    pub trial: Option<Duration>,
+    /// Rollout plus trial must end within this, or the update is rolled back (default 120s).
+    #[serde(default, with = "humantime_serde")]
+    pub trial_deadline: Option<Duration>,
+    /// Commands that must exit 0 at the end of the trial (default none).
+    pub health_commands: Option<Vec<Vec<String>>>,
+    /// Supervisor starts during one trial before the trial release is rolled back at boot
+    /// (default 3).
+    pub max_trial_boots: Option<u32>,
+    /// Directory of the factory release's programs (default: the supervisor's own directory).
+    pub factory_bin: Option<PathBuf>,
+}
+
+/// The OTA agent's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ota {
+    pub inbox: Vec<PathBuf>,
+    pub scan_interval: Duration,
+    pub product: String,
+    pub trial: Duration,
+    pub trial_deadline: Duration,
+    pub health_commands: Vec<Vec<String>>,
+    pub max_trial_boots: u32,
+    pub factory_bin: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -243,6 +284,7 @@ pub struct Settings {
     pub restart: RestartPolicy,
     pub resources: Resources,
     pub watchdog: Option<HardwareWatchdog>,
+    pub ota: Ota,
 }
 
 /// Command-line values that override the file.
@@ -492,6 +534,53 @@ fn validate(file: File, origin: &str, overrides: &Overrides) -> Result<Settings,
         }
     };
 
+    let ota = {
+        let o = file.ota;
+        let mut inbox = vec![data_dir.join("ota").join("inbox")];
+        inbox.extend(o.inbox.unwrap_or_default());
+        let product = o.product.unwrap_or_else(|| "quote-edge".to_owned());
+        if product.is_empty()
+            || product.len() > 64
+            || !product
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        {
+            return Err(invalid(
+                "ota.product",
+                format!("must be 1 to 64 of [a-z0-9._-], got {product:?}"),
+            ));
+        }
+        let trial = o.trial.unwrap_or(Duration::from_secs(10));
+        let trial_deadline = o.trial_deadline.unwrap_or(Duration::from_secs(120));
+        if trial_deadline <= trial {
+            return Err(invalid(
+                "ota.trial_deadline",
+                format!("({trial_deadline:?}) must be longer than ota.trial ({trial:?})"),
+            ));
+        }
+        let health_commands = o.health_commands.unwrap_or_default();
+        if health_commands.iter().any(|c| c.is_empty()) {
+            return Err(invalid(
+                "ota.health_commands",
+                "holds an empty command".into(),
+            ));
+        }
+        let max_trial_boots = o.max_trial_boots.unwrap_or(3);
+        if max_trial_boots == 0 {
+            return Err(invalid("ota.max_trial_boots", "must be at least 1".into()));
+        }
+        Ota {
+            inbox,
+            scan_interval: o.scan_interval.unwrap_or(Duration::from_secs(2)),
+            product,
+            trial,
+            trial_deadline,
+            health_commands,
+            max_trial_boots,
+            factory_bin: o.factory_bin.unwrap_or_else(crate::process::own_dir),
+        }
+    };
+
     Ok(Settings {
         listen,
         admin_listen,
@@ -510,6 +599,7 @@ fn validate(file: File, origin: &str, overrides: &Overrides) -> Result<Settings,
         restart,
         resources,
         watchdog,
+        ota,
     })
 }
 

@@ -10,5 +10,7 @@ pub mod model;
 pub mod probe;
 pub mod process;
 pub mod proxy;
+pub mod receipt;
 pub mod supervisor;
+pub mod update;
 pub mod watchdog;

@@ -40,8 +40,12 @@ pub enum Signal {
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Start a process for `slot`; report with [`Model::spawned`].
-    Spawn { slot: usize, generation: u64 },
+    /// Start a process for `slot` from release `revision`; report with [`Model::spawned`].
+    Spawn {
+        slot: usize,
+        generation: u64,
+        revision: u64,
+    },
     /// Probe a process; report with [`Model::probe_result`].
     Probe {
         slot: usize,
@@ -162,6 +166,8 @@ struct Slot {
     backoff: Backoff,
     /// Scaled away: the slot disappears when its process has exited.
     removing: bool,
+    /// The release this slot runs (see [`Model::roll_out`]).
+    revision: u64,
 }
 
 /// A process replaced after a failed probe or a restart command, on its way out.
@@ -184,6 +190,15 @@ pub struct Timing {
 #[derive(Debug)]
 pub struct Model {
     timing: Timing,
+    /// Replicas wanted.
+    replicas: u32,
+    /// The release new replicas run; slots on another one are replaced by [`Model::roll_out`].
+    revision: u64,
+    /// Set by [`Model::recreate`]: no replica starts until [`Model::resume`].
+    paused: bool,
+    /// Failures (exits, failed liveness or startup probes, failed spawns) per release, with
+    /// the last one's description: what the update agent judges a trial by.
+    failures: std::collections::HashMap<u64, (u32, String)>,
     slots: Vec<Slot>,
     retiring: Vec<Retiring>,
     next_generation: u64,
@@ -199,6 +214,8 @@ pub enum Refused {
     UnknownReplica(String),
     #[error("the supervisor is shutting down")]
     ShuttingDown,
+    #[error("an update is replacing the replicas; try again when it has finished")]
+    RolloutInProgress,
 }
 
 pub fn replica_id(index: usize) -> String {
@@ -210,6 +227,10 @@ impl Model {
     pub fn new(replicas: u32, timing: Timing, now: Instant, seed: u64) -> Self {
         let mut model = Model {
             timing,
+            replicas: 0,
+            revision: 0,
+            paused: false,
+            failures: std::collections::HashMap::new(),
             slots: Vec::new(),
             retiring: Vec::new(),
             next_generation: 1,
@@ -228,6 +249,7 @@ impl Model {
 
     /// Starts what is due, schedules due probes, escalates overdue stops to SIGKILL.
     pub fn tick(&mut self, now: Instant) {
+        self.roll(now);
         let timing = &self.timing;
         for slot in &mut self.slots {
             slot.backoff.refresh(now);
@@ -239,6 +261,7 @@ impl Model {
                     self.actions.push(Action::Spawn {
                         slot: slot.index,
                         generation,
+                        revision: slot.revision,
                     });
                 }
                 Phase::Starting { inc, startup } => {
@@ -510,6 +533,10 @@ impl Model {
         if self.shutting_down {
             return Err(Refused::ShuttingDown);
         }
+        if self.rolling() {
+            return Err(Refused::RolloutInProgress);
+        }
+        self.replicas = replicas;
         let mut active: Vec<usize> = self
             .slots
             .iter()
@@ -521,14 +548,7 @@ impl Model {
         let mut index = 0;
         while active.len() < wanted {
             if !self.slots.iter().any(|s| s.index == index) {
-                self.slots.push(Slot {
-                    index,
-                    phase: Phase::Waiting { start_at: now },
-                    restarts: 0,
-                    last_exit: None,
-                    backoff: Backoff::new(self.timing.restart.clone()),
-                    removing: false,
-                });
+                self.add_slot(index, now);
                 active.push(index);
             }
             index += 1;
@@ -639,9 +659,138 @@ impl Model {
             .collect()
     }
 
-    /// Replicas wanted (slots not being scaled away).
+    /// Replicas wanted.
     pub fn desired(&self) -> u32 {
-        self.slots.iter().filter(|s| !s.removing).count() as u32
+        self.replicas
+    }
+
+    /// Replaces every replica not on `revision` by one that is, one at a time: a new replica
+    /// starts beside the old ones, and only when it is ready does an old one leave the
+    /// rotation and stop (Kubernetes' rolling update with maxSurge 1, maxUnavailable 0).
+    pub fn roll_out(&mut self, revision: u64, now: Instant) {
+        self.revision = revision;
+        self.paused = false;
+        self.tick(now);
+    }
+
+    /// Stops every replica and starts none until [`Model::resume`], which starts them on
+    /// `revision` (Kubernetes' Recreate strategy: for a rollback whose database must be
+    /// restored while nothing uses it).
+    pub fn recreate(&mut self, revision: u64, now: Instant) {
+        self.revision = revision;
+        self.paused = true;
+        let indexes: Vec<usize> = self.slots.iter().map(|s| s.index).collect();
+        for index in indexes {
+            self.stop_slot(index, now);
+        }
+        self.tick(now);
+    }
+
+    /// Starts the replicas again after [`Model::recreate`].
+    pub fn resume(&mut self, now: Instant) {
+        self.paused = false;
+        let _ = self.scale(self.replicas, now);
+    }
+
+    /// The release new replicas run.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// No process is left (after [`Model::recreate`], or when shutting down).
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty() && self.retiring.is_empty()
+    }
+
+    /// Every wanted replica runs `revision`, is ready, and nothing else runs.
+    pub fn settled_on(&self, revision: u64) -> bool {
+        !self.paused
+            && self.revision == revision
+            && self.slots.len() == self.replicas as usize
+            && self.slots.iter().all(|s| {
+                !s.removing
+                    && s.revision == revision
+                    && matches!(
+                        s.phase,
+                        Phase::Running {
+                            ready_since: Some(_),
+                            ..
+                        }
+                    )
+            })
+    }
+
+    /// How often replicas of `revision` failed, and the last failure.
+    pub fn failures(&self, revision: u64) -> Option<&(u32, String)> {
+        self.failures.get(&revision)
+    }
+
+    /// The release of each slot: (replica id, revision).
+    pub fn revisions(&self) -> Vec<(String, u64)> {
+        self.slots
+            .iter()
+            .map(|s| (replica_id(s.index), s.revision))
+            .collect()
+    }
+
+    /// A rollout is under way: some wanted slot runs another release.
+    fn rolling(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| !s.removing && s.revision != self.revision)
+    }
+
+    /// One step of a rolling update (see [`Model::roll_out`]).
+    fn roll(&mut self, now: Instant) {
+        if self.shutting_down || self.paused || !self.rolling() {
+            return;
+        }
+        let live: Vec<&Slot> = self.slots.iter().filter(|s| !s.removing).collect();
+        let ready = |s: &&Slot| {
+            matches!(
+                s.phase,
+                Phase::Running {
+                    ready_since: Some(_),
+                    ..
+                }
+            )
+        };
+        let pending_new = live
+            .iter()
+            .filter(|s| s.revision == self.revision && !ready(s))
+            .count();
+        if live.len() > self.replicas as usize {
+            if pending_new == 0 {
+                // The surge replica is ready: an old one goes, an unready one first.
+                let old = live
+                    .iter()
+                    .filter(|s| s.revision != self.revision)
+                    .min_by_key(|s| (ready(s), std::cmp::Reverse(s.index)))
+                    .map(|s| s.index);
+                if let Some(index) = old {
+                    self.stop_slot(index, now);
+                }
+            }
+        } else {
+            let mut index = 0;
+            while self.slots.iter().any(|s| s.index == index) {
+                index += 1;
+            }
+            self.add_slot(index, now);
+            self.slots.sort_by_key(|s| s.index);
+        }
+    }
+
+    fn add_slot(&mut self, index: usize, now: Instant) {
+        self.slots.push(Slot {
+            index,
+            phase: Phase::Waiting { start_at: now },
+            restarts: 0,
+            last_exit: None,
+            backoff: Backoff::new(self.timing.restart.clone()),
+            removing: false,
+            revision: self.revision,
+        });
     }
 
     /// The slot a pid belongs to, if it is a slot's current process.
@@ -692,6 +841,7 @@ impl Model {
                     last_exit: s.last_exit.as_ref().map(Cause::info),
                     crash_looping: s.backoff.crash_looping(),
                     next_start_in_seconds,
+                    release: None,
                 }
             })
             .collect()
@@ -746,12 +896,34 @@ impl Model {
             return;
         };
         s.restarts += 1;
+        let revision = s.revision;
+        let described = match &cause {
+            Cause::Exit(code) => format!("{} exited with code {code}", replica_id(index)),
+            Cause::Signal(signal) => format!("{} was killed by signal {signal}", replica_id(index)),
+            other => format!(
+                "{} failed: {}{}",
+                replica_id(index),
+                other.reason(),
+                other
+                    .info()
+                    .detail
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            ),
+        };
+        let s = self.slot_mut(index).expect("found above");
         s.last_exit = Some(cause);
         if s.removing || shutting_down {
             self.remove_or_wait(index, now);
             return;
         }
         let delay = s.backoff.next_delay(now, healthy_for, random);
+        let failures = self.failures.entry(revision).or_insert((0, String::new()));
+        failures.0 += 1;
+        failures.1 = described;
+        let Some(s) = self.slot_mut(index) else {
+            return;
+        };
         s.phase = Phase::Waiting {
             start_at: now + delay,
         };

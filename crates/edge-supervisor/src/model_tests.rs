@@ -68,7 +68,10 @@ impl Harness {
                 return;
             }
             for action in actions {
-                if let Action::Spawn { slot, generation } = action {
+                if let Action::Spawn {
+                    slot, generation, ..
+                } = action
+                {
                     let pid = 1000 + generation as u32;
                     self.model.spawned(
                         slot,
@@ -406,4 +409,124 @@ fn a_replica_that_hangs_after_a_long_healthy_run_is_replaced_without_backoff() {
         );
         h.all_ready();
     }
+}
+
+impl Harness {
+    /// Every process sent SIGTERM exits now (as a well-behaved replica does).
+    fn stopped_ones_exit(&mut self) {
+        let termed: Vec<u32> = self
+            .signals()
+            .into_iter()
+            .filter(|(_, s)| *s == Signal::Term)
+            .map(|(pid, _)| pid)
+            .collect();
+        self.log.retain(|a| !matches!(a, Action::Signal { .. }));
+        for pid in termed {
+            self.model.exited(pid, Cause::Signal(15), self.now);
+        }
+        self.settle();
+    }
+
+    fn revisions_started(&self) -> Vec<u64> {
+        self.log
+            .iter()
+            .filter_map(|a| match a {
+                Action::Spawn { revision, .. } => Some(*revision),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_rolling_update_starts_each_new_replica_before_an_old_one_leaves_and_never_drops_below_n_ready()
+{
+    let mut h = Harness::new(3);
+    h.all_ready();
+    h.log.clear();
+    h.model.roll_out(1, h.now);
+    h.settle();
+    let mut spawned = Vec::new();
+    for _ in 0..50 {
+        spawned.extend(h.revisions_started());
+        assert!(h.ready().len() >= 3, "ready {:?}", h.ready());
+        assert!(
+            h.model.status(h.now).len() <= 4,
+            "at most one surge replica"
+        );
+        if h.model.settled_on(1) {
+            break;
+        }
+        h.answer(|_, _| true);
+        h.stopped_ones_exit();
+        h.advance(250 * MS);
+    }
+    assert!(h.model.settled_on(1), "{:?}", h.model.status(h.now));
+    assert_eq!(
+        spawned,
+        [1, 1, 1],
+        "three new replicas, all of the new release"
+    );
+    assert!(h.model.revisions().iter().all(|(_, r)| *r == 1));
+    assert_eq!(h.model.failures(1), None);
+}
+
+#[test]
+fn a_new_release_that_crashes_is_counted_and_the_old_replicas_keep_serving() {
+    let mut h = Harness::new(3);
+    h.all_ready();
+    h.model.roll_out(1, h.now);
+    h.settle();
+    let surge = h
+        .model
+        .status(h.now)
+        .into_iter()
+        .find(|r| r.id == "replica-3")
+        .expect("a surge replica");
+    h.model.exited(surge.pid.unwrap(), Cause::Exit(65), h.now);
+    h.settle();
+    let (count, last) = h.model.failures(1).expect("a failure of release 1");
+    assert_eq!(*count, 1);
+    assert!(last.contains("replica-3 exited with code 65"), "{last}");
+    assert_eq!(h.ready(), ["replica-0", "replica-1", "replica-2"]);
+    assert_eq!(
+        h.model.scale(5, h.now),
+        Err(crate::model::Refused::RolloutInProgress)
+    );
+    // Rolling back to release 0 removes the surge replica and touches no old one.
+    h.model.roll_out(0, h.now);
+    h.settle();
+    h.stopped_ones_exit();
+    assert!(h.model.settled_on(0), "{:?}", h.model.status(h.now));
+    assert_eq!(h.ready(), ["replica-0", "replica-1", "replica-2"]);
+}
+
+#[test]
+fn recreate_stops_every_replica_and_starts_none_until_resumed() {
+    let mut h = Harness::new(2);
+    h.all_ready();
+    h.model.roll_out(1, h.now);
+    h.settle();
+    h.all_ready();
+    h.stopped_ones_exit();
+    h.all_ready();
+    h.stopped_ones_exit();
+    h.all_ready();
+    assert!(h.model.settled_on(1));
+    h.log.clear();
+    h.model.recreate(0, h.now);
+    h.settle();
+    assert!(h.ready().is_empty(), "out of rotation at once");
+    h.stopped_ones_exit();
+    assert!(h.model.is_empty());
+    h.advance(Duration::from_secs(1));
+    assert!(
+        h.revisions_started().is_empty(),
+        "nothing starts while paused"
+    );
+    h.model.resume(h.now);
+    h.settle();
+    assert_eq!(h.revisions_started(), [0, 0]);
+    h.all_ready();
+    assert!(h.model.settled_on(0));
 }

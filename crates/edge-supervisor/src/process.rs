@@ -38,23 +38,26 @@ pub struct Launch {
     pub env: BTreeMap<String, String>,
 }
 
-/// The values substituted into a replica's arguments, environment and exec probes:
-/// `{port}`, `{replica}`, `{index}`, `{data_dir}`.
+/// The values substituted into a replica's command, arguments, environment and exec probes:
+/// `{port}`, `{replica}`, `{index}`, `{data_dir}`, and `{release}` (the directory holding the
+/// programs of the release the replica runs: the factory one, or a slot's `bin/`).
 #[derive(Debug, Clone)]
 pub struct Placeholders {
     port: String,
     replica: String,
     index: String,
     data_dir: String,
+    release: PathBuf,
 }
 
 impl Placeholders {
-    pub fn new(data_dir: &Path, index: usize, port: u16) -> Self {
+    pub fn new(data_dir: &Path, index: usize, port: u16, release: &Path) -> Self {
         Placeholders {
             port: port.to_string(),
             replica: crate::model::replica_id(index),
             index: index.to_string(),
             data_dir: data_dir.display().to_string(),
+            release: release.to_owned(),
         }
     }
 
@@ -63,14 +66,14 @@ impl Placeholders {
             .replace("{replica}", &self.replica)
             .replace("{index}", &self.index)
             .replace("{data_dir}", &self.data_dir)
+            .replace("{release}", &self.release.display().to_string())
     }
 }
 
 /// Resolves the program and fills in the placeholders of its arguments and environment.
-pub fn launch(spec: &ServiceSpec, data_dir: &Path, index: usize, port: u16) -> Launch {
-    let values = Placeholders::new(data_dir, index, port);
+pub fn launch(spec: &ServiceSpec, values: &Placeholders) -> Launch {
     Launch {
-        program: resolve_program(&spec.command),
+        program: resolve_program(&spec.command, values),
         args: spec.args.iter().map(|a| values.fill(a)).collect(),
         env: spec
             .env
@@ -80,20 +83,24 @@ pub fn launch(spec: &ServiceSpec, data_dir: &Path, index: usize, port: u16) -> L
     }
 }
 
-/// A bare program name is looked for next to the supervisor's own binary first (the device
-/// layout: both in one bin directory, or one release slot), then on `PATH`.
-pub fn resolve_program(command: &Path) -> PathBuf {
-    if command.components().count() == 1
-        && let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(Path::to_owned))
-    {
-        let beside = dir.join(command);
-        if beside.is_file() {
-            return beside;
+/// A bare program name is looked for in the release's directory first (the factory release is
+/// the supervisor's own directory, by default), then on `PATH`; placeholders are filled in.
+pub fn resolve_program(command: &Path, values: &Placeholders) -> PathBuf {
+    if command.components().count() == 1 {
+        let inside = values.release.join(command);
+        if inside.is_file() {
+            return inside;
         }
     }
-    command.to_owned()
+    PathBuf::from(values.fill(&command.to_string_lossy()))
+}
+
+/// The directory of the running supervisor binary: where the factory release lives.
+pub fn own_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_owned))
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// A free port on 127.0.0.1 for a new replica, from the kernel's ephemeral range.
@@ -316,16 +323,42 @@ mod tests {
     fn placeholders_are_filled_in() {
         let spec = ServiceSpec {
             command: PathBuf::from("/bin/true"),
-            args: vec!["--port={port}".into(), "{replica}".into()],
+            args: vec![
+                "--port={port}".into(),
+                "{replica}".into(),
+                "{release}/tool".into(),
+            ],
             env: crate::config::default_env(),
             stop_grace: std::time::Duration::from_secs(1),
             hung_grace: std::time::Duration::from_secs(1),
             log_lines: 10,
         };
-        let l = launch(&spec, Path::new("/data"), 2, 41000);
-        assert_eq!(l.args, ["--port=41000", "replica-2"]);
+        let values = Placeholders::new(Path::new("/data"), 2, 41000, Path::new("/rel/bin"));
+        let l = launch(&spec, &values);
+        assert_eq!(l.args, ["--port=41000", "replica-2", "/rel/bin/tool"]);
+        assert_eq!(l.program, Path::new("/bin/true"));
         assert_eq!(l.env["QUOTE_LISTEN"], "127.0.0.1:41000");
         assert_eq!(l.env["QUOTE_DB"], "/data/quotes.db");
         assert_eq!(l.env["QUOTE_INSTANCE"], "replica-2");
+    }
+
+    #[test]
+    fn a_bare_program_name_is_found_in_the_release_directory_first() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("quote-service"), b"").unwrap();
+        let values = Placeholders::new(Path::new("/data"), 0, 1, dir.path());
+        assert_eq!(
+            resolve_program(Path::new("quote-service"), &values),
+            dir.path().join("quote-service")
+        );
+        assert_eq!(
+            resolve_program(Path::new("not-in-the-release"), &values),
+            Path::new("not-in-the-release"),
+            "left to PATH"
+        );
+        assert_eq!(
+            resolve_program(Path::new("{release}/x"), &values),
+            dir.path().join("x")
+        );
     }
 }

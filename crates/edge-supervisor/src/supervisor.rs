@@ -22,6 +22,7 @@ use crate::metrics::{KindLabels, Metrics, RestartLabels};
 use crate::model::{Action, Cause, Model, ProbeKind, Timing, replica_id};
 use crate::process::{self, LogRing};
 use crate::proxy::{self, Backend, Router};
+use crate::update::{self, Agent, Layout, OtaEvent, Step};
 use crate::watchdog::{HardwareWatchdog, Systemd, WatchdogError};
 
 /// The supervisor's version, as reported in `status`.
@@ -47,13 +48,18 @@ pub enum RunError {
     Control(#[from] control::ControlError),
     #[error(transparent)]
     Watchdog(#[from] WatchdogError),
+    #[error("the OTA agent cannot start: {0}")]
+    Ota(#[from] update::UpdateError),
 }
 
 impl RunError {
     pub fn exit_code(&self) -> i32 {
         use edge_proto::exit;
         match self {
-            RunError::Bind { .. } | RunError::DataDir { .. } | RunError::Control(_) => exit::IO,
+            RunError::Bind { .. }
+            | RunError::DataDir { .. }
+            | RunError::Control(_)
+            | RunError::Ota(_) => exit::IO,
             // The device is busy or absent: a configuration problem, not worth restart loops.
             RunError::Watchdog(_) => exit::CONFIG,
         }
@@ -77,6 +83,8 @@ enum Event {
     Control(ControlRequest),
     /// The router has stopped accepting and its connections have drained.
     RouterDrained,
+    /// The OTA agent's blocking work finished.
+    Ota(OtaEvent),
 }
 
 struct Dispatcher {
@@ -94,6 +102,7 @@ struct Dispatcher {
     hardware: Option<HardwareWatchdog>,
     restarts_seen: HashMap<String, u32>,
     stopping: bool,
+    agent: Agent,
 }
 
 /// Runs the supervisor until SIGTERM or SIGINT, then stops in order: the public address stops
@@ -222,6 +231,12 @@ impl Bound {
             ));
         }
 
+        let agent = Agent::open(
+            Layout::new(&settings.data_dir),
+            settings.ota.clone(),
+            &settings.service,
+        )?;
+        tracing::info!(release = %agent.version_of(agent.state.active), "release");
         let now = Instant::now();
         let timing = Timing {
             probes: settings.probes.clone(),
@@ -244,6 +259,7 @@ impl Bound {
             hardware,
             restarts_seen: HashMap::new(),
             stopping: false,
+            agent,
         };
 
         let watchdog_every = [
@@ -256,15 +272,25 @@ impl Bound {
         .unwrap_or(Duration::from_secs(3600));
         let mut feed = tokio::time::interval(watchdog_every);
         feed.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut scan = tokio::time::interval(settings.ota.scan_interval);
+        scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
 
         loop {
+            dispatcher.ota_step(Instant::now());
             dispatcher.execute();
             dispatcher.publish();
             if dispatcher.model.is_finished() {
                 break;
             }
-            let deadline = dispatcher.model.next_deadline().map_or_else(
+            let deadline = [
+                dispatcher.model.next_deadline(),
+                dispatcher.agent.next_deadline(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or_else(
                 || tokio::time::Instant::now() + Duration::from_secs(3600),
                 tokio::time::Instant::from_std,
             );
@@ -272,6 +298,7 @@ impl Bound {
                 Some(event) = inbox.recv() => dispatcher.handle(event),
                 () = tokio::time::sleep_until(deadline) => dispatcher.model.tick(Instant::now()),
                 _ = feed.tick() => dispatcher.feed_watchdogs(),
+                _ = scan.tick(), if !dispatcher.stopping => dispatcher.scan(),
                 () = &mut stop, if !dispatcher.stopping => {
                     tracing::info!("stopping: draining the router, then the replicas");
                     dispatcher.stopping = true;
@@ -352,12 +379,105 @@ impl Dispatcher {
                 let _ = reply.send(answer);
             }
             Event::RouterDrained => self.model.shutdown(now),
+            Event::Ota(event) => self.ota_event(event, now),
+        }
+    }
+
+    /// Sends an OTA agent's result back into the loop (from a blocking task).
+    fn ota_sender(&self) -> impl FnOnce(OtaEvent) + Send + 'static {
+        let events = self.events.clone();
+        move |event| {
+            let _ = events.blocking_send(Event::Ota(event));
+        }
+    }
+
+    fn scan(&mut self) {
+        let done = self.ota_sender();
+        self.agent.scan(done);
+    }
+
+    fn ota_event(&mut self, event: OtaEvent, now: Instant) {
+        let step = match event {
+            OtaEvent::Found(found) => {
+                self.agent.scanned(&found);
+                if let Some(bundle) = found.into_iter().next()
+                    && !self.stopping
+                {
+                    tracing::info!(bundle = %bundle.display(), "inbox: installing");
+                    let done = self.ota_sender();
+                    let keys = self.settings.trusted_keys.clone();
+                    if let Err(error) = self.agent.start_install(bundle, keys, done) {
+                        tracing::debug!(%error, "inbox: not now");
+                    }
+                }
+                Step::None
+            }
+            OtaEvent::Installed(result) => {
+                let (state, result) = *result;
+                if self.agent.installed(state, result).is_some() {
+                    let layout = self.agent.layout.clone();
+                    let release = self.agent.state.active;
+                    let service = self.settings.service.clone();
+                    let factory_bin = self.settings.ota.factory_bin.clone();
+                    let done = self.ota_sender();
+                    tokio::task::spawn_blocking(move || {
+                        done(OtaEvent::Snapshotted(update::snapshot_database(
+                            &layout,
+                            release,
+                            &service,
+                            &factory_bin,
+                        )));
+                    });
+                }
+                Step::None
+            }
+            OtaEvent::Snapshotted(result) => self.agent.snapshotted(result, now),
+            OtaEvent::HealthChecked(result) => self.agent.health_checked(result),
+            OtaEvent::Restored(result) => self.agent.restored(result),
+        };
+        self.ota_apply(step, now);
+    }
+
+    /// Lets the agent judge the trial and carries out what it decides.
+    fn ota_step(&mut self, now: Instant) {
+        if self.stopping {
+            return;
+        }
+        if self.agent.draining() && self.model.is_empty() {
+            let done = self.ota_sender();
+            self.agent.drained(self.settings.service.clone(), done);
+        }
+        let model = &self.model;
+        let (step, check) = self.agent.watch(
+            |revision| model.settled_on(revision),
+            |revision| model.failures(revision).map(|(_, last)| last.clone()),
+            now,
+        );
+        self.ota_apply(step, now);
+        if check {
+            let commands = self.settings.ota.health_commands.clone();
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                let result = update::health_commands(commands).await;
+                let _ = events
+                    .send(Event::Ota(OtaEvent::HealthChecked(result)))
+                    .await;
+            });
+        }
+    }
+
+    fn ota_apply(&mut self, step: Step, now: Instant) {
+        match step {
+            Step::None => {}
+            Step::RollOut(revision) => self.model.roll_out(revision, now),
+            Step::Recreate(revision) => self.model.recreate(revision, now),
+            Step::Resume => self.model.resume(now),
         }
     }
 
     fn control(&mut self, request: Request, now: Instant) -> Reply {
         match request {
-            Request::Status => Reply::Status(self.status(now)),
+            Request::Status => Reply::Status(Box::new(self.status(now))),
             Request::Scale { replicas } if replicas > self.settings.max_replicas => control::error(
                 ErrorKind::OutOfRange,
                 &format!(
@@ -394,15 +514,43 @@ impl Dispatcher {
                     replica,
                 }
             }
-            Request::Apply { .. } => control::error(
-                ErrorKind::Unavailable,
-                "OTA updates are not available in this build yet",
-            ),
+            Request::Apply { bundle } => {
+                let path = std::path::PathBuf::from(&bundle);
+                if !path.is_absolute() {
+                    return control::error(
+                        ErrorKind::BadRequest,
+                        &format!("the bundle path {bundle:?} must be absolute"),
+                    );
+                }
+                if let Err(error) = std::fs::metadata(&path) {
+                    return control::error(
+                        ErrorKind::BadRequest,
+                        &format!("cannot read the bundle {bundle}: {error}"),
+                    );
+                }
+                let done = self.ota_sender();
+                let keys = self.settings.trusted_keys.clone();
+                match self.agent.start_install(path, keys, done) {
+                    Ok(()) => Reply::Accepted {
+                        message: format!(
+                            "installing {bundle}; `status` shows the progress and the result"
+                        ),
+                    },
+                    Err(message) => control::error(ErrorKind::NotAllowedNow, &message),
+                }
+            }
         }
     }
 
     fn status(&self, now: Instant) -> Status {
-        let replicas = self.model.status(now);
+        let mut replicas = self.model.status(now);
+        for (replica, (_, revision)) in replicas.iter_mut().zip(self.model.revisions()) {
+            replica.release = self
+                .agent
+                .releases
+                .get(&revision)
+                .map(|r| self.agent.version_of(*r));
+        }
         Status {
             version: VERSION.to_owned(),
             protocol: PROTOCOL_VERSION,
@@ -420,6 +568,7 @@ impl Dispatcher {
             limits: self.limits.clone(),
             replicas,
             uptime_seconds: now.duration_since(self.started).as_secs_f64(),
+            update: self.agent.status(),
         }
     }
 
@@ -451,7 +600,11 @@ impl Dispatcher {
             self.publish_routes();
             for action in actions {
                 match action {
-                    Action::Spawn { slot, generation } => self.spawn(slot, generation),
+                    Action::Spawn {
+                        slot,
+                        generation,
+                        revision,
+                    } => self.spawn(slot, generation, revision),
                     Action::Probe {
                         slot,
                         generation,
@@ -468,7 +621,7 @@ impl Dispatcher {
         }
     }
 
-    fn spawn(&mut self, slot: usize, generation: u64) {
+    fn spawn(&mut self, slot: usize, generation: u64, revision: u64) {
         let now = Instant::now();
         let replica = replica_id(slot);
         let port = match process::free_port() {
@@ -479,7 +632,8 @@ impl Dispatcher {
                 return;
             }
         };
-        let launch = process::launch(&self.settings.service, &self.settings.data_dir, slot, port);
+        let values = self.placeholders(slot, port, revision);
+        let launch = process::launch(&self.settings.service, &values);
         match process::spawn(&launch, &replica, &self.logs, true) {
             Ok((pid, exited)) => {
                 let events = self.events.clone();
@@ -513,6 +667,18 @@ impl Dispatcher {
         }
     }
 
+    /// A replica's placeholders, `{release}` being the directory of its release's programs.
+    fn placeholders(&self, slot: usize, port: u16, revision: u64) -> process::Placeholders {
+        let release = self
+            .agent
+            .releases
+            .get(&revision)
+            .copied()
+            .unwrap_or(self.agent.state.active);
+        let dir = update::release_dir(release, &self.agent.layout, &self.settings.ota.factory_bin);
+        process::Placeholders::new(&self.settings.data_dir, slot, port, &dir)
+    }
+
     fn probe(&self, slot: usize, generation: u64, kind: ProbeKind, port: u16) {
         let probe = match kind {
             ProbeKind::Startup => self.settings.probes.startup.clone(),
@@ -521,7 +687,13 @@ impl Dispatcher {
         };
         let Some(probe) = probe else { return };
         let events = self.events.clone();
-        let values = process::Placeholders::new(&self.settings.data_dir, slot, port);
+        let revision = self
+            .model
+            .revisions()
+            .into_iter()
+            .find(|(id, _)| *id == replica_id(slot))
+            .map_or(0, |(_, r)| r);
+        let values = self.placeholders(slot, port, revision);
         tokio::spawn(async move {
             let started = Instant::now();
             let outcome = crate::probe::run(&probe, port, |w| values.fill(w)).await;

@@ -18,7 +18,8 @@ pub use keys::{KeyId, PublicKey, SecretKey, TrustedKeys};
 pub use manifest::{CHUNK_SIZE, Chunk, FileEntry, MAX_FILES, Manifest};
 pub use pack::{PackOptions, PackReport, add_signature, pack};
 pub use read::{
-    Bundle, Chunked, ChunksError, SIGNING_DOMAIN, read_manifest_unverified, signed_message,
+    Bundle, Chunked, ChunksError, SIGNING_DOMAIN, manifest_digest,
+    read_manifest_and_digest_unverified, read_manifest_unverified, signed_message,
 };
 
 #[cfg(test)]

@@ -21,6 +21,12 @@ pub fn signed_message(manifest: &[u8]) -> Vec<u8> {
     message
 }
 
+/// The bundle's identity: BLAKE3 of its signed manifest, which names every chunk's hash, so
+/// two bundles with the same digest install the same bytes (re-signing does not change it).
+pub fn manifest_digest(manifest: &[u8]) -> String {
+    blake3::hash(manifest).to_hex().to_string()
+}
+
 /// A bundle whose signatures and manifest are verified; its payload is read on demand.
 #[derive(Debug)]
 pub struct Bundle<R> {
@@ -248,13 +254,21 @@ pub enum ChunksError<E> {
 
 /// The manifest and the signers' key ids of a bundle, read *without* checking signatures (for
 /// `ota inspect`). The manifest's rules are still checked: a malformed one is refused.
-pub fn read_manifest_unverified(
+pub fn read_manifest_unverified(reader: impl Read) -> Result<(Manifest, Vec<KeyId>), BundleError> {
+    let (manifest, signers, _) = read_manifest_and_digest_unverified(reader)?;
+    Ok((manifest, signers))
+}
+
+/// As [`read_manifest_unverified`], with the [`manifest_digest`] (for an inbox scan that must
+/// not re-offer a bundle that failed or is already installed).
+pub fn read_manifest_and_digest_unverified(
     mut reader: impl Read,
-) -> Result<(Manifest, Vec<KeyId>), BundleError> {
+) -> Result<(Manifest, Vec<KeyId>, String), BundleError> {
     let unverified = read_unverified(&mut reader)?;
     let manifest = Manifest::parse_canonical(&unverified.manifest)?;
     Ok((
         manifest,
         unverified.signatures.iter().map(|(id, _)| *id).collect(),
+        manifest_digest(&unverified.manifest),
     ))
 }

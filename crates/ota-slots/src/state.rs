@@ -218,6 +218,24 @@ impl State {
         Ok(next)
     }
 
+    /// An install that stopped for a reason that is not the bundle's (power cut, the stick
+    /// pulled out, the agent restarted): the slot is emptied and the bundle may be offered again.
+    pub fn abandon_install(&self, slot: SlotName) -> Result<State, Refused> {
+        self.expect(slot, SlotStatus::Installing)?;
+        let mut next = self.clone();
+        *next.slot_mut(slot) = SlotInfo::empty();
+        Ok(next)
+    }
+
+    /// Counts one more start of the trial release (the agent calls it when it starts up during
+    /// a trial: a trial that keeps taking the device down is rolled back, not retried forever).
+    pub fn restart_trial(&self) -> Result<State, Refused> {
+        let mut next = self.clone();
+        let trial = next.trial.as_mut().ok_or(Refused::NoTrial)?;
+        trial.attempts += 1;
+        Ok(next)
+    }
+
     /// Step 3: run the ready slot, on trial.
     pub fn switch(&self, slot: SlotName) -> Result<State, Refused> {
         if let Some(trial) = &self.trial {
@@ -386,6 +404,16 @@ mod tests {
             trial.switch(SlotName::A).unwrap_err(),
             Refused::TrialInProgress("a")
         );
+    }
+
+    #[test]
+    fn an_abandoned_install_empties_the_slot_without_blaming_the_bundle() {
+        let (s, slot) = State::factory().begin_install("d1", "1.1", 1).unwrap();
+        let s = s.abandon_install(slot).unwrap();
+        assert_eq!(s.slot(slot).status, SlotStatus::Empty);
+        assert!(s.failed_bundles.is_empty());
+        assert!(s.begin_install("d1", "1.1", 1).is_ok(), "offered again");
+        assert_eq!(s.restart_trial(), Err(Refused::NoTrial));
     }
 
     #[test]

@@ -37,6 +37,26 @@ pub struct Cli {
     /// Database connections kept open, and so the most queries running at once.
     #[arg(long, env = "QUOTE_DB_CONNECTIONS", default_value = "4")]
     pub db_connections: NonZeroUsize,
+    /// Instead of serving: a database maintenance command (the OTA agent runs these).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Database maintenance, for updates: both work while replicas are serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Copy the database to FILE (one consistent read; FILE is replaced atomically).
+    Snapshot {
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Put a snapshot back in one transaction, after writing the quotes it lacks to EXPORT.
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        export: PathBuf,
+    },
 }
 
 /// Everything the service needs to start, already checked.

@@ -16,7 +16,7 @@ mod server;
 mod state;
 
 pub use api::app;
-pub use config::{Cli, ConfigError, Settings};
+pub use config::{Cli, Command, ConfigError, Settings};
 pub use error::AppError;
 pub use server::{RunError, run, serve, shutdown_signal};
 pub use state::{AdminToken, AppState};

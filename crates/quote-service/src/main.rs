@@ -4,11 +4,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use quote_service::{Cli, exit, run};
+use quote_service::{Cli, Command, exit, run};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    if let Some(command) = &cli.command {
+        return maintenance(command, &cli.db);
+    }
     let settings = match cli.into_settings() {
         Ok(settings) => settings,
         Err(error) => {
@@ -38,6 +41,29 @@ fn main() -> ExitCode {
         Err(error) => {
             tracing::error!(%error, "quote-service stopped");
             code(error.exit_code())
+        }
+    }
+}
+
+/// `snapshot` and `restore`: one line of outcome in the log, exit 0 or [`exit::IO`].
+fn maintenance(command: &Command, db: &std::path::Path) -> ExitCode {
+    let busy = Duration::from_secs(10);
+    let result = match command {
+        Command::Snapshot { to } => quote_store::snapshot(db, to, busy).map(|quotes| {
+            tracing::info!(db = %db.display(), to = %to.display(), quotes, "snapshot taken");
+        }),
+        Command::Restore { from, export } => {
+            quote_store::restore(db, from, export, busy).map(|report| {
+                tracing::info!(db = %db.display(), from = %from.display(), export = %export.display(),
+                    exported = report.exported, "snapshot restored");
+            })
+        }
+    };
+    match result {
+        Ok(()) => code(exit::OK),
+        Err(error) => {
+            tracing::error!(%error, "database maintenance failed; the database is unchanged");
+            code(exit::IO)
         }
     }
 }

@@ -11,6 +11,7 @@ mod db;
 mod error;
 mod migrate;
 mod quote;
+mod snapshot;
 
 pub use db::{Database, OpenReport, Options, Store};
 pub use error::{Error, ValidationError};
@@ -18,6 +19,7 @@ pub use migrate::{MIGRATIONS, Migration, latest_version};
 pub use quote::{
     AUTHOR_MAX_CHARS, LIST_LIMIT_MAX, NewQuote, Page, Quote, QuoteId, TEXT_MAX_CHARS, seed_quotes,
 };
+pub use snapshot::{RestoreReport, SnapshotError, restore, snapshot};
 
 #[cfg(test)]
 mod tests;

@@ -274,3 +274,64 @@ fn concurrent_first_open_round() {
     let (_db, store) = open(&path);
     assert_eq!(store.count().unwrap(), seed_quotes().count() as i64);
 }
+
+#[test]
+fn restore_undoes_a_newer_schema_and_exports_every_row_written_since_the_snapshot() {
+    let (dir, path) = temp_db();
+    let (_, mut store) = open(&path);
+    let before = store.count().unwrap();
+    let snap = dir.path().join("snapshot.db");
+    assert_eq!(
+        crate::snapshot(&path, &snap, std::time::Duration::from_secs(5)).unwrap(),
+        before.unsigned_abs()
+    );
+    // A trial release migrates the schema and writes through its own connection, which stays
+    // open across the restore (as a replica would).
+    store
+        .conn
+        .execute_batch("ALTER TABLE quotes ADD COLUMN lang TEXT; CREATE TABLE extra(x);")
+        .unwrap();
+    let a = store.create(&quote("written during the trial")).unwrap();
+    store
+        .conn
+        .execute("UPDATE quotes SET lang = 'en' WHERE id = ?1", [a.id])
+        .unwrap();
+    store.create(&quote("second trial quote")).unwrap();
+    let export = dir.path().join("trial-quotes.jsonl");
+    let report = crate::restore(&path, &snap, &export, std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(report.exported, 2);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["text"], "written during the trial");
+    assert_eq!(lines[0]["lang"], "en");
+    assert_eq!(lines[1]["text"], "second trial quote");
+    // The old release opens the restored file as if the trial never happened.
+    let (_, reopened) = Database::open(&path, Options::default()).unwrap();
+    assert_eq!(reopened.schema_version, latest_version());
+    let (_, fresh) = open(&path);
+    assert_eq!(fresh.count().unwrap(), before);
+    let has_extra: i64 = fresh
+        .conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'extra'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(has_extra, 0, "tables the trial created are gone");
+}
+
+#[test]
+fn snapshot_of_a_missing_database_is_an_error_naming_it() {
+    let (dir, path) = temp_db();
+    let error = crate::snapshot(
+        &path,
+        &dir.path().join("s.db"),
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("quotes.db"), "{error}");
+}

@@ -291,3 +291,66 @@ fn a_malformed_listen_address_is_a_usage_error() {
         service.log.join("\n")
     );
 }
+
+#[test]
+fn snapshot_and_restore_commands_round_trip_and_report_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("quotes.db");
+    let snap = dir.path().join("snap.db");
+    let export = dir.path().join("trial.jsonl");
+    let db_arg = db.to_str().unwrap();
+    // A missing database is an I/O error naming the file, and creates nothing.
+    let mut missing = Service::start(&["--db", db_arg, "snapshot", "--to", snap.to_str().unwrap()]);
+    assert_eq!(missing.wait_exit().code(), Some(quote_service::exit::IO));
+    assert!(
+        missing.log.join("\n").contains(db_arg),
+        "{}",
+        missing.log.join("\n")
+    );
+    assert!(!snap.exists() && !db.exists());
+
+    let (mut service, addr) = Service::ready(&db, &[]);
+    let mut snapshot =
+        Service::start(&["--db", db_arg, "snapshot", "--to", snap.to_str().unwrap()]);
+    assert_eq!(
+        snapshot.wait_exit().code(),
+        Some(0),
+        "{}",
+        snapshot.log.join("\n")
+    );
+    let (status, _) = http(
+        addr,
+        "POST",
+        "/quotes",
+        Some(r#"{"text":"after the snapshot","author":"Trial"}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 201);
+    let mut restore = Service::start(&[
+        "--db",
+        db_arg,
+        "restore",
+        "--from",
+        snap.to_str().unwrap(),
+        "--export",
+        export.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        restore.wait_exit().code(),
+        Some(0),
+        "{}",
+        restore.log.join("\n")
+    );
+    assert!(
+        restore.log.join("\n").contains("exported=1"),
+        "{}",
+        restore.log.join("\n")
+    );
+    assert!(
+        std::fs::read_to_string(&export)
+            .unwrap()
+            .contains("after the snapshot")
+    );
+    service.signal("TERM");
+    assert_eq!(service.wait_exit().code(), Some(0));
+}

@@ -1,0 +1,215 @@
+//! Online snapshots for updates: copy the live database aside before a new release runs, and
+//! put it back if the release is rolled back, exporting the rows written in between so that
+//! nothing is lost silently.
+//!
+//! Both work on a database other processes are using: the snapshot is one read transaction
+//! (`VACUUM INTO`), the restore one write transaction (SQLite's backup API into the live file),
+//! so a power cut leaves either the old or the restored content, never a mix.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, types::ValueRef};
+
+/// What went wrong while taking or restoring a snapshot; the live database is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot {op} {path}: {source}")]
+    Sqlite {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What [`restore`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Rows of `quotes` in the live database and not in the snapshot, written to the export.
+    pub exported: u64,
+}
+
+fn sqlite(op: &'static str, path: &Path) -> impl FnOnce(rusqlite::Error) -> SnapshotError {
+    let path = path.to_owned();
+    move |source| SnapshotError::Sqlite { op, path, source }
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let path = path.to_owned();
+    move |source| SnapshotError::Io { op, path, source }
+}
+
+fn open(path: &Path, flags: OpenFlags, busy: Duration) -> Result<Connection, SnapshotError> {
+    let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(sqlite("open", path))?;
+    conn.busy_timeout(busy).map_err(sqlite("configure", path))?;
+    Ok(conn)
+}
+
+/// Copies the live database `db` to `to` (replaced atomically: temporary file, fsync, rename,
+/// fsync of the directory). Returns the number of quotes in the copy.
+pub fn snapshot(db: &Path, to: &Path, busy: Duration) -> Result<u64, SnapshotError> {
+    let conn = open(db, OpenFlags::SQLITE_OPEN_READ_ONLY, busy)?;
+    let tmp = to.with_extension("tmp");
+    remove_if_present(&tmp)?;
+    let target = tmp.to_str().ok_or_else(|| SnapshotError::Io {
+        op: "name",
+        path: tmp.clone(),
+        source: std::io::Error::other("the snapshot path is not UTF-8"),
+    })?;
+    conn.execute("VACUUM INTO ?1", [target])
+        .map_err(sqlite("copy into", &tmp))?;
+    drop(conn);
+    let copy = open(&tmp, OpenFlags::SQLITE_OPEN_READ_ONLY, busy)?;
+    let quotes: i64 = copy
+        .query_row("SELECT COUNT(*) FROM quotes", [], |row| row.get(0))
+        .map_err(sqlite("count the quotes in", &tmp))?;
+    drop(copy);
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io("sync", &tmp))?;
+    std::fs::rename(&tmp, to).map_err(io("rename into place", to))?;
+    sync_parent(to)?;
+    Ok(quotes.unsigned_abs())
+}
+
+/// Puts the snapshot back into the live database `db`, in one transaction, after writing the
+/// `quotes` rows that the snapshot lacks to `export` as JSON lines (one object per row, every
+/// column by name), synced before the restore begins.
+pub fn restore(
+    db: &Path,
+    snapshot: &Path,
+    export: &Path,
+    busy: Duration,
+) -> Result<RestoreReport, SnapshotError> {
+    let source = open(snapshot, OpenFlags::SQLITE_OPEN_READ_ONLY, busy)?;
+    let mut live = open(db, OpenFlags::SQLITE_OPEN_READ_WRITE, busy)?;
+    let exported = export_new_rows(&live, snapshot, export)?;
+    let backup =
+        rusqlite::backup::Backup::new(&source, &mut live).map_err(sqlite("restore", db))?;
+    // -1: every page in one step, so the destination changes in a single transaction. A
+    // replica holding the write lock makes the step busy: retry within the busy timeout.
+    let started = std::time::Instant::now();
+    loop {
+        use rusqlite::backup::StepResult;
+        match backup.step(-1).map_err(sqlite("restore", db))? {
+            StepResult::Done => break,
+            StepResult::More => {}
+            StepResult::Busy | StepResult::Locked if started.elapsed() < busy => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            _ => {
+                return Err(SnapshotError::Sqlite {
+                    op: "restore (the database stayed locked)",
+                    path: db.to_owned(),
+                    source: rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                        None,
+                    ),
+                });
+            }
+        }
+    }
+    drop(backup);
+    // Leave the restored content in the main file, not only in the WAL.
+    live.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .map_err(sqlite("checkpoint", db))?;
+    Ok(RestoreReport { exported })
+}
+
+fn export_new_rows(
+    live: &Connection,
+    snapshot: &Path,
+    export: &Path,
+) -> Result<u64, SnapshotError> {
+    let name = snapshot.to_str().ok_or_else(|| SnapshotError::Io {
+        op: "name",
+        path: snapshot.to_owned(),
+        source: std::io::Error::other("the snapshot path is not UTF-8"),
+    })?;
+    live.execute("ATTACH DATABASE ?1 AS snap", [name])
+        .map_err(sqlite("attach", snapshot))?;
+    let result = (|| {
+        let mut stmt = live
+            .prepare(
+                "SELECT * FROM main.quotes WHERE id NOT IN (SELECT id FROM snap.quotes) ORDER BY id",
+            )
+            .map_err(sqlite("read the new quotes from", export))?;
+        let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+        let tmp = export.with_extension("tmp");
+        let mut out = std::io::BufWriter::new(File::create(&tmp).map_err(io("create", &tmp))?);
+        let mut rows = stmt
+            .query([])
+            .map_err(sqlite("read the new quotes from", export))?;
+        let mut count = 0;
+        while let Some(row) = rows
+            .next()
+            .map_err(sqlite("read the new quotes from", export))?
+        {
+            let mut object = serde_json::Map::new();
+            for (i, column) in columns.iter().enumerate() {
+                let value = match row.get_ref(i).map_err(sqlite("read a column of", export))? {
+                    ValueRef::Null => serde_json::Value::Null,
+                    ValueRef::Integer(n) => n.into(),
+                    ValueRef::Real(x) => x.into(),
+                    ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
+                    ValueRef::Blob(b) => b
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                        .into(),
+                };
+                object.insert(column.clone(), value);
+            }
+            serde_json::to_writer(&mut out, &object).map_err(|e| SnapshotError::Io {
+                op: "write",
+                path: tmp.clone(),
+                source: e.into(),
+            })?;
+            out.write_all(b"\n").map_err(io("write", &tmp))?;
+            count += 1;
+        }
+        let file = out.into_inner().map_err(|e| SnapshotError::Io {
+            op: "write",
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(io("sync", &tmp))?;
+        std::fs::rename(&tmp, export).map_err(io("rename into place", export))?;
+        sync_parent(export)?;
+        Ok(count)
+    })();
+    let detached = live
+        .execute("DETACH DATABASE snap", [])
+        .map_err(sqlite("detach", snapshot));
+    let count = result?;
+    detached?;
+    Ok(count)
+}
+
+fn remove_if_present(path: &Path) -> Result<(), SnapshotError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+fn sync_parent(path: &Path) -> Result<(), SnapshotError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync", dir))
+}

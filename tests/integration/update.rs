@@ -1,0 +1,330 @@
+//! The OTA agent inside the supervisor, end to end on loopback: real quote-service replicas,
+//! bundles packed and signed here, a rolling replacement under client load, the trial, commit,
+//! and rollbacks (a release that crashes, a failed health command) with the database restored.
+//!
+//! A release here is a directory whose `bin/quote-service` is a small script that starts the
+//! workspace's quote-service (through the emulator when the tests run under one), or that
+//! fails: the bundle carries the script, the agent installs and runs it like any release.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use edge_proto::{Reply, Request, Status};
+use ota_bundle::{PackOptions, SecretKey, pack};
+
+use crate::supervisor::{Supervisor, get, request};
+
+const GOOD: &str = "good";
+const CRASHES: &str = "crashes";
+
+/// A release directory: `bin/quote-service` that serves, or that exits 3 at once.
+fn release(dir: &Path, kind: &str) -> PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let body = match kind {
+        GOOD => {
+            let (program, args) = tests::service_command(&tests::workspace_binary("quote-service"));
+            let words: Vec<String> = std::iter::once(program)
+                .chain(args)
+                .map(|w| format!("'{w}'"))
+                .collect();
+            format!("exec {} \"$@\"\n", words.join(" "))
+        }
+        _ => "echo 'this release cannot start' >&2\nexit 3\n".to_owned(),
+    };
+    let script = bin.join("quote-service");
+    std::fs::write(&script, format!("#!/bin/sh\n{body}")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir.to_owned()
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    key: SecretKey,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::from_seed([7; 32]);
+        std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+        std::fs::write(
+            dir.path().join("keys/release.pub"),
+            key.public().to_line("test"),
+        )
+        .unwrap();
+        release(&dir.path().join("factory"), GOOD);
+        Fixture { dir, key }
+    }
+
+    /// The supervisor's configuration: the factory release and trusted keys of this fixture.
+    fn config(&self, ota: &str) -> String {
+        format!(
+            "trusted_keys = {:?}\n[service]\ncommand = \"quote-service\"\nstop_grace = \"2s\"\n\
+             [ota]\nfactory_bin = {:?}\nscan_interval = \"100ms\"\ntrial_deadline = \"90s\"\n{ota}",
+            self.dir.path().join("keys"),
+            self.dir.path().join("factory/bin"),
+        )
+    }
+
+    fn bundle(&self, kind: &str, version: &str, security_version: u64, product: &str) -> PathBuf {
+        let name = format!("{kind}-{version}-{product}");
+        let rel = release(&self.dir.path().join(&name), kind);
+        let out = self.dir.path().join(format!("{name}.bundle"));
+        let options = PackOptions {
+            product: product.into(),
+            version: version.into(),
+            security_version,
+            issued_at: 1_000 + security_version,
+            level: 3,
+        };
+        pack(&rel, &out, &options, &self.key, |_, _| {}).unwrap();
+        out
+    }
+}
+
+async fn apply(sup: &Supervisor, bundle: &Path) {
+    match sup
+        .ask(Request::Apply {
+            bundle: bundle.display().to_string(),
+        })
+        .await
+    {
+        Reply::Accepted { .. } => {}
+        other => panic!("apply refused: {other:?}"),
+    }
+}
+
+/// Waits for the update to end (the agent idle with a result for `version`).
+async fn finished(sup: &Supervisor, version: &str) -> Status {
+    sup.wait_for(&format!("the update to {version} to end"), |s| {
+        s.update.state == "idle"
+            && s.update
+                .last_result
+                .as_ref()
+                .is_some_and(|r| r.version.contains(version))
+    })
+    .await
+}
+
+async fn post(sup: &Supervisor, text: &str) -> String {
+    let (status, _, body) = request(
+        sup.addr,
+        "POST",
+        "/quotes",
+        &format!(r#"{{"text":"{text}","author":"Update test"}}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    body.split("\"id\":")
+        .nth(1)
+        .and_then(|rest| rest.split([',', '}']).next())
+        .unwrap()
+        .to_owned()
+}
+
+/// A client that asks for quotes until stopped; returns (requests, failures).
+fn client_loop(sup: &Supervisor) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(u32, Vec<String>)>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = sup.addr;
+    let flag = Arc::clone(&stop);
+    let task = tokio::spawn(async move {
+        let (mut n, mut failures) = (0, Vec::new());
+        while !flag.load(Ordering::SeqCst) {
+            match get(addr, "/quotes/random").await {
+                Ok((200, _, _)) => {}
+                other => failures.push(format!("{other:?}")),
+            }
+            n += 1;
+        }
+        (n, failures)
+    });
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_bundle_is_rolled_out_one_replica_at_a_time_under_load_and_committed() {
+    let fx = Fixture::new();
+    let sup = Supervisor::start(3, &fx.config("trial = \"1s\"\n")).await;
+    sup.all_ready(3).await;
+    let kept = post(&sup, "Written before the update").await;
+    let (stop, client) = client_loop(&sup);
+    let bundle = fx.bundle(GOOD, "2.0.0", 2, "quote-edge");
+    apply(&sup, &bundle).await;
+    let least_ready = AtomicU32::new(u32::MAX);
+    let most_replicas = AtomicU32::new(0);
+    let done = sup
+        .wait_for("the update to commit", |s| {
+            least_ready.fetch_min(s.ready, Ordering::SeqCst);
+            most_replicas.fetch_max(s.replicas.len() as u32, Ordering::SeqCst);
+            s.update.state == "idle" && s.update.last_result.is_some()
+        })
+        .await;
+    stop.store(true, Ordering::SeqCst);
+    let (requests, failures) = client.await.unwrap();
+    let result = done.update.last_result.clone().unwrap();
+    assert_eq!(
+        (result.result.as_str(), result.version.as_str()),
+        ("committed", "2.0.0"),
+        "{done:#?}"
+    );
+    assert_eq!(done.update.version, "2.0.0");
+    assert_eq!(done.update.security_version, 2);
+    assert!(
+        done.replicas
+            .iter()
+            .all(|r| r.release.as_deref() == Some("2.0.0") && r.ready),
+        "{done:#?}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {requests} requests failed: {failures:?}",
+        failures.len()
+    );
+    assert!(requests > 0);
+    assert!(
+        least_ready.load(Ordering::SeqCst) >= 2,
+        "fewer than N-1 ready during the rollout"
+    );
+    assert_eq!(
+        most_replicas.load(Ordering::SeqCst),
+        4,
+        "one surge replica at a time"
+    );
+    let (status, _, _) = get(sup.addr, &format!("/quotes/{kept}")).await.unwrap();
+    assert_eq!(status, 200, "the data survives the update");
+    let receipts: Vec<_> = std::fs::read_dir(sup.data_dir().join("ota/receipts"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(
+        receipts
+            .iter()
+            .any(|r| r.contains("\"committed\"") && r.contains("\"signature\"")),
+        "{receipts:?}"
+    );
+
+    // A lower security version is refused, as is another product; nothing changes.
+    for (bundle, why) in [
+        (
+            fx.bundle(GOOD, "1.9.0", 1, "quote-edge"),
+            "downgrade refused",
+        ),
+        (fx.bundle(GOOD, "3.0.0", 3, "other-product"), "product"),
+    ] {
+        apply(&sup, &bundle).await;
+        let after = sup
+            .wait_for("the refusal", |s| {
+                s.update.state == "idle"
+                    && s.update
+                        .last_result
+                        .as_ref()
+                        .is_some_and(|r| r.result == "refused")
+            })
+            .await;
+        let reason = after.update.last_result.unwrap().reason.unwrap();
+        assert!(reason.contains(why), "{reason}");
+        assert_eq!(after.update.version, "2.0.0");
+    }
+    // A flipped byte in the payload: refused at the chunk, the slot marked failed, the
+    // running release untouched.
+    let tampered = fx.bundle(GOOD, "3.1.0", 3, "quote-edge");
+    let mut bytes = std::fs::read(&tampered).unwrap();
+    let last = bytes.len() - 5;
+    bytes[last] ^= 0x40;
+    std::fs::write(&tampered, bytes).unwrap();
+    apply(&sup, &tampered).await;
+    let after = finished(&sup, "3.1.0").await;
+    let result = after.update.last_result.unwrap();
+    assert_eq!(result.result, "install_failed", "{result:?}");
+    assert_eq!(after.update.version, "2.0.0");
+    assert_eq!(after.ready, 3);
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_crashes_is_rolled_back_from_the_inbox_and_not_retried() {
+    let fx = Fixture::new();
+    let sup = Supervisor::start(3, &fx.config("trial = \"1s\"\n")).await;
+    sup.all_ready(3).await;
+    let kept = post(&sup, "Written before the bad update").await;
+    let inbox = sup.data_dir().join("ota/inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let bundle = fx.bundle(CRASHES, "2.0.0", 2, "quote-edge");
+    std::fs::copy(&bundle, inbox.join("update.bundle")).unwrap();
+    let after = finished(&sup, "2.0.0").await;
+    let result = after.update.last_result.clone().unwrap();
+    assert_eq!(result.result, "rolled_back", "{after:#?}");
+    assert!(
+        result
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("exited with code 3"),
+        "{result:?}"
+    );
+    let after = sup.all_ready(3).await;
+    assert_eq!(after.update.version, "factory");
+    assert!(
+        after
+            .replicas
+            .iter()
+            .all(|r| r.release.as_deref() == Some("factory"))
+    );
+    let (status, _, _) = get(sup.addr, &format!("/quotes/{kept}")).await.unwrap();
+    assert_eq!(status, 200, "quotes intact after the rollback");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(sup.data_dir().join("ota/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        state["failed_bundles"].as_array().unwrap().len(),
+        1,
+        "{state}"
+    );
+    assert!(
+        std::fs::read_dir(inbox.join("receipts")).unwrap().count() >= 1,
+        "a receipt goes back next to the bundle"
+    );
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_health_command_rolls_back_restores_the_database_and_exports_the_trial_quotes() {
+    let fx = Fixture::new();
+    let sup = Supervisor::start(
+        2,
+        &fx.config("trial = \"3s\"\nhealth_commands = [[\"/bin/sh\", \"-c\", \"exit 7\"]]\n"),
+    )
+    .await;
+    sup.all_ready(2).await;
+    let kept = post(&sup, "Written before the trial").await;
+    apply(&sup, &fx.bundle(GOOD, "2.0.0", 2, "quote-edge")).await;
+    sup.wait_for("the trial", |s| s.update.state == "trial")
+        .await;
+    let during = post(&sup, "Written during the trial").await;
+    let after = finished(&sup, "2.0.0").await;
+    let result = after.update.last_result.clone().unwrap();
+    assert_eq!(result.result, "rolled_back", "{after:#?}");
+    assert!(result.reason.unwrap().contains("health command"));
+    sup.all_ready(2).await;
+    let (status, _, _) = get(sup.addr, &format!("/quotes/{kept}")).await.unwrap();
+    assert_eq!(status, 200);
+    let (status, _, _) = get(sup.addr, &format!("/quotes/{during}")).await.unwrap();
+    assert_eq!(status, 404, "the database is the snapshot again");
+    let exported: String = std::fs::read_dir(sup.data_dir().join("ota/rollback"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(
+        exported.contains("Written during the trial"),
+        "{exported:?}"
+    );
+    assert!(!exported.contains("Written before the trial"));
+    sup.stop().await;
+}
