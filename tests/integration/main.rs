@@ -2,6 +2,7 @@
 //! supervisor with real and fake replicas.
 
 mod ota;
+mod powercut;
 mod store;
 mod supervisor;
 mod update;

@@ -15,11 +15,11 @@ use ota_bundle::{PackOptions, SecretKey, pack};
 
 use crate::supervisor::{Supervisor, get, request};
 
-const GOOD: &str = "good";
-const CRASHES: &str = "crashes";
+pub(crate) const GOOD: &str = "good";
+pub(crate) const CRASHES: &str = "crashes";
 
 /// A release directory: `bin/quote-service` that serves, or that exits 3 at once.
-fn release(dir: &Path, kind: &str) -> PathBuf {
+pub(crate) fn release(dir: &Path, kind: &str) -> PathBuf {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let body = match kind {
@@ -40,13 +40,13 @@ fn release(dir: &Path, kind: &str) -> PathBuf {
     dir.to_owned()
 }
 
-struct Fixture {
-    dir: tempfile::TempDir,
+pub(crate) struct Fixture {
+    pub(crate) dir: tempfile::TempDir,
     key: SecretKey,
 }
 
 impl Fixture {
-    fn new() -> Fixture {
+    pub(crate) fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let key = SecretKey::from_seed([7; 32]);
         std::fs::create_dir_all(dir.path().join("keys")).unwrap();
@@ -60,7 +60,7 @@ impl Fixture {
     }
 
     /// The supervisor's configuration: the factory release and trusted keys of this fixture.
-    fn config(&self, ota: &str) -> String {
+    pub(crate) fn config(&self, ota: &str) -> String {
         format!(
             "trusted_keys = {:?}\n[service]\ncommand = \"quote-service\"\nstop_grace = \"2s\"\n\
              [ota]\nfactory_bin = {:?}\nscan_interval = \"100ms\"\ntrial_deadline = \"90s\"\n{ota}",
@@ -69,9 +69,40 @@ impl Fixture {
         )
     }
 
-    fn bundle(&self, kind: &str, version: &str, security_version: u64, product: &str) -> PathBuf {
+    pub(crate) fn bundle(
+        &self,
+        kind: &str,
+        version: &str,
+        security_version: u64,
+        product: &str,
+    ) -> PathBuf {
+        self.bundle_with_data(kind, version, security_version, product, 0)
+    }
+
+    /// As [`Fixture::bundle`], with `share/data.bin` of `data` bytes (half compressible).
+    pub(crate) fn bundle_with_data(
+        &self,
+        kind: &str,
+        version: &str,
+        security_version: u64,
+        product: &str,
+        data: usize,
+    ) -> PathBuf {
         let name = format!("{kind}-{version}-{product}");
         let rel = release(&self.dir.path().join(&name), kind);
+        if data > 0 {
+            std::fs::create_dir_all(rel.join("share")).unwrap();
+            let bytes: Vec<u8> = (0..data as u32)
+                .map(|i| {
+                    if (i / 4096) % 2 == 0 {
+                        (i.wrapping_mul(2_654_435_761) >> 13) as u8
+                    } else {
+                        b'q'
+                    }
+                })
+                .collect();
+            std::fs::write(rel.join("share/data.bin"), bytes).unwrap();
+        }
         let out = self.dir.path().join(format!("{name}.bundle"));
         let options = PackOptions {
             product: product.into(),

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edge_proto::{Progress, UpdateResult, UpdateStatus};
 use ota_bundle::{Bundle, Chunked, ChunksError, TrustedKeys};
-use ota_slots::{Outcome, RealFs, Release, SlotName, SlotWriter, State, StateFile};
+use ota_slots::{Outcome, RealFs, Release, SlotName, SlotWriter, State, StateFile, failpoint};
 
 use crate::config::{Ota, ServiceSpec};
 
@@ -422,6 +422,7 @@ impl Agent {
         else {
             return Step::None;
         };
+        failpoint::hit("agent.snapshotted");
         if let Err(error) = result {
             tracing::error!(%error, "no database snapshot, so no update: the slot stays installed but unused");
             return Step::None;
@@ -495,6 +496,9 @@ impl Agent {
             *healthy_since = None;
             return (Step::None, false);
         }
+        if healthy_since.is_none() {
+            failpoint::hit("agent.rolled_out");
+        }
         let since = *healthy_since.get_or_insert(now);
         if now.saturating_duration_since(since) < self.settings.trial {
             return (Step::None, false);
@@ -538,6 +542,7 @@ impl Agent {
                 bundle,
             );
         }
+        failpoint::hit("agent.checked");
         let issued_at = if issued_at == 0 {
             self.trial_issued_at()
         } else {
@@ -593,6 +598,7 @@ impl Agent {
             return;
         }
         *draining = false;
+        failpoint::hit("agent.drained");
         let previous = self.state.previous.unwrap_or(Release::Factory);
         let layout = self.layout.clone();
         let factory_bin = self.settings.factory_bin.clone();
@@ -623,6 +629,7 @@ impl Agent {
         else {
             return Step::None;
         };
+        failpoint::hit("agent.restored");
         let reason = match result {
             Ok(()) => reason,
             Err(error) => {
@@ -651,12 +658,12 @@ impl Agent {
             .failed_bundles
             .iter()
             .cloned()
-            .chain(
-                [SlotName::A, SlotName::B]
-                    .into_iter()
-                    .filter(|s| self.state.slot(*s).status != ota_slots::SlotStatus::Empty)
-                    .filter_map(|s| self.state.slot(s).bundle_digest.clone()),
-            )
+            // The running release is not offered again; a ready slot that was never switched
+            // to (a power cut between install and switch) is, and is installed again.
+            .chain(match self.state.active {
+                Release::Slot(slot) => self.state.slot(slot).bundle_digest.clone(),
+                Release::Factory => None,
+            })
             .collect();
         let product = self.settings.product.clone();
         let floor = self.state.highest_security_version;

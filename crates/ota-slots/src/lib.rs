@@ -12,6 +12,7 @@
 //! did. Every state change is a pure function on [`State`] (tested without a disk), persisted by
 //! [`StateFile::save`] (temporary file, fsync, rename, fsync of the directory).
 
+pub mod failpoint;
 mod state;
 mod store;
 mod writer;

@@ -23,19 +23,27 @@ pub struct RealFs;
 impl Fs for RealFs {
     fn write_new(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let mut file = std::fs::File::create(path)?;
-        file.write_all(bytes)
+        file.write_all(bytes)?;
+        crate::failpoint::hit("state.written");
+        Ok(())
     }
     fn sync_file(&mut self, path: &Path) -> std::io::Result<()> {
         std::fs::OpenOptions::new()
             .write(true)
             .open(path)?
-            .sync_all()
+            .sync_all()?;
+        crate::failpoint::hit("state.synced");
+        Ok(())
     }
     fn rename(&mut self, from: &Path, to: &Path) -> std::io::Result<()> {
-        std::fs::rename(from, to)
+        std::fs::rename(from, to)?;
+        crate::failpoint::hit("state.renamed");
+        Ok(())
     }
     fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()> {
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::File::open(dir)?.sync_all()?;
+        crate::failpoint::hit("state.dir_synced");
+        Ok(())
     }
 }
 

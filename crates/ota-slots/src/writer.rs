@@ -55,6 +55,7 @@ impl SlotWriter {
             Err(e) => return Err(io(e)),
         }
         std::fs::create_dir_all(dir).map_err(io)?;
+        crate::failpoint::hit("slot.emptied");
         Ok(SlotWriter {
             dir: dir.to_owned(),
             current: None,
@@ -82,6 +83,10 @@ impl SlotWriter {
                 expected: open.next_chunk,
                 got: index,
             });
+        }
+        if let Some(cut) = crate::failpoint::cut_bytes(self.written, bytes.len()) {
+            let _ = open.file.write_all(&bytes[..cut]);
+            crate::failpoint::abort();
         }
         open.file
             .write_all(bytes)
@@ -112,6 +117,7 @@ impl SlotWriter {
                     source,
                 })?;
         }
+        crate::failpoint::hit("slot.dirs_synced");
         Ok(self.written)
     }
 
@@ -164,6 +170,7 @@ impl SlotWriter {
                 source,
             };
             open.file.sync_all().map_err(io)?;
+            crate::failpoint::hit("slot.file_synced");
             open.file
                 .set_permissions(std::fs::Permissions::from_mode(open.mode & 0o755))
                 .map_err(io)?;

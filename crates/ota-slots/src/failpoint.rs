@@ -1,0 +1,72 @@
+//! Fault injection for the power-cut tests (built only with the `failpoints` feature; without
+//! it every function here is an empty inline). `QUOTE_EDGE_FAILPOINT=NAME:N` aborts the process
+//! the Nth time `NAME` is reached: no unwinding, no destructor, no flush, as close to a power
+//! cut as a process can get without losing its page cache. `QUOTE_EDGE_FAILPOINT=slot.bytes:K`
+//! aborts once K bytes of release data have been written to a slot (the write is cut at K).
+
+/// Marks a point of the update path (after or before a write, fsync or rename).
+#[inline]
+pub fn hit(name: &str) {
+    #[cfg(feature = "failpoints")]
+    imp::hit(name);
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}
+
+/// For a write of `len` bytes after `done` bytes: how many to write before the abort, if the
+/// configured byte offset falls inside this write.
+#[inline]
+pub fn cut_bytes(done: u64, len: usize) -> Option<usize> {
+    #[cfg(feature = "failpoints")]
+    return imp::cut_bytes(done, len);
+    #[cfg(not(feature = "failpoints"))]
+    {
+        let _ = (done, len);
+        None
+    }
+}
+
+/// Aborts now (after a cut write).
+pub fn abort() -> ! {
+    std::process::abort()
+}
+
+#[cfg(feature = "failpoints")]
+mod imp {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    fn config() -> Option<&'static (String, u64)> {
+        static CONFIG: OnceLock<Option<(String, u64)>> = OnceLock::new();
+        CONFIG
+            .get_or_init(|| {
+                let value = std::env::var("QUOTE_EDGE_FAILPOINT").ok()?;
+                let (name, n) = value.rsplit_once(':')?;
+                Some((name.to_owned(), n.parse().ok()?))
+            })
+            .as_ref()
+    }
+
+    static HITS: AtomicU64 = AtomicU64::new(0);
+
+    pub fn hit(name: &str) {
+        if let Some((point, n)) = config()
+            && point == name
+            && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n
+        {
+            tracing_free_note(name);
+            super::abort();
+        }
+    }
+
+    pub fn cut_bytes(done: u64, len: usize) -> Option<usize> {
+        let (point, k) = config()?;
+        (point == "slot.bytes" && done <= *k && *k < done + len as u64)
+            .then(|| (*k - done) as usize)
+    }
+
+    fn tracing_free_note(name: &str) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "failpoint {name}: aborting");
+    }
+}
