@@ -23,7 +23,7 @@ use edge_proto::{Reply, Request, Status};
 use crate::update::{CRASHES, Fixture, GOOD};
 
 const DEADLINE: Duration = Duration::from_secs(90);
-const PAYLOAD: usize = 4 << 20;
+const PAYLOAD: usize = 6 << 20;
 
 struct Device {
     data: tempfile::TempDir,
@@ -138,7 +138,7 @@ fn off(mut child: Child) {
 }
 
 /// One power cut: write quotes, deliver the bundle, cut at `point`, power on again, and check.
-fn cut(fx: &Fixture, bundle: &Path, point: &str, expect: &str) -> String {
+fn cut(fx: &Fixture, bundle: &Path, point: &str, expect: &str, resumes: &mut Vec<u64>) -> String {
     let device = Device::new(fx);
     let mut child = device.power_on(Some(point));
     device
@@ -195,6 +195,28 @@ fn cut(fx: &Fixture, bundle: &Path, point: &str, expect: &str) -> String {
             "half state after a cut at {point}: {state}"
         );
     }
+    // A cut past the first journal mark (2 MiB) resumes: the receipt counts the kept bytes.
+    if let Some(at) = point.strip_prefix("slot.bytes:") {
+        let at: u64 = at.parse().unwrap();
+        let receipts: String = std::fs::read_dir(device.data.path().join("ota/receipts"))
+            .unwrap()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .collect();
+        let resumed: u64 = receipts
+            .split("\"resumed_bytes\": ")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if at > (2 << 20) + 4096 {
+            assert!(
+                resumed >= 2 << 20,
+                "cut at {at}: restarted instead of resumed ({resumed})"
+            );
+        }
+        resumes.push(resumed);
+    }
     let version = &status.update.version;
     assert!(
         status
@@ -243,6 +265,8 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
         "agent.snapshotted:1",
         "agent.rolled_out:1",
         "agent.checked:1",
+        "journal.recorded:1",
+        "journal.recorded:2",
     ] {
         points.push((point.to_owned(), &good, "committed"));
     }
@@ -274,8 +298,9 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
         points = points.into_iter().step_by(6).collect();
     }
     let mut log = Vec::new();
+    let mut resumes = Vec::new();
     for (point, bundle, expect) in &points {
-        log.push(cut(&fx, bundle, point, expect));
+        log.push(cut(&fx, bundle, point, expect, &mut resumes));
     }
     let unreached: Vec<&String> = log.iter().filter(|l| l.contains("not reached")).collect();
     assert!(
@@ -284,8 +309,10 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
     );
     let _ = writeln!(
         std::io::stderr(),
-        "{} power cuts, all consistent:\n{}",
+        "{} power cuts, all consistent; payload cuts that resumed: {} of {}\n{}",
         log.len(),
+        resumes.iter().filter(|r| **r > 0).count(),
+        resumes.len(),
         log.join("\n")
     );
 }

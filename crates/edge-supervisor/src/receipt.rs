@@ -27,6 +27,8 @@ pub struct Receipt {
     /// Unix seconds (the device clock, for reading, not for trust).
     pub started_at: u64,
     pub finished_at: u64,
+    /// Bytes of an interrupted install found intact and kept (it resumed, not restarted).
+    pub resumed_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]

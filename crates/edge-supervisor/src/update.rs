@@ -23,7 +23,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edge_proto::{Progress, UpdateResult, UpdateStatus};
 use ota_bundle::{Bundle, Chunked, ChunksError, TrustedKeys};
-use ota_slots::{Outcome, RealFs, Release, SlotName, SlotWriter, State, StateFile, failpoint};
+use ota_slots::{
+    Journal, Mark, Outcome, RealFs, Release, SlotName, SlotWriter, State, StateFile, failpoint,
+};
 
 use crate::config::{Ota, ServiceSpec};
 
@@ -109,6 +111,8 @@ pub enum UpdateError {
 #[derive(Debug, Clone)]
 pub struct Installed {
     pub slot: SlotName,
+    /// Bytes found already written and intact (an interrupted install resumed), not rewritten.
+    pub resumed: u64,
     pub version: String,
     pub issued_at: u64,
     pub bundle: PathBuf,
@@ -197,6 +201,8 @@ pub struct Agent {
     /// The last bundle refused before its slot was touched (not in the slot state, which
     /// records only what happened to slots); cleared by the next install.
     refusal: Option<UpdateResult>,
+    /// Bytes the last install found intact from an interrupted one (for its receipt).
+    resumed: u64,
 }
 
 /// What the dispatcher must do for the agent.
@@ -228,7 +234,22 @@ impl Agent {
             })
         })?;
         let mut state = file.load()?;
+        let mut journal = Journal::new(&layout.dir);
+        let resumable = journal.read().filter(|mark| {
+            let info = state.slot(mark.slot);
+            info.status == ota_slots::SlotStatus::Installing
+                && info.bundle_digest.as_deref() == Some(mark.digest.as_str())
+        });
         for slot in [SlotName::A, SlotName::B] {
+            if let Some(mark) = resumable.as_ref().filter(|m| m.slot == slot) {
+                tracing::warn!(
+                    slot = slot.as_str(),
+                    file = mark.file,
+                    chunk = mark.chunk,
+                    "an install was interrupted; it resumes when its bundle is offered again"
+                );
+                continue;
+            }
             if state.slot(slot).status == ota_slots::SlotStatus::Installing {
                 tracing::warn!(
                     slot = slot.as_str(),
@@ -236,6 +257,9 @@ impl Agent {
                 );
                 state = file.save(&mut RealFs, &state.abandon_install(slot)?)?;
             }
+        }
+        if resumable.is_none() {
+            let _ = journal.clear();
         }
         let mut phase = Phase::Idle;
         if let Some(trial) = state.trial.clone() {
@@ -281,6 +305,7 @@ impl Agent {
             scanning: false,
             started_at: unix_now(),
             refusal: None,
+            resumed: 0,
         })
     }
 
@@ -364,6 +389,7 @@ impl Agent {
             bundle: bundle.clone(),
         };
         self.refusal = None;
+        self.resumed = 0;
         self.started_at = unix_now();
         self.progress.0.store(0, Ordering::Relaxed);
         self.progress.1.store(0, Ordering::Relaxed);
@@ -392,6 +418,7 @@ impl Agent {
         self.state = state;
         match result {
             Ok(installed) => {
+                self.resumed = installed.resumed;
                 tracing::info!(version = %installed.version, slot = installed.slot.as_str(), bytes = installed.bytes, "release installed; taking a database snapshot");
                 self.phase = Phase::Snapshotting {
                     installed: installed.clone(),
@@ -712,6 +739,7 @@ impl Agent {
             bundle: bundle.file_name().map(|n| n.to_string_lossy().into_owned()),
             started_at: self.started_at,
             finished_at: unix_now(),
+            resumed_bytes: self.resumed,
         };
         let mut dirs = vec![self.layout.dir.join("receipts")];
         if let Some(parent) = bundle.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -813,34 +841,97 @@ impl Install {
         }
         self.progress.1.store(needed, Ordering::Relaxed);
 
-        let (next, slot) =
-            state.begin_install(&digest, &manifest.version, manifest.security_version)?;
-        *state = self.file.save(&mut RealFs, &next)?;
+        let mut journal = Journal::new(&self.layout.dir);
+        let resume = journal
+            .read()
+            .filter(|m| {
+                m.digest == digest
+                    && m.slot == target
+                    && state.slot(target).status == ota_slots::SlotStatus::Installing
+                    && state.slot(target).bundle_digest.as_deref() == Some(digest.as_str())
+            })
+            .and_then(|mark| self.check_written(manifest, &mark).map(|kept| (mark, kept)));
+        let slot = target;
+        if resume.is_none() {
+            let _ = journal.clear();
+            let (next, _) =
+                state.begin_install(&digest, &manifest.version, manifest.security_version)?;
+            *state = self.file.save(&mut RealFs, &next)?;
+        }
         let version = manifest.version.clone();
         let issued_at = manifest.issued_at;
-        let empty: Vec<(String, u32)> = manifest
+        let files: Vec<(String, u32, usize)> = manifest
             .files
             .iter()
-            .filter(|f| f.chunks.is_empty())
-            .map(|f| (f.path.clone(), f.mode))
+            .map(|f| (f.path.clone(), f.mode, f.chunks.len()))
             .collect();
+        let resumed = resume.as_ref().map_or(0, |(_, kept)| *kept);
+        self.progress.0.store(resumed, Ordering::Relaxed);
         // Err((blame, reason)): `blame` when the bundle itself is bad (remembered as failed);
         // a failed read of the bundle (the stick pulled out) only abandons the install.
         let written = (|| -> Result<u64, (bool, String)> {
             let local = |e: ota_slots::WriteError| (false, e.to_string());
-            let mut writer = SlotWriter::create(&self.layout.slot(slot)).map_err(local)?;
+            let slot_dir = self.layout.slot(slot);
+            let (mut writer, from) = match &resume {
+                Some((mark, _)) => {
+                    let (path, mode, _) = &files[mark.file as usize];
+                    let later: Vec<&str> = files[mark.file as usize + 1..]
+                        .iter()
+                        .map(|(p, _, _)| p.as_str())
+                        .collect();
+                    let keep = u64::from(mark.chunk) * ota_bundle::CHUNK_SIZE;
+                    tracing::info!(path = %path, chunk = mark.chunk, resumed, "resuming an interrupted install");
+                    let writer = SlotWriter::resume(
+                        &slot_dir,
+                        path,
+                        *mode,
+                        mark.chunk as usize,
+                        keep,
+                        &later,
+                    )
+                    .map_err(local)?;
+                    let from = ota_bundle::Position {
+                        file: mark.file as usize,
+                        chunk: mark.chunk as usize,
+                        offset: mark.offset,
+                    };
+                    (writer, from)
+                }
+                None => (
+                    SlotWriter::create(&slot_dir).map_err(local)?,
+                    bundle.start(),
+                ),
+            };
+            let mut unsynced = 0u64;
             bundle
-                .chunks(|file, index, chunk| match chunk {
-                    Chunked::Data(bytes) => {
-                        writer.chunk(&file.path, file.mode, index, bytes)?;
-                        self.progress
-                            .0
-                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                        Ok(())
+                .chunks_from(from, |file, index, chunk, next| {
+                    let Chunked::Data(bytes) = chunk else {
+                        return Err(ota_slots::WriteError::BadPath {
+                            path: "a delta chunk in a full bundle".into(),
+                        });
+                    };
+                    writer.chunk(&file.path, file.mode, index, bytes)?;
+                    self.progress
+                        .0
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    unsynced += bytes.len() as u64;
+                    if unsynced >= JOURNAL_EVERY && next.file < files.len() {
+                        writer.sync()?;
+                        journal
+                            .record(&Mark {
+                                digest: digest.clone(),
+                                slot,
+                                file: next.file as u32,
+                                chunk: next.chunk as u32,
+                                offset: next.offset,
+                            })
+                            .map_err(|source| ota_slots::WriteError::Io {
+                                path: self.layout.dir.join("install.journal"),
+                                source,
+                            })?;
+                        unsynced = 0;
                     }
-                    Chunked::Copy { .. } => Err(ota_slots::WriteError::BadPath {
-                        path: "a delta chunk in a full bundle".into(),
-                    }),
+                    Ok(())
                 })
                 .map_err(|e| match e {
                     ChunksError::Bundle(ota_bundle::BundleError::Read { .. }) => {
@@ -849,16 +940,20 @@ impl Install {
                     ChunksError::Bundle(_) => (true, e.to_string()),
                     ChunksError::Sink(_) => (false, e.to_string()),
                 })?;
-            for (path, mode) in &empty {
-                writer.empty_file(path, *mode).map_err(local)?;
+            for (path, mode, chunks) in &files {
+                if *chunks == 0 {
+                    writer.empty_file(path, *mode).map_err(local)?;
+                }
             }
             writer.finish().map_err(local)
         })();
         match written {
             Ok(bytes) => {
                 *state = self.file.save(&mut RealFs, &state.finish_install(slot)?)?;
+                let _ = journal.clear();
                 Ok(Installed {
                     slot,
+                    resumed,
                     version,
                     issued_at,
                     bundle: self.bundle.clone(),
@@ -872,6 +967,7 @@ impl Install {
                     state.abandon_install(slot)?
                 };
                 *state = self.file.save(&mut RealFs, &next)?;
+                let _ = journal.clear();
                 let _ = std::fs::remove_dir_all(self.layout.slot(slot));
                 Err(UpdateError::Install {
                     slot: slot.as_str(),
@@ -880,7 +976,45 @@ impl Install {
             }
         }
     }
+
+    /// Re-hashes what an interrupted install wrote before `mark`: every file before it whole,
+    /// and the chunks of its file before its chunk. The bytes kept, or None (start over).
+    fn check_written(&self, manifest: &ota_bundle::Manifest, mark: &Mark) -> Option<u64> {
+        use std::io::Read;
+        let dir = self.layout.slot(mark.slot);
+        let mut kept = 0u64;
+        let mut buf = vec![0u8; ota_bundle::CHUNK_SIZE as usize];
+        for (f, entry) in manifest
+            .files
+            .iter()
+            .enumerate()
+            .take(mark.file as usize + 1)
+        {
+            let chunks = if f == mark.file as usize {
+                mark.chunk as usize
+            } else {
+                entry.chunks.len()
+            };
+            if chunks == 0 {
+                continue;
+            }
+            let mut file = std::fs::File::open(dir.join(&entry.path)).ok()?;
+            for chunk in entry.chunks.iter().take(chunks) {
+                let bytes = &mut buf[..chunk.size as usize];
+                file.read_exact(bytes).ok()?;
+                if ota_bundle::chunk_hash(bytes) != chunk.hash {
+                    tracing::warn!(path = %entry.path, "the interrupted install's data does not match; starting over");
+                    return None;
+                }
+                kept += chunk.size;
+            }
+        }
+        Some(kept)
+    }
 }
+
+/// A journal mark after about this much data (each mark costs an fsync of the slot).
+const JOURNAL_EVERY: u64 = 2 << 20;
 
 fn free_bytes(dir: &Path) -> u64 {
     rustix::fs::statvfs(dir).map_or(u64::MAX, |s| s.f_bavail.saturating_mul(s.f_frsize))

@@ -18,7 +18,7 @@ pub use keys::{KeyId, PublicKey, SecretKey, TrustedKeys};
 pub use manifest::{CHUNK_SIZE, Chunk, FileEntry, MAX_FILES, Manifest};
 pub use pack::{PackOptions, PackReport, add_signature, pack};
 pub use read::{
-    Bundle, Chunked, ChunksError, SIGNING_DOMAIN, manifest_digest,
+    Bundle, Chunked, ChunksError, Position, SIGNING_DOMAIN, chunk_hash, manifest_digest,
     read_manifest_and_digest_unverified, read_manifest_unverified, signed_message,
 };
 

@@ -21,6 +21,12 @@ pub fn signed_message(manifest: &[u8]) -> Vec<u8> {
     message
 }
 
+/// The hash of one chunk's plain bytes as the manifest writes it (BLAKE3, hex), for an
+/// installer that re-checks what it wrote before resuming.
+pub fn chunk_hash(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
 /// The bundle's identity: BLAKE3 of its signed manifest, which names every chunk's hash, so
 /// two bundles with the same digest install the same bytes (re-signing does not change it).
 pub fn manifest_digest(manifest: &[u8]) -> String {
@@ -166,9 +172,72 @@ impl<R: Read> Bundle<R> {
     /// handed to `sink` with no bytes, to be fetched from the base by hash. Reading stops at the
     /// first error, and the input must end exactly where the payload does.
     pub fn chunks<E>(
-        mut self,
+        self,
         mut sink: impl FnMut(&FileEntry, usize, Chunked<'_>) -> Result<(), E>,
     ) -> Result<(), ChunksError<E>> {
+        let start = self.start();
+        self.chunks_from(start, |file, index, chunk, _| sink(file, index, chunk))
+    }
+
+    /// The position of the first chunk.
+    pub fn start(&self) -> Position {
+        Position {
+            file: 0,
+            chunk: 0,
+            offset: self.offset,
+        }
+    }
+
+    /// As [`Bundle::chunks`], from `from` (a position an earlier walk handed to its sink, to
+    /// resume an interrupted install): the payload before it is read past, not decompressed.
+    /// The sink also gets the position after each chunk. A position that is not the start of a
+    /// chunk of this manifest is refused.
+    pub fn chunks_from<E>(
+        mut self,
+        from: Position,
+        mut sink: impl FnMut(&FileEntry, usize, Chunked<'_>, Position) -> Result<(), E>,
+    ) -> Result<(), ChunksError<E>> {
+        let mut at = self.offset;
+        let mut valid = false;
+        'find: for (f, file) in self.manifest.files.iter().enumerate() {
+            for c in 0..=file.chunks.len() {
+                if (f, c) == (from.file, from.chunk) {
+                    valid = at == from.offset;
+                    break 'find;
+                }
+                if let Some(chunk) = file.chunks.get(c) {
+                    at += chunk.csize.unwrap_or(0);
+                }
+            }
+        }
+        if from.file == self.manifest.files.len() && from.chunk == 0 {
+            valid = at == from.offset;
+        }
+        if !valid {
+            return Err(ChunksError::Bundle(BundleError::field(
+                "resume position",
+                format!(
+                    "file {} chunk {} at offset {} is not a chunk of this bundle",
+                    from.file, from.chunk, from.offset
+                ),
+            )));
+        }
+        let skip = from.offset - self.offset;
+        let skipped = std::io::copy(&mut (&mut self.reader).take(skip), &mut std::io::sink())
+            .map_err(|source| {
+                ChunksError::Bundle(BundleError::Read {
+                    offset: self.offset,
+                    source,
+                })
+            })?;
+        if skipped != skip {
+            return Err(ChunksError::Bundle(BundleError::Truncated {
+                what: "payload",
+                offset: self.offset + skipped,
+                needed: skip - skipped,
+            }));
+        }
+        self.offset = from.offset;
         let mut frame = Vec::new();
         let mut plain = vec![0u8; CHUNK_SIZE as usize];
         let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| {
@@ -177,11 +246,33 @@ impl<R: Read> Bundle<R> {
                 source: e,
             })
         })?;
-        for file in &self.manifest.files {
-            for (index, chunk) in file.chunks.iter().enumerate() {
+        let files = self.manifest.files.len();
+        for (f, file) in self.manifest.files.iter().enumerate().skip(from.file) {
+            let first = if f == from.file { from.chunk } else { 0 };
+            for (index, chunk) in file.chunks.iter().enumerate().skip(first) {
+                let next = |offset: u64| {
+                    if index + 1 < file.chunks.len() || f + 1 == files {
+                        Position {
+                            file: f,
+                            chunk: index + 1,
+                            offset,
+                        }
+                    } else {
+                        Position {
+                            file: f + 1,
+                            chunk: 0,
+                            offset,
+                        }
+                    }
+                };
                 let Some(csize) = chunk.csize else {
-                    sink(file, index, Chunked::Copy { hash: &chunk.hash })
-                        .map_err(ChunksError::Sink)?;
+                    sink(
+                        file,
+                        index,
+                        Chunked::Copy { hash: &chunk.hash },
+                        next(self.offset),
+                    )
+                    .map_err(ChunksError::Sink)?;
                     continue;
                 };
                 let at = self.offset;
@@ -216,7 +307,13 @@ impl<R: Read> Bundle<R> {
                         "its content does not match the signed hash".to_owned(),
                     ));
                 }
-                sink(file, index, Chunked::Data(&plain[..size])).map_err(ChunksError::Sink)?;
+                sink(
+                    file,
+                    index,
+                    Chunked::Data(&plain[..size]),
+                    next(self.offset),
+                )
+                .map_err(ChunksError::Sink)?;
             }
         }
         let mut extra = [0u8; 1];
@@ -232,6 +329,15 @@ impl<R: Read> Bundle<R> {
             })),
         }
     }
+}
+
+/// A place in the payload: the next chunk (`chunk` of `file`, in manifest order) and the
+/// bundle offset of its frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub file: usize,
+    pub chunk: usize,
+    pub offset: u64,
 }
 
 /// One chunk as handed to a sink.

@@ -442,3 +442,53 @@ fn the_committed_sample_manifest_and_test_keys_are_valid() {
     let public = crate::PublicKey::load(&keys.join("test-signing.pub")).unwrap();
     assert_eq!(secret.public(), public);
 }
+
+#[test]
+fn resuming_from_any_position_a_walk_handed_out_gives_the_rest_of_the_same_chunks() {
+    let (_dir, path, _) = packed();
+    let bytes = std::fs::read(&path).unwrap();
+    let trusted = trusting(&[&key(1)], 1);
+    let mut walk = Vec::new();
+    Bundle::open(&bytes[..], &trusted)
+        .unwrap()
+        .chunks_from(
+            Bundle::open(&bytes[..], &trusted).unwrap().start(),
+            |file, index, chunk, next| {
+                let data = match chunk {
+                    Chunked::Data(b) => b.to_vec(),
+                    Chunked::Copy { .. } => Vec::new(),
+                };
+                walk.push((file.path.clone(), index, data, next));
+                Ok::<(), ()>(())
+            },
+        )
+        .unwrap();
+    assert!(walk.len() >= 3, "several chunks to resume between");
+    for cut in 0..walk.len() {
+        let from = walk[cut].3;
+        let mut rest = Vec::new();
+        Bundle::open(&bytes[..], &trusted)
+            .unwrap()
+            .chunks_from(from, |file, index, chunk, _| {
+                let Chunked::Data(b) = chunk else { panic!() };
+                rest.push((file.path.clone(), index, b.to_vec()));
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        let expected: Vec<_> = walk[cut + 1..]
+            .iter()
+            .map(|(p, i, d, _)| (p.clone(), *i, d.clone()))
+            .collect();
+        assert_eq!(rest, expected, "resumed after chunk {cut}");
+    }
+    let mut bogus = walk[0].3;
+    bogus.offset += 1;
+    let error = Bundle::open(&bytes[..], &trusted)
+        .unwrap()
+        .chunks_from(bogus, |_, _, _, _| Ok::<(), ()>(()))
+        .unwrap_err();
+    let ChunksError::Bundle(error) = error else {
+        panic!("{error:?}")
+    };
+    assert!(error.to_string().contains("resume position"), "{error}");
+}

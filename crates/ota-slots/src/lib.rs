@@ -13,10 +13,12 @@
 //! [`StateFile::save`] (temporary file, fsync, rename, fsync of the directory).
 
 pub mod failpoint;
+mod journal;
 mod state;
 mod store;
 mod writer;
 
+pub use journal::{Journal, Mark};
 pub use state::{
     MAX_FAILED, Outcome, Refused, Release, SlotInfo, SlotName, SlotStatus, State, Trial,
 };

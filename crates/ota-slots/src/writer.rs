@@ -64,6 +64,89 @@ impl SlotWriter {
         })
     }
 
+    /// Continues an interrupted install in `dir` (not emptied): `later` files (after the one
+    /// being resumed, in manifest order) are removed if present, and `path` is cut back to
+    /// `keep` bytes (the chunks before `next_chunk`, which the caller re-hashed) and reopened
+    /// for appending.
+    pub fn resume(
+        dir: &Path,
+        path: &str,
+        mode: u32,
+        next_chunk: usize,
+        keep: u64,
+        later: &[&str],
+    ) -> Result<SlotWriter, WriteError> {
+        let mut writer = SlotWriter {
+            dir: dir.to_owned(),
+            current: None,
+            dirs: vec![dir.to_owned()],
+            written: keep,
+        };
+        for later in later {
+            let full = writer.dir.join(writer.relative(later)?);
+            match std::fs::remove_file(&full) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(WriteError::Io {
+                        path: full,
+                        source: e,
+                    });
+                }
+                _ => {}
+            }
+        }
+        let full = writer.dir.join(writer.relative(path)?);
+        if let Some(parent) = full.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| WriteError::Io {
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        collect_dirs(dir, &mut writer.dirs);
+        let io = |source| WriteError::Io {
+            path: full.clone(),
+            source,
+        };
+        // No link is followed: the slot holds only what this writer created.
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&full)
+            .map_err(io)?;
+        file.set_len(keep).map_err(io)?;
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::End(0)).map_err(io)?;
+        writer.current = Some(Open {
+            path: path.to_owned(),
+            file,
+            mode,
+            next_chunk,
+        });
+        Ok(writer)
+    }
+
+    /// Makes everything written so far durable (the current file and every directory), so
+    /// that a journal mark may cover it.
+    pub fn sync(&mut self) -> Result<(), WriteError> {
+        if let Some(open) = &self.current {
+            open.file.sync_data().map_err(|source| WriteError::Io {
+                path: self.dir.join(&open.path),
+                source,
+            })?;
+        }
+        for dir in &self.dirs {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| WriteError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// Appends verified chunk `index` of `path` (mode applied when the file is complete).
     pub fn chunk(
         &mut self,
@@ -121,9 +204,9 @@ impl SlotWriter {
         Ok(self.written)
     }
 
-    fn open(&mut self, path: &str, mode: u32) -> Result<(), WriteError> {
+    /// The manifest was validated already; this is the writer's own guard.
+    fn relative<'p>(&self, path: &'p str) -> Result<&'p Path, WriteError> {
         let relative = Path::new(path);
-        // The manifest was validated already; this is the writer's own guard.
         if path.is_empty()
             || !relative
                 .components()
@@ -133,7 +216,11 @@ impl SlotWriter {
                 path: path.to_owned(),
             });
         }
-        let full = self.dir.join(relative);
+        Ok(relative)
+    }
+
+    fn open(&mut self, path: &str, mode: u32) -> Result<(), WriteError> {
+        let full = self.dir.join(self.relative(path)?);
         if let Some(parent) = full.parent()
             && !self.dirs.iter().any(|d| d == parent)
         {
@@ -169,13 +256,28 @@ impl SlotWriter {
                 path: path.clone(),
                 source,
             };
-            open.file.sync_all().map_err(io)?;
-            crate::failpoint::hit("slot.file_synced");
+            // The mode first, so that the sync makes it durable with the content.
             open.file
                 .set_permissions(std::fs::Permissions::from_mode(open.mode & 0o755))
                 .map_err(io)?;
+            open.file.sync_all().map_err(io)?;
+            crate::failpoint::hit("slot.file_synced");
         }
         Ok(())
+    }
+}
+
+/// Every directory under `dir` (to be synced at the end of a resumed install).
+fn collect_dirs(dir: &Path, into: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let path = entry.path();
+            into.push(path.clone());
+            collect_dirs(&path, into);
+        }
     }
 }
 
@@ -202,6 +304,25 @@ mod tests {
             & 0o777;
         assert_eq!(mode, 0o755);
         assert!(!slot.join("stale").exists(), "the slot is emptied first");
+    }
+
+    #[test]
+    fn a_resumed_file_is_cut_back_to_what_was_kept_and_later_files_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let slot = dir.path().join("a");
+        let mut w = SlotWriter::create(&slot).unwrap();
+        w.chunk("bin/a", 0o755, 0, b"first").unwrap();
+        w.chunk("bin/b", 0o644, 0, b"0123").unwrap();
+        w.chunk("bin/b", 0o644, 1, b"torn").unwrap();
+        w.chunk("bin/c", 0o644, 0, b"early").unwrap();
+        drop(w);
+        let mut w = SlotWriter::resume(&slot, "bin/b", 0o644, 1, 4, &["bin/c"]).unwrap();
+        w.chunk("bin/b", 0o644, 1, b"4567").unwrap();
+        w.chunk("bin/c", 0o644, 0, b"again").unwrap();
+        assert_eq!(w.finish().unwrap(), 4 + 4 + 5);
+        assert_eq!(std::fs::read(slot.join("bin/a")).unwrap(), b"first");
+        assert_eq!(std::fs::read(slot.join("bin/b")).unwrap(), b"01234567");
+        assert_eq!(std::fs::read(slot.join("bin/c")).unwrap(), b"again");
     }
 
     #[test]
