@@ -136,6 +136,10 @@ impl SlotWriter {
                 source,
             })?;
         }
+        self.sync_dirs()
+    }
+
+    fn sync_dirs(&self) -> Result<(), WriteError> {
         for dir in &self.dirs {
             File::open(dir)
                 .and_then(|d| d.sync_all())
@@ -192,14 +196,7 @@ impl SlotWriter {
     /// Syncs the last file and every directory; returns the bytes written.
     pub fn finish(mut self) -> Result<u64, WriteError> {
         self.finish_file()?;
-        for dir in &self.dirs {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|source| WriteError::Io {
-                    path: dir.clone(),
-                    source,
-                })?;
-        }
+        self.sync_dirs()?;
         crate::failpoint::hit("slot.dirs_synced");
         Ok(self.written)
     }
