@@ -359,3 +359,54 @@ async fn a_failed_health_command_rolls_back_restores_the_database_and_exports_th
     assert!(!exported.contains("Written before the trial"));
     sup.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ota_apply_follows_the_update_to_its_commit_and_ota_status_reports_it() {
+    let fx = Fixture::new();
+    let sup = Supervisor::start(2, &fx.config("trial = \"1s\"\n")).await;
+    sup.all_ready(2).await;
+    let bundle = fx.bundle(GOOD, "2.1.0", 2, "quote-edge");
+    let socket = sup.data_dir().join("supervisor.sock");
+    let ota = tests::workspace_binary("ota");
+    let output = {
+        let (socket, ota) = (socket.clone(), ota.clone());
+        tokio::task::spawn_blocking(move || {
+            tests::command(&ota)
+                .args(["apply", "--json", "--socket"])
+                .arg(&socket)
+                .arg(&bundle)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    let last = lines.last().unwrap();
+    assert_eq!(last["last_result"]["result"], "committed", "{stdout}");
+    assert!(
+        lines.iter().any(|l| l["state"] == "trial"),
+        "the trial is reported on the way: {stdout}"
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        tests::command(&ota)
+            .args(["status", "--json", "--socket"])
+            .arg(&socket)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let update: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(update["version"], "2.1.0");
+    sup.stop().await;
+}

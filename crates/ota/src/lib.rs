@@ -1,6 +1,7 @@
 //! `ota`: the host-side update tool. `keygen` makes a signing key, `pack` turns a release
 //! directory into a signed bundle, `sign` adds a signature (k-of-n), `verify` checks a bundle
-//! completely against trusted keys, `inspect` shows what a bundle claims without trusting it.
+//! completely against trusted keys, `inspect` shows what a bundle claims without trusting it;
+//! `apply` and `status` ask a device's supervisor (its OTA agent) over the control socket.
 //!
 //! Architecture invariant: `ota` never touches a device slot; installing is the supervisor's
 //! OTA agent's job.
@@ -12,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
+
+pub mod device;
 use ota_bundle::{
     Bundle, BundleError, ChunksError, PackOptions, PublicKey, SecretKey, TrustedKeys,
 };
@@ -32,7 +35,7 @@ pub mod exit {
 #[command(
     name = "ota",
     version,
-    about = "quote-edge update bundles: keygen, pack, sign, verify, inspect"
+    about = "quote-edge update bundles: keygen, pack, sign, verify, inspect, apply, status"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -93,6 +96,29 @@ pub enum Command {
         json: bool,
         file: PathBuf,
     },
+    /// Install a bundle on the device through its supervisor, and follow the update to its end
+    /// (exit 0 committed, 1 refused or rolled back).
+    Apply {
+        /// The supervisor's data directory (its socket is `<DIR>/supervisor.sock`).
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+        /// The control socket, if not in the data directory.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Progress as JSON lines (each the `update` object of `status --json`).
+        #[arg(long)]
+        json: bool,
+        file: PathBuf,
+    },
+    /// The device's update state: running version, agent state, progress, last result.
+    Status {
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +133,10 @@ pub enum OtaError {
     },
     #[error("{0}")]
     Usage(String),
+    #[error("the device refused: {0}")]
+    Device(String),
+    #[error("the update did not commit")]
+    NotCommitted,
 }
 
 impl OtaError {
@@ -118,6 +148,7 @@ impl OtaError {
             OtaError::Bundle(_) => exit::REFUSED,
             OtaError::Io { .. } => exit::IO,
             OtaError::Usage(_) => exit::USAGE,
+            OtaError::Device(_) | OtaError::NotCommitted => exit::REFUSED,
         }
     }
 }
@@ -242,6 +273,52 @@ pub fn run(command: Command, out: &mut dyn Write) -> Result<(), OtaError> {
                     ChunksError::Sink(never) => match never {},
                 })?;
             writeln!(out, "{summary}").map_err(|e| io(&file, e))
+        }
+        Command::Apply {
+            data_dir,
+            socket,
+            json,
+            file,
+        } => {
+            let socket = socket.unwrap_or_else(|| data_dir.join("supervisor.sock"));
+            if device::apply(&socket, &file, json, out)? {
+                Ok(())
+            } else {
+                Err(OtaError::NotCommitted)
+            }
+        }
+        Command::Status {
+            data_dir,
+            socket,
+            json,
+        } => {
+            let socket = socket.unwrap_or_else(|| data_dir.join("supervisor.sock"));
+            let update = device::status(&socket)?;
+            let text = if json {
+                serde_json::to_string_pretty(&update).unwrap_or_default()
+            } else {
+                format!(
+                    "running {} (slot {}), security version {}; agent {}{}",
+                    update.version,
+                    update.slot.as_deref().unwrap_or("factory"),
+                    update.security_version,
+                    update.state,
+                    update
+                        .last_result
+                        .as_ref()
+                        .map(|r| format!(
+                            "; last update: {} {}{}",
+                            r.result,
+                            r.version,
+                            r.reason
+                                .as_deref()
+                                .map(|x| format!(" ({x})"))
+                                .unwrap_or_default()
+                        ))
+                        .unwrap_or_default()
+                )
+            };
+            writeln!(out, "{text}").map_err(|e| io(&socket, e))
         }
         Command::Inspect { json, file } => {
             let inspection = inspect(&file)?;

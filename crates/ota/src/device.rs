@@ -1,0 +1,119 @@
+//! `ota apply` and `ota status`: talk to a device's supervisor over its control socket (one
+//! JSON request line, one JSON reply), with std only. The OTA agent in the supervisor does the
+//! work; this only asks and reports.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use edge_proto::{Reply, Request, UpdateStatus};
+
+use crate::OtaError;
+
+/// Largest reply read (a status is a few kilobytes).
+const MAX_REPLY: u64 = 1 << 20;
+
+fn ask(socket: &Path, request: &Request) -> Result<Reply, OtaError> {
+    let io = |source| OtaError::Io {
+        path: socket.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
+    let mut line = serde_json::to_vec(request).expect("a request serialises");
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut answer = Vec::new();
+    stream
+        .take(MAX_REPLY)
+        .read_to_end(&mut answer)
+        .map_err(io)?;
+    serde_json::from_slice(&answer).map_err(|e| OtaError::Device(format!("bad reply: {e}")))
+}
+
+/// The `update` part of the device's status.
+pub fn status(socket: &Path) -> Result<UpdateStatus, OtaError> {
+    match ask(socket, &Request::Status)? {
+        Reply::Status(status) => Ok(status.update),
+        Reply::Error { message, .. } => Err(OtaError::Device(message)),
+        other => Err(OtaError::Device(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Hands `bundle` to the agent, then reports its progress until the update ends: one line per
+/// change (JSON lines with `json`). Ok(true) when the update was committed.
+pub fn apply(
+    socket: &Path,
+    bundle: &Path,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<bool, OtaError> {
+    let bundle: PathBuf = std::path::absolute(bundle).map_err(|source| OtaError::Io {
+        path: bundle.to_owned(),
+        source,
+    })?;
+    let before = status(socket)?.last_result;
+    match ask(
+        socket,
+        &Request::Apply {
+            bundle: bundle.display().to_string(),
+        },
+    )? {
+        Reply::Accepted { .. } => {}
+        Reply::Error { message, .. } => return Err(OtaError::Device(message)),
+        other => return Err(OtaError::Device(format!("unexpected reply {other:?}"))),
+    }
+    let mut last_line = String::new();
+    loop {
+        let update = status(socket)?;
+        let line = if json {
+            serde_json::to_string(&update).expect("status serialises")
+        } else {
+            match &update.progress {
+                Some(p) => format!(
+                    "{} {} {}/{} bytes",
+                    update.state,
+                    update.target.as_deref().unwrap_or(""),
+                    p.done,
+                    p.total
+                ),
+                None => format!(
+                    "{} {}",
+                    update.state,
+                    update.target.as_deref().unwrap_or("")
+                ),
+            }
+        };
+        if line != last_line {
+            let _ = writeln!(out, "{line}");
+            last_line = line;
+        }
+        if update.state == "idle" && update.last_result != before {
+            let result = update
+                .last_result
+                .unwrap_or_else(|| edge_proto::UpdateResult {
+                    result: "unknown".into(),
+                    version: String::new(),
+                    reason: None,
+                });
+            if !json {
+                let _ = writeln!(
+                    out,
+                    "{} {}{}",
+                    result.result,
+                    result.version,
+                    result
+                        .reason
+                        .as_deref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                );
+            }
+            return Ok(result.result == "committed");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
