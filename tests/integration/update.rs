@@ -34,7 +34,9 @@ pub(crate) fn release(dir: &Path, kind: &str) -> PathBuf {
         _ => "echo 'this release cannot start' >&2\nexit 3\n".to_owned(),
     };
     let script = bin.join("quote-service");
-    std::fs::write(&script, format!("#!/bin/sh\n{body}")).unwrap();
+    // The release's name in the script: every release differs in this one file.
+    let name = dir.file_name().unwrap().to_string_lossy();
+    std::fs::write(&script, format!("#!/bin/sh\n# {name}\n{body}")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     dir.to_owned()
@@ -112,6 +114,31 @@ impl Fixture {
             level: 3,
         };
         pack(&rel, &out, &options, &self.key, |_, _| {}).unwrap();
+        out
+    }
+
+    /// A delta of a good release with `data` bytes of data (as [`Fixture::bundle_with_data`])
+    /// against the release in `base`.
+    pub(crate) fn delta(
+        &self,
+        version: &str,
+        security_version: u64,
+        data: usize,
+        base: &Path,
+    ) -> PathBuf {
+        let full = self.bundle_with_data(GOOD, version, security_version, "quote-edge", data);
+        let rel = self.dir.path().join(format!("{GOOD}-{version}-quote-edge"));
+        let out = full.with_extension("delta.bundle");
+        let (base, _) =
+            ota_bundle::read_manifest_unverified(std::fs::File::open(base).unwrap()).unwrap();
+        let options = PackOptions {
+            product: "quote-edge".into(),
+            version: version.into(),
+            security_version,
+            issued_at: 1_000 + security_version,
+            level: 3,
+        };
+        ota_bundle::pack_delta(&rel, &out, &options, &self.key, &base, |_, _| {}).unwrap();
         out
     }
 }
@@ -408,5 +435,60 @@ async fn ota_apply_follows_the_update_to_its_commit_and_ota_status_reports_it() 
     .unwrap();
     let update: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(update["version"], "2.1.0");
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_copies_unchanged_chunks_from_the_running_release_and_needs_that_base() {
+    let fx = Fixture::new();
+    let sup = Supervisor::start(2, &fx.config("trial = \"500ms\"\n")).await;
+    sup.all_ready(2).await;
+    let data = 3 << 20;
+    let v2 = fx.bundle_with_data(GOOD, "2.0.0", 2, "quote-edge", data);
+    apply(&sup, &v2).await;
+    assert_eq!(finished(&sup, "2.0.0").await.update.version, "2.0.0");
+
+    // 3.0.0 changes only its script: the data's chunks are copied, not carried.
+    let delta = fx.delta("3.0.0", 3, data, &v2);
+    let full = fx.dir.path().join("good-3.0.0-quote-edge.bundle");
+    let (delta_len, full_len) = (
+        std::fs::metadata(&delta).unwrap().len(),
+        std::fs::metadata(&full).unwrap().len(),
+    );
+    assert!(
+        delta_len * 10 < full_len,
+        "delta {delta_len} bytes, full {full_len}"
+    );
+    apply(&sup, &delta).await;
+    let after = finished(&sup, "3.0.0").await;
+    let result = after.update.last_result.clone().unwrap();
+    assert_eq!(result.result, "committed", "{result:?}");
+    assert_eq!(after.update.slot.as_deref(), Some("b"));
+    let release = fx.dir.path().join("good-3.0.0-quote-edge");
+    for file in ["bin/quote-service", "share/data.bin"] {
+        assert_eq!(
+            std::fs::read(sup.data_dir().join("ota/slots/b").join(file)).unwrap(),
+            std::fs::read(release.join(file)).unwrap(),
+            "{file} byte for byte"
+        );
+    }
+
+    // A delta against 2.0.0 no longer applies: 3.0.0 runs.
+    let stale = fx.delta("3.1.0", 4, data, &v2);
+    apply(&sup, &stale).await;
+    let after = sup
+        .wait_for("the refusal", |s| {
+            s.update.state == "idle"
+                && s.update
+                    .last_result
+                    .as_ref()
+                    .is_some_and(|r| r.result == "refused")
+        })
+        .await;
+    let reason = after.update.last_result.unwrap().reason.unwrap();
+    assert!(
+        reason.contains("use the full bundle") && reason.contains("3.0.0"),
+        "{reason}"
+    );
     sup.stop().await;
 }

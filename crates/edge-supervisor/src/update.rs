@@ -46,6 +46,12 @@ impl Layout {
     pub fn slot(&self, slot: SlotName) -> PathBuf {
         self.dir.join("slots").join(slot.as_str())
     }
+    /// The verified manifest of the release in `slot`, kept for delta installs.
+    pub fn manifest(&self, slot: SlotName) -> PathBuf {
+        self.dir
+            .join("slots")
+            .join(format!("{}.manifest", slot.as_str()))
+    }
     pub fn snapshot(&self) -> PathBuf {
         self.dir.join("snapshot").join("quotes.db")
     }
@@ -90,9 +96,9 @@ pub enum UpdateError {
     #[error("version {0} is already running")]
     AlreadyRunning(String),
     #[error(
-        "the bundle is a delta against release {0}; this agent installs full bundles only: use the full bundle"
+        "the bundle is a delta against release {base}, but this device runs {running}: use the full bundle"
     )]
-    Delta(String),
+    Delta { base: String, running: String },
     #[error("the release needs {needed} bytes in {path}, {free} are free; nothing was written")]
     NoSpace {
         path: PathBuf,
@@ -791,6 +797,7 @@ impl Install {
                 }
             })?;
         let manifest = &bundle.manifest;
+        let manifest_bytes = bundle.manifest_bytes.clone();
         let digest = ota_bundle::manifest_digest(&bundle.manifest_bytes);
         if manifest.product != self.product {
             return Err(UpdateError::Incompatible {
@@ -817,9 +824,10 @@ impl Install {
         {
             return Err(UpdateError::AlreadyRunning(manifest.version.clone()));
         }
-        if let Some(base) = &manifest.base {
-            return Err(UpdateError::Delta(base.version.clone()));
-        }
+        let copies = match &manifest.base {
+            None => HashMap::new(),
+            Some(base) => self.copy_index(state, base)?,
+        };
         let needed: u64 = manifest.files.iter().map(|f| f.size).sum();
         let slots_dir = self.layout.dir.join("slots");
         std::fs::create_dir_all(&slots_dir).map_err(|e| UpdateError::Install {
@@ -854,6 +862,7 @@ impl Install {
         let slot = target;
         if resume.is_none() {
             let _ = journal.clear();
+            let _ = std::fs::remove_file(self.layout.manifest(target));
             let (next, _) =
                 state.begin_install(&digest, &manifest.version, manifest.security_version)?;
             *state = self.file.save(&mut RealFs, &next)?;
@@ -905,10 +914,13 @@ impl Install {
             let mut unsynced = 0u64;
             bundle
                 .chunks_from(from, |file, index, chunk, next| {
-                    let Chunked::Data(bytes) = chunk else {
-                        return Err(ota_slots::WriteError::BadPath {
-                            path: "a delta chunk in a full bundle".into(),
-                        });
+                    let copied;
+                    let bytes = match chunk {
+                        Chunked::Data(bytes) => bytes,
+                        Chunked::Copy { hash } => {
+                            copied = copy_chunk(&copies, hash)?;
+                            &copied[..]
+                        }
                     };
                     writer.chunk(&file.path, file.mode, index, bytes)?;
                     self.progress
@@ -933,7 +945,7 @@ impl Install {
                     }
                     Ok(())
                 })
-                .map_err(|e| match e {
+                .map_err(|e: ChunksError<ota_slots::WriteError>| match e {
                     ChunksError::Bundle(ota_bundle::BundleError::Read { .. }) => {
                         (false, e.to_string())
                     }
@@ -947,6 +959,11 @@ impl Install {
             }
             writer.finish().map_err(local)
         })();
+        let written = written.and_then(|bytes| {
+            write_synced(&self.layout.manifest(slot), &manifest_bytes)
+                .map(|()| bytes)
+                .map_err(|e| (false, format!("cannot keep the manifest: {e}")))
+        });
         match written {
             Ok(bytes) => {
                 *state = self.file.save(&mut RealFs, &state.finish_install(slot)?)?;
@@ -975,6 +992,42 @@ impl Install {
                 })
             }
         }
+    }
+
+    /// Where each chunk of the running release is, for a delta against `base`; refused unless
+    /// the running release is exactly `base` (by its release digest).
+    fn copy_index(
+        &self,
+        state: &State,
+        base: &ota_bundle::Base,
+    ) -> Result<HashMap<String, (PathBuf, u64, u64)>, UpdateError> {
+        let refused = |running: String| UpdateError::Delta {
+            base: base.version.clone(),
+            running,
+        };
+        let Release::Slot(active) = state.active else {
+            return Err(refused("the factory release".into()));
+        };
+        let running = state.slot(active).version.clone().unwrap_or_default();
+        let bytes = std::fs::read(self.layout.manifest(active))
+            .map_err(|_| refused(format!("{running} (whose manifest is not kept)")))?;
+        let manifest = ota_bundle::Manifest::parse_canonical(&bytes)
+            .map_err(|_| refused(format!("{running} (whose kept manifest is unreadable)")))?;
+        if manifest.release_digest() != base.digest {
+            return Err(refused(running));
+        }
+        let dir = self.layout.slot(active);
+        let mut index = HashMap::new();
+        for file in &manifest.files {
+            for (i, chunk) in file.chunks.iter().enumerate() {
+                index.entry(chunk.hash.clone()).or_insert((
+                    dir.join(&file.path),
+                    i as u64 * ota_bundle::CHUNK_SIZE,
+                    chunk.size,
+                ));
+            }
+        }
+        Ok(index)
     }
 
     /// Re-hashes what an interrupted install wrote before `mark`: every file before it whole,
@@ -1015,6 +1068,51 @@ impl Install {
 
 /// A journal mark after about this much data (each mark costs an fsync of the slot).
 const JOURNAL_EVERY: u64 = 2 << 20;
+
+/// Reads a chunk of the running release for a delta, and checks it against the signed hash
+/// (a damaged running release must not leak into the new one).
+fn copy_chunk(
+    copies: &HashMap<String, (PathBuf, u64, u64)>,
+    hash: &str,
+) -> Result<Vec<u8>, ota_slots::WriteError> {
+    use std::io::{Read, Seek};
+    let missing = |path: PathBuf, why: String| ota_slots::WriteError::Io {
+        path,
+        source: std::io::Error::other(why),
+    };
+    let (path, offset, size) = copies.get(hash).ok_or_else(|| {
+        missing(
+            PathBuf::from("(running release)"),
+            format!("chunk {hash} is not in the running release"),
+        )
+    })?;
+    let mut bytes = vec![0u8; *size as usize];
+    let mut file = std::fs::File::open(path).map_err(|e| missing(path.clone(), e.to_string()))?;
+    file.seek(std::io::SeekFrom::Start(*offset))
+        .and_then(|_| file.read_exact(&mut bytes))
+        .map_err(|e| missing(path.clone(), e.to_string()))?;
+    if ota_bundle::chunk_hash(&bytes) != hash {
+        return Err(missing(
+            path.clone(),
+            "the running release's chunk does not match its hash".into(),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
 
 fn free_bytes(dir: &Path) -> u64 {
     rustix::fs::statvfs(dir).map_or(u64::MAX, |s| s.f_bavail.saturating_mul(s.f_frsize))

@@ -15,8 +15,8 @@ mod read;
 pub use error::BundleError;
 pub use header::{HEADER_LEN, Header, MAGIC, MAX_MANIFEST_LEN, MAX_SIGNATURES, SIGNATURE_LEN};
 pub use keys::{KeyId, PublicKey, SecretKey, TrustedKeys};
-pub use manifest::{CHUNK_SIZE, Chunk, FileEntry, MAX_FILES, Manifest};
-pub use pack::{PackOptions, PackReport, add_signature, pack};
+pub use manifest::{Base, CHUNK_SIZE, Chunk, FileEntry, MAX_FILES, Manifest};
+pub use pack::{PackOptions, PackReport, add_signature, pack, pack_delta};
 pub use read::{
     Bundle, Chunked, ChunksError, Position, SIGNING_DOMAIN, chunk_hash, manifest_digest,
     read_manifest_and_digest_unverified, read_manifest_unverified, signed_message,

@@ -82,6 +82,18 @@ impl Manifest {
     }
 
     /// The sum of all frame sizes: the payload length.
+    /// The release's identity for deltas: BLAKE3 of its canonical file list (one line per
+    /// file in manifest order: path, NUL, octal mode, NUL, size, NUL, whole-file digest). Two
+    /// bundles of the same files have the same release digest, whatever their compression.
+    pub fn release_digest(&self) -> String {
+        let mut hasher = blake3::Hasher::new();
+        for f in &self.files {
+            hasher
+                .update(format!("{}\0{:o}\0{}\0{}\n", f.path, f.mode, f.size, f.digest).as_bytes());
+        }
+        hasher.finalize().to_hex().to_string()
+    }
+
     pub fn payload_len(&self) -> u64 {
         self.files
             .iter()

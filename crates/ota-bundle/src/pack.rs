@@ -38,8 +38,38 @@ pub fn pack(
     out: &Path,
     options: &PackOptions,
     key: &SecretKey,
+    progress: impl FnMut(u64, u64),
+) -> Result<PackReport, BundleError> {
+    pack_against(dir, out, options, key, None, progress)
+}
+
+/// As [`pack`], a delta against the release `base` describes (the manifest of its bundle):
+/// a chunk whose hash is in `base` is not carried but marked `copy`, for the installer to take
+/// from the running release; the bundle names `base` by its [`Manifest::release_digest`].
+pub fn pack_delta(
+    dir: &Path,
+    out: &Path,
+    options: &PackOptions,
+    key: &SecretKey,
+    base: &Manifest,
+    progress: impl FnMut(u64, u64),
+) -> Result<PackReport, BundleError> {
+    pack_against(dir, out, options, key, Some(base), progress)
+}
+
+fn pack_against(
+    dir: &Path,
+    out: &Path,
+    options: &PackOptions,
+    key: &SecretKey,
+    base: Option<&Manifest>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<PackReport, BundleError> {
+    let in_base: std::collections::HashSet<&str> = base
+        .iter()
+        .flat_map(|m| m.files.iter())
+        .flat_map(|f| f.chunks.iter().map(|c| c.hash.as_str()))
+        .collect();
     let files = release_files(dir)?;
     let total: u64 = files.iter().map(|(_, _, size)| size).sum();
     let out_dir = out
@@ -75,14 +105,24 @@ pub fn pack(
             let n = remaining.min(CHUNK_SIZE) as usize;
             reader.read_exact(&mut buf[..n]).map_err(read_err)?;
             whole.update(&buf[..n]);
-            let frame = compressor.compress(&buf[..n]).map_err(write_err(out))?;
-            payload_writer.write_all(&frame).map_err(write_err(out))?;
-            chunks.push(Chunk {
-                hash: blake3::hash(&buf[..n]).to_hex().to_string(),
-                size: n as u64,
-                csize: Some(frame.len() as u64),
-                copy: false,
-            });
+            let hash = blake3::hash(&buf[..n]).to_hex().to_string();
+            if in_base.contains(hash.as_str()) {
+                chunks.push(Chunk {
+                    hash,
+                    size: n as u64,
+                    csize: None,
+                    copy: true,
+                });
+            } else {
+                let frame = compressor.compress(&buf[..n]).map_err(write_err(out))?;
+                payload_writer.write_all(&frame).map_err(write_err(out))?;
+                chunks.push(Chunk {
+                    hash,
+                    size: n as u64,
+                    csize: Some(frame.len() as u64),
+                    copy: false,
+                });
+            }
             remaining -= n as u64;
             done += n as u64;
             progress(done, total);
@@ -105,7 +145,10 @@ pub fn pack(
         issued_at: options.issued_at,
         hash: "blake3".into(),
         chunk_size: CHUNK_SIZE,
-        base: None,
+        base: base.map(|b| crate::manifest::Base {
+            version: b.version.clone(),
+            digest: b.release_digest(),
+        }),
         files: entries,
     };
     manifest.validate()?;

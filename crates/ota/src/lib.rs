@@ -69,6 +69,10 @@ pub enum Command {
         /// zstd level: 3 is fast, 19 is the release level.
         #[arg(long, default_value_t = 19)]
         level: i32,
+        /// Make a delta against the release in this (earlier) bundle: chunks it already has
+        /// are copied on the device from the running release instead of carried.
+        #[arg(long)]
+        delta_from: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
         /// The release directory.
@@ -188,6 +192,7 @@ pub fn run(command: Command, out: &mut dyn Write) -> Result<(), OtaError> {
             security_version,
             compatible,
             level,
+            delta_from,
             out: file,
             dir,
         } => {
@@ -208,13 +213,22 @@ pub fn run(command: Command, out: &mut dyn Write) -> Result<(), OtaError> {
             };
             let terminal = std::io::stderr().is_terminal();
             let mut shown = u64::MAX;
-            let report = ota_bundle::pack(&dir, &file, &options, &key, |done, total| {
+            let show = |done: u64, total: u64| {
                 let percent = (done * 100).checked_div(total).unwrap_or(100);
                 if terminal && percent != shown {
                     shown = percent;
                     let _ = write!(std::io::stderr(), "\rpacking {percent:3}%");
                 }
-            })?;
+            };
+            let report = match &delta_from {
+                None => ota_bundle::pack(&dir, &file, &options, &key, show)?,
+                Some(old) => {
+                    let reader =
+                        std::io::BufReader::new(std::fs::File::open(old).map_err(|e| io(old, e))?);
+                    let (base, _) = ota_bundle::read_manifest_unverified(reader)?;
+                    ota_bundle::pack_delta(&dir, &file, &options, &key, &base, show)?
+                }
+            };
             if terminal {
                 let _ = writeln!(std::io::stderr());
             }
