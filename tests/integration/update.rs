@@ -155,6 +155,22 @@ async fn apply(sup: &Supervisor, bundle: &Path) {
     }
 }
 
+/// Applies `bundle` and waits for its refusal; returns the status and the reason.
+async fn refused(sup: &Supervisor, bundle: &Path) -> (Status, String) {
+    apply(sup, bundle).await;
+    let after = sup
+        .wait_for("the refusal", |s| {
+            s.update.state == "idle"
+                && s.update
+                    .last_result
+                    .as_ref()
+                    .is_some_and(|r| r.result == "refused")
+        })
+        .await;
+    let reason = after.update.last_result.clone().unwrap().reason.unwrap();
+    (after, reason)
+}
+
 /// Waits for the update to end (the agent idle with a result for `version`).
 async fn finished(sup: &Supervisor, version: &str) -> Status {
     sup.wait_for(&format!("the update to {version} to end"), |s| {
@@ -274,17 +290,7 @@ async fn a_signed_bundle_is_rolled_out_one_replica_at_a_time_under_load_and_comm
         ),
         (fx.bundle(GOOD, "3.0.0", 3, "other-product"), "product"),
     ] {
-        apply(&sup, &bundle).await;
-        let after = sup
-            .wait_for("the refusal", |s| {
-                s.update.state == "idle"
-                    && s.update
-                        .last_result
-                        .as_ref()
-                        .is_some_and(|r| r.result == "refused")
-            })
-            .await;
-        let reason = after.update.last_result.unwrap().reason.unwrap();
+        let (after, reason) = refused(&sup, &bundle).await;
         assert!(reason.contains(why), "{reason}");
         assert_eq!(after.update.version, "2.0.0");
     }
@@ -475,17 +481,7 @@ async fn a_delta_copies_unchanged_chunks_from_the_running_release_and_needs_that
 
     // A delta against 2.0.0 no longer applies: 3.0.0 runs.
     let stale = fx.delta("3.1.0", 4, data, &v2);
-    apply(&sup, &stale).await;
-    let after = sup
-        .wait_for("the refusal", |s| {
-            s.update.state == "idle"
-                && s.update
-                    .last_result
-                    .as_ref()
-                    .is_some_and(|r| r.result == "refused")
-        })
-        .await;
-    let reason = after.update.last_result.unwrap().reason.unwrap();
+    let (_, reason) = refused(&sup, &stale).await;
     assert!(
         reason.contains("use the full bundle") && reason.contains("3.0.0"),
         "{reason}"
