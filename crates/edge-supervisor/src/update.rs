@@ -123,6 +123,8 @@ pub struct Installed {
     pub issued_at: u64,
     pub bundle: PathBuf,
     pub bytes: u64,
+    /// From opening the bundle to the slot marked ready (verify, write, fsync).
+    pub took: Duration,
 }
 
 /// Results of the agent's blocking tasks, delivered to the dispatcher.
@@ -425,7 +427,7 @@ impl Agent {
         match result {
             Ok(installed) => {
                 self.resumed = installed.resumed;
-                tracing::info!(version = %installed.version, slot = installed.slot.as_str(), bytes = installed.bytes, "release installed; taking a database snapshot");
+                tracing::info!(version = %installed.version, slot = installed.slot.as_str(), bytes = installed.bytes, resumed = installed.resumed, took_ms = installed.took.as_millis() as u64, "release installed; taking a database snapshot");
                 self.phase = Phase::Snapshotting {
                     installed: installed.clone(),
                 };
@@ -784,6 +786,7 @@ impl Install {
     }
 
     fn install(&self, state: &mut State) -> Result<Installed, UpdateError> {
+        let started = Instant::now();
         let trusted = TrustedKeys::load_dir(&self.trusted_keys).map_err(UpdateError::Keys)?;
         let file = std::fs::File::open(&self.bundle).map_err(|source| UpdateError::Open {
             path: self.bundle.clone(),
@@ -975,6 +978,7 @@ impl Install {
                     issued_at,
                     bundle: self.bundle.clone(),
                     bytes,
+                    took: started.elapsed(),
                 })
             }
             Err((blame, reason)) => {
@@ -1067,7 +1071,7 @@ impl Install {
 }
 
 /// A journal mark after about this much data (each mark costs an fsync of the slot).
-const JOURNAL_EVERY: u64 = 2 << 20;
+const JOURNAL_EVERY: u64 = 4 << 20;
 
 /// Reads a chunk of the running release for a delta, and checks it against the signed hash
 /// (a damaged running release must not leak into the new one).

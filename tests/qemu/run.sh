@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# End-to-end checks of the device image under QEMU (TCG). Builds nothing: boots a fresh copy of
+# image/out/quote-edge-qemu-aarch64.img (image/build.sh qemu) with image/run-qemu.sh, drives
+# the guest through the test shell on its virtio console (tests/qemu/guest.py), and checks:
+#
+#   boot          time from starting QEMU to the first HTTP answer
+#   replicas      answers come from 3 distinct replicas (X-Served-By)
+#   self-heal     kill -9 of a replica inside the guest loses no client request
+#   oom           a replica's cgroup pushed past memory.max is OOM-killed by the kernel,
+#                 reported as oom_kill by `edge-supervisor status --json`, and replaced
+#   sigstop       SIGSTOP of the supervisor: systemd's WatchdogSec kills and restarts it
+#   persistence   a quote written before a reboot is there after it
+#   hang          all CPUs starved by real-time spinners (PID 1 can no longer feed the
+#                 i6300esb): the hardware watchdog resets the machine and it serves again
+#
+# Each check prints PASS/FAIL with what it measured; the exit status is the number of failures.
+#   tests/qemu/run.sh [CHECK...]        (default: all, in the order above)
+# Environment: QEMU_HTTP_PORT (default: a free port), KEEP=1 keeps the work directory.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+image=$repo/image/out/quote-edge-qemu-aarch64.img
+checks=("$@")
+[ ${#checks[@]} -gt 0 ] || checks=(boot replicas self-heal oom sigstop persistence hang)
+
+for tool in qemu-system-aarch64 curl python3; do
+    command -v "$tool" >/dev/null || { echo "run.sh: $tool is missing" >&2; exit 2; }
+done
+[ -f "$image" ] || { echo "run.sh: $image is missing (build it with image/build.sh qemu)" >&2; exit 2; }
+
+work=$(mktemp -d /tmp/quote-edge-qemu.XXXXXX)
+port=${QEMU_HTTP_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+base=http://127.0.0.1:$port
+shell=$work/shell.sock
+console=$work/console.log
+events=$work/qmp-events.log
+qemu_pid= qmp_pid=
+failures=0
+
+cleanup() {
+    [ -n "$qmp_pid" ] && kill "$qmp_pid" 2>/dev/null || true
+    [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null && wait "$qemu_pid" 2>/dev/null || true
+    if [ "${KEEP:-0}" = 1 ] || [ $failures -gt 0 ]; then echo "work directory kept: $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+now() { date +%s.%N; }
+since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
+pass() { printf 'PASS %-12s %s\n' "$1" "$2"; }
+fail() { printf 'FAIL %-12s %s\n' "$1" "$2"; failures=$((failures + 1)); }
+# guest CMD: run CMD in the guest (root shell), print its output, return its status.
+guest() { python3 "$here/guest.py" "$shell" "$1" --timeout "${2:-30}"; }
+status_json() { guest 'edge-supervisor status --json --data-dir /var/lib/quote-edge'; }
+# json EXPR: evaluate a Python expression over the JSON document on stdin (bound to `d`).
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+# wait_for SECONDS CMD...: poll CMD every 0.2 s until it succeeds; fails after SECONDS.
+wait_for() {
+    local deadline
+    deadline=$(python3 -c "import time; print(time.monotonic() + $1)")
+    shift
+    until "$@" >/dev/null 2>&1; do
+        python3 -c "import sys,time; sys.exit(time.monotonic() > $deadline)" || return 1
+        sleep 0.2
+    done
+}
+http_ok() { curl -sf -m 2 -o /dev/null "$base/quotes/random"; }
+http_down() { ! curl -sf -m 1 -o /dev/null "$base/quotes/random"; }
+boot_id() { guest 'cat /proc/sys/kernel/random/boot_id' 10; }
+# Predicates for wait_for.
+all_ready() { [ "$(status_json | json 'sum(r["ready"] for r in d["replicas"])')" = 3 ]; }
+replaced() { [ "$(status_json | json "d['replicas'][$1]['ready'] and d['replicas'][$1]['pid'] != $2")" = True ]; }
+last_exit_is() { [ "$(status_json | json "(d['replicas'][$1]['last_exit'] or {}).get('reason')")" = "$2" ]; }
+restarted_since() { [ "$(guest 'systemctl show -p NRestarts --value edge-supervisor')" -gt "$1" ]; }
+
+start_qemu() {
+    cp --sparse=always "$image" "$work/disk.img"
+    QEMU_IMAGE=$work/disk.img QEMU_HTTP_PORT=$port QEMU_CONSOLE_LOG=$console \
+        QEMU_SHELL=$shell QEMU_MONITOR=$work/qmp.sock "$repo/image/run-qemu.sh" &
+    qemu_pid=$!
+    python3 "$here/qmp-events.py" "$work/qmp.sock" "$events" &
+    qmp_pid=$!
+}
+
+# --- boot: QEMU start -> first answer ---------------------------------------------------------
+check_boot() {
+    local t0
+    t0=$(now)
+    start_qemu
+    if wait_for 120 http_ok; then
+        pass boot "first answer $(since "$t0") s after starting QEMU (TCG, cortex-a53, aim <= 15 s)"
+    else
+        fail boot "no answer on $base within 120 s; console: $console"
+        tail -20 "$console"
+        exit 1
+    fi
+    wait_for 60 guest true || { fail boot "the guest test shell does not answer"; exit 1; }
+    local rss
+    rss=$(guest 'for p in $(pidof edge-supervisor quote-service); do awk "/^VmRSS/{print \$2}" /proc/$p/status; done' |
+        awk '{s += $1; n++} END {printf "%.1f MiB over %d processes", s / 1024, n}')
+    echo "     stack RSS (supervisor + replicas): $rss (aim <= 40 MiB)"
+}
+
+# --- replicas: 3 distinct X-Served-By ---------------------------------------------------------
+check_replicas() {
+    local seen
+    wait_for 30 all_ready || true
+    seen=$(for _ in $(seq 60); do
+        curl -s -m 2 -o /dev/null -D - "$base/quotes/random" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-served-by" {print $2}'
+    done | sort | uniq -c | awk '{printf "%s=%s ", $2, $1}')
+    if [ "$(wc -w <<<"$seen")" -ge 3 ]; then
+        pass replicas "60 requests served by: $seen"
+    else
+        fail replicas "60 requests served by only: ${seen:-nobody}"
+    fi
+}
+
+# --- self-heal: kill -9 a replica during a stream of requests --------------------------------
+check_self_heal() {
+    local pid before after errors total
+    pid=$(status_json | json 'd["replicas"][1]["pid"]')
+    before=$(status_json | json 'd["replicas"][1]["restarts"]')
+    # 4 clients x 100 requests in the background; the kill lands in the middle.
+    local clients=()
+    for c in 1 2 3 4; do
+        (for _ in $(seq 100); do curl -s -m 5 -o /dev/null -w '%{http_code}\n' "$base/quotes/random"; done >"$work/heal-$c.log") &
+        clients+=($!)
+    done
+    sleep 1 # let the stream start; the kill must happen while requests are in flight
+    guest "kill -9 $pid"
+    wait_for 20 replaced 1 "$pid" || true
+    wait "${clients[@]}"
+    total=$(cat "$work"/heal-*.log | wc -l)
+    errors=$(cat "$work"/heal-*.log | awk '$1 != 200 {n++} END {print n + 0}')
+    after=$(status_json | json 'd["replicas"][1]["restarts"], d["replicas"][1]["last_exit"], d["replicas"][1]["ready"]')
+    if [ "$errors" = 0 ] && [ "$total" = 400 ] && [ "$(cut -d' ' -f1 <<<"$after")" -gt "$before" ]; then
+        pass self-heal "killed replica-1 (pid $pid) under load: $total requests, 0 failed; replica-1 now: restarts/last_exit/ready = $after"
+    else
+        fail self-heal "killed replica-1 (pid $pid): $total requests, $errors not 200; replica-1: $after"
+    fi
+}
+
+# --- oom: push a replica's cgroup past memory.max ---------------------------------------------
+check_oom() {
+    local pid cg max out t0
+    pid=$(status_json | json 'd["replicas"][2]["pid"]')
+    cg=$(guest "cut -d: -f3 /proc/$pid/cgroup")
+    max=$(guest "cat /sys/fs/cgroup$cg/memory.max")
+    # A process joins the replica's cgroup (as `kubectl exec` would join the pod) and grows
+    # without bound (tail -c keeps up to 1 GiB of a pipe in memory). memory.oom.group=1,
+    # set by the supervisor, makes the kernel kill the whole group, the replica included.
+    t0=$(now)
+    guest "sh -c 'echo \$\$ > /sys/fs/cgroup$cg/cgroup.procs && head -c 1G /dev/zero | tail -c 1G' >/dev/null 2>&1 &"
+    if wait_for 30 last_exit_is 2 oom_kill; then
+        local killed
+        killed=$(since "$t0")
+        wait_for 20 replaced 2 "$pid" || true
+        out=$(status_json | json 'd["replicas"][2]["last_exit"], d["replicas"][2]["pid"], d["replicas"][2]["ready"]')
+        pass oom "replica-2 (pid $pid, cgroup $cg, memory.max $max) OOM-killed, seen in status after $killed s; now: $out; kernel: $(guest "dmesg | grep -c 'Memory cgroup out of memory'") cgroup OOM lines"
+    else
+        fail oom "replica-2 (pid $pid, memory.max $max): no oom_kill in status: $(status_json | json 'd["replicas"][2]')"
+    fi
+}
+
+# --- sigstop: systemd's watchdog restarts a hung supervisor ----------------------------------
+check_sigstop() {
+    local pid n0 t0 n1
+    pid=$(guest 'systemctl show -p MainPID --value edge-supervisor')
+    n0=$(guest 'systemctl show -p NRestarts --value edge-supervisor')
+    t0=$(now)
+    guest "kill -STOP $pid"
+    if wait_for 40 restarted_since "$n0" &&
+        wait_for 40 http_ok; then
+        n1=$(guest 'systemctl show -p NRestarts --value edge-supervisor')
+        pass sigstop "supervisor pid $pid stopped; restarted by systemd (NRestarts $n0 -> $n1, new pid $(guest 'systemctl show -p MainPID --value edge-supervisor')), serving again $(since "$t0") s later; journal: $(guest 'journalctl -u edge-supervisor -o cat | grep -m1 -i "watchdog timeout"')"
+    else
+        fail sigstop "supervisor pid $pid stopped: NRestarts still $(guest 'systemctl show -p NRestarts --value edge-supervisor') after 40 s"
+    fi
+}
+
+# --- persistence: a quote survives a reboot ---------------------------------------------------
+check_persistence() {
+    local text id b0 b1 got t0
+    text="written before reboot $(date +%s%N)"
+    id=$(curl -s -m 5 -X POST "$base/quotes" -H 'content-type: application/json' \
+        -d "{\"text\":\"$text\",\"author\":\"tests/qemu\"}" | json 'd["id"]') || { fail persistence "POST /quotes failed"; return; }
+    b0=$(boot_id)
+    t0=$(now)
+    # --no-block: the shell's answer must come back before systemd takes the machine down.
+    guest 'systemctl --no-block reboot' 10 || true
+    wait_for 60 http_down || true
+    wait_for 120 http_ok && wait_for 60 guest true || { fail persistence "no answer within 180 s of the reboot"; return; }
+    b1=$(boot_id)
+    got=$(curl -s -m 5 "$base/quotes/$id" | json 'd["text"]' 2>/dev/null || true)
+    if [ "$b0" != "$b1" ] && [ "$got" = "$text" ]; then
+        pass persistence "quote $id written, guest rebooted (boot id changed), answering again after $(since "$t0") s, quote $id intact"
+    else
+        fail persistence "quote $id: after reboot got '$got' (boot id $b0 -> $b1)"
+    fi
+}
+
+# --- hang: starve PID 1; the i6300esb must reset the machine ---------------------------------
+check_hang() {
+    local b0 t0 b1 wd
+    b0=$(boot_id)
+    wd=$(guest 'cat /sys/class/watchdog/watchdog0/identity /sys/class/watchdog/watchdog0/timeout /sys/class/watchdog/watchdog0/state 2>&1 | paste -sd" "')
+    t0=$(now)
+    # SCHED_FIFO spinners on every CPU with RT throttling off: nothing of normal priority runs
+    # again, PID 1 included, so nobody feeds the watchdog. The kernel itself stays up.
+    python3 "$here/guest.py" "$shell" --no-wait \
+        'echo -1 > /proc/sys/kernel/sched_rt_runtime_us; for c in $(seq 0 $(($(nproc) - 1))); do taskset -c $c chrt -f 99 sh -c "while :; do :; done" & done'
+    wait_for 30 http_down || { fail hang "the guest still answers 30 s after starving its CPUs"; return; }
+    local hung
+    hung=$(since "$t0")
+    if wait_for 120 grep -q '"WATCHDOG"' "$events" && wait_for 120 http_ok && wait_for 60 guest true; then
+        b1=$(boot_id)
+        pass hang "watchdog ($wd) fired: QMP $(grep -m1 WATCHDOG "$events" | json 'd["data"]' 2>/dev/null); HTTP down after $hung s, serving again after $(since "$t0") s, boot id changed: $([ "$b0" != "$b1" ] && echo yes || echo NO)"
+    else
+        fail hang "no watchdog reset within 120 s (watchdog: $wd); QMP events: $(tail -3 "$events" | tr '\n' ' ')"
+    fi
+}
+
+for c in "${checks[@]}"; do
+    [ "$c" = boot ] || [ -n "$qemu_pid" ] || check_boot
+    "check_${c//-/_}"
+done
+echo "$failures check(s) failed"
+exit $((failures > 0))
