@@ -44,7 +44,7 @@ pub(crate) fn release(dir: &Path, kind: &str) -> PathBuf {
 
 pub(crate) struct Fixture {
     pub(crate) dir: tempfile::TempDir,
-    key: SecretKey,
+    pub(crate) key: SecretKey,
 }
 
 impl Fixture {
@@ -485,6 +485,90 @@ async fn a_delta_copies_unchanged_chunks_from_the_running_release_and_needs_that
     assert!(
         reason.contains("use the full bundle") && reason.contains("3.0.0"),
         "{reason}"
+    );
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_offline_and_a_permit_allows_one_downgrade_on_one_device() {
+    let fx = Fixture::new();
+    let sup = Supervisor::start(1, &fx.config("trial = \"300ms\"\n")).await;
+    sup.all_ready(1).await;
+    apply(&sup, &fx.bundle(GOOD, "2.0.0", 2, "quote-edge")).await;
+    finished(&sup, "2.0.0").await;
+
+    // Set 1 trusts only key B; key A (the factory's) signs it, and is thereby revoked.
+    let b = SecretKey::from_seed([8; 32]);
+    let mut set = ota_bundle::KeySet::document("quote-edge", 1, 1, &[b.public()]).unwrap();
+    set.sign(&fx.key);
+    let inbox = sup.data_dir().join("ota/inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    std::fs::write(inbox.join("rotate.keyset"), set.to_text()).unwrap();
+    let kept = sup.data_dir().join("ota/keysets/1.keyset");
+    sup.wait_for("the key set to be accepted", |_| kept.exists())
+        .await;
+
+    let by_a = fx.bundle(GOOD, "3.0.0", 3, "quote-edge");
+    let (_, reason) = refused(&sup, &by_a).await;
+    assert!(
+        reason.contains("signed by 0 of the trusted keys"),
+        "{reason}"
+    );
+    let by_b = fx.dir.path().join("by-b.bundle");
+    let release = fx.dir.path().join("good-3.0.0-quote-edge");
+    let options = |version: &str, sv: u64| PackOptions {
+        product: "quote-edge".into(),
+        version: version.into(),
+        security_version: sv,
+        issued_at: 2_000,
+        level: 3,
+    };
+    pack(&release, &by_b, &options("3.0.0", 3), &b, |_, _| {}).unwrap();
+    apply(&sup, &by_b).await;
+    assert_eq!(finished(&sup, "3.0.0").await.update.version, "3.0.0");
+
+    // Back to a release below the floor: refused, naming the device; a permit for another
+    // device does not help; one for this device and this bundle does.
+    let old_dir = tempfile::tempdir().unwrap();
+    let old = old_dir.path().join("old.bundle");
+    pack(&release, &old, &options("1.9.0", 1), &b, |_, _| {}).unwrap();
+    let (_, reason) = refused(&sup, &old).await;
+    let device = reason
+        .split("permit for device ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{reason}"))
+        .to_owned();
+    let digest =
+        ota_bundle::read_manifest_and_digest_unverified(std::fs::File::open(&old).unwrap())
+            .unwrap()
+            .2;
+    let permit = |device: &str| {
+        let mut doc = ota_bundle::Permit::document(&ota_bundle::Permit {
+            format: 1,
+            product: "quote-edge".into(),
+            device: device.into(),
+            bundle: digest.clone(),
+            version: "1.9.0".into(),
+        });
+        doc.sign(&b);
+        doc.to_text()
+    };
+    std::fs::write(
+        old_dir.path().join("other.permit"),
+        permit("0000000000000000"),
+    )
+    .unwrap();
+    let (_, reason) = refused(&sup, &old).await;
+    assert!(reason.contains("downgrade refused"), "{reason}");
+    std::fs::write(old_dir.path().join("this.permit"), permit(&device)).unwrap();
+    apply(&sup, &old).await;
+    let after = finished(&sup, "1.9.0").await;
+    assert_eq!(after.update.last_result.unwrap().result, "committed");
+    assert_eq!(after.update.version, "1.9.0");
+    assert_eq!(
+        after.update.security_version, 3,
+        "the floor stays where it was"
     );
     sup.stop().await;
 }

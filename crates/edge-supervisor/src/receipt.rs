@@ -76,6 +76,11 @@ fn device_key(path: &Path) -> Result<SecretKey, ReceiptError> {
     Ok(key)
 }
 
+/// This device's id: its device key's id (16 hex digits), the key made on first use.
+pub fn device_id(key_path: &Path) -> Result<String, ReceiptError> {
+    Ok(device_key(key_path)?.public().id().to_string())
+}
+
 /// Signs `receipt` and writes it into each of `dirs` (created if missing); the first
 /// directory must work, the others (a read-only stick) are tried and logged.
 pub fn write(key_path: &Path, mut receipt: Receipt, dirs: &[PathBuf]) -> Result<(), ReceiptError> {

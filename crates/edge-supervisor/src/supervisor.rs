@@ -393,7 +393,7 @@ impl Dispatcher {
 
     fn scan(&mut self) {
         let done = self.ota_sender();
-        self.agent.scan(done);
+        self.agent.scan(&self.settings.trusted_keys, done);
     }
 
     fn ota_event(&mut self, event: OtaEvent, now: Instant) {

@@ -86,9 +86,14 @@ pub enum UpdateError {
     #[error("the bundle is for product {found:?}, this device is {expected:?}")]
     Incompatible { found: String, expected: String },
     #[error(
-        "downgrade refused: the bundle has security version {found}, the device has committed {floor}"
+        "downgrade refused: the bundle has security version {found}, the device has committed {floor}; \
+         installing it needs a downgrade permit for device {device} next to the bundle"
     )]
-    Downgrade { found: u64, floor: u64 },
+    Downgrade {
+        found: u64,
+        floor: u64,
+        device: String,
+    },
     #[error(
         "replay refused: the bundle was issued at {found}, before the committed release of the same security version ({floor})"
     )]
@@ -681,7 +686,7 @@ impl Agent {
     }
 
     /// Starts an inbox scan on a blocking task unless one runs or an update is in progress.
-    pub fn scan(&mut self, done: impl FnOnce(OtaEvent) + Send + 'static) {
+    pub fn scan(&mut self, keys_dir: &Path, done: impl FnOnce(OtaEvent) + Send + 'static) {
         if self.scanning || !self.is_idle() {
             return;
         }
@@ -702,7 +707,10 @@ impl Agent {
             .collect();
         let product = self.settings.product.clone();
         let floor = self.state.highest_security_version;
+        let keys_dir = keys_dir.to_owned();
+        let ota_dir = self.layout.dir.clone();
         tokio::task::spawn_blocking(move || {
+            accept_keysets(&dirs, &keys_dir, &ota_dir, &product);
             done(OtaEvent::Found(scan_inboxes(
                 &dirs, &judged, &skip, &product, floor,
             )));
@@ -787,7 +795,7 @@ impl Install {
 
     fn install(&self, state: &mut State) -> Result<Installed, UpdateError> {
         let started = Instant::now();
-        let trusted = TrustedKeys::load_dir(&self.trusted_keys).map_err(UpdateError::Keys)?;
+        let (trusted, _) = load_trust(&self.trusted_keys, &self.layout.dir, &self.product)?;
         let file = std::fs::File::open(&self.bundle).map_err(|source| UpdateError::Open {
             path: self.bundle.clone(),
             source,
@@ -808,15 +816,18 @@ impl Install {
                 expected: self.product.clone(),
             });
         }
-        if manifest.security_version < state.highest_security_version {
-            return Err(UpdateError::Downgrade {
-                found: manifest.security_version,
-                floor: state.highest_security_version,
-            });
-        }
-        if manifest.security_version == state.highest_security_version
-            && manifest.issued_at < state.highest_issued_at
-        {
+        let below = manifest.security_version < state.highest_security_version;
+        let older = manifest.security_version == state.highest_security_version
+            && manifest.issued_at < state.highest_issued_at;
+        if (below || older) && !self.permitted(&trusted, &digest) {
+            if below {
+                return Err(UpdateError::Downgrade {
+                    found: manifest.security_version,
+                    floor: state.highest_security_version,
+                    device: crate::receipt::device_id(&self.layout.dir.join("device.key"))
+                        .unwrap_or_else(|e| e.to_string()),
+                });
+            }
             return Err(UpdateError::Replay {
                 found: manifest.issued_at,
                 floor: state.highest_issued_at,
@@ -998,6 +1009,36 @@ impl Install {
         }
     }
 
+    /// A downgrade permit (`*.permit` beside the bundle) for this device and this bundle,
+    /// signed by a threshold of the trusted keys.
+    fn permitted(&self, trusted: &TrustedKeys, digest: &str) -> bool {
+        let Ok(device) = crate::receipt::device_id(&self.layout.dir.join("device.key")) else {
+            return false;
+        };
+        let dir = self.bundle.parent().unwrap_or(Path::new("."));
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return false;
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.extension().is_none_or(|e| e != "permit") {
+                continue;
+            }
+            let Some(doc) = read_doc(&path, "permit") else {
+                continue;
+            };
+            match ota_bundle::Permit::verify(&doc, trusted, &self.product, &device, digest) {
+                Ok(permit) => {
+                    tracing::warn!(permit = %path.display(), version = %permit.version, "downgrade permitted");
+                    return true;
+                }
+                Err(error) => {
+                    tracing::info!(permit = %path.display(), %error, "permit not usable")
+                }
+            }
+        }
+        false
+    }
+
     /// Where each chunk of the running release is, for a delta against `base`; refused unless
     /// the running release is exactly `base` (by its release digest).
     fn copy_index(
@@ -1072,6 +1113,95 @@ impl Install {
 
 /// A journal mark after about this much data (each mark costs an fsync of the slot).
 const JOURNAL_EVERY: u64 = 4 << 20;
+
+/// Reads a signed document of `kind`, bounded; None (logged) if unreadable or malformed.
+fn read_doc(path: &Path, kind: &str) -> Option<ota_bundle::SignedDoc> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(ota_bundle::MAX_DOC_LEN + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    match ota_bundle::SignedDoc::parse(&bytes, kind) {
+        Ok(doc) => Some(doc),
+        Err(error) => {
+            tracing::warn!(file = %path.display(), %error, "not a usable document");
+            None
+        }
+    }
+}
+
+/// The keys trusted now: the factory set from `keys_dir` (on the device, the read-only root),
+/// then every accepted key set `<ota>/keysets/<N>.keyset` in order, each re-verified against
+/// the set before it. Returns the keys and the serial of the newest set (0: the factory's).
+pub fn load_trust(
+    keys_dir: &Path,
+    ota_dir: &Path,
+    product: &str,
+) -> Result<(TrustedKeys, u64), UpdateError> {
+    let mut trusted = TrustedKeys::load_dir(keys_dir).map_err(UpdateError::Keys)?;
+    let mut serial = 0;
+    loop {
+        let path = ota_dir
+            .join("keysets")
+            .join(format!("{}.keyset", serial + 1));
+        if !path.exists() {
+            return Ok((trusted, serial));
+        }
+        let doc = read_doc(&path, "keyset").ok_or_else(|| {
+            UpdateError::Keys(ota_bundle::BundleError::Manifest(format!(
+                "the accepted key set {} is unreadable",
+                path.display()
+            )))
+        })?;
+        let (_, next) = ota_bundle::KeySet::verify_next(&doc, &trusted, serial, product)
+            .map_err(UpdateError::Keys)?;
+        trusted = next;
+        serial += 1;
+    }
+}
+
+/// Accepts key sets found in the inboxes, in serial order: each must be signed by a threshold
+/// of the keys trusted before it. Returns the serials accepted.
+fn accept_keysets(dirs: &[PathBuf], keys_dir: &Path, ota_dir: &Path, product: &str) -> Vec<u64> {
+    let mut found: Vec<ota_bundle::SignedDoc> = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|entries| entries.flatten().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "keyset"))
+        .filter_map(|p| read_doc(&p, "keyset"))
+        .collect();
+    let mut accepted = Vec::new();
+    while !found.is_empty() {
+        let Ok((trusted, serial)) = load_trust(keys_dir, ota_dir, product) else {
+            return accepted;
+        };
+        let next = found.iter().position(|doc| {
+            ota_bundle::KeySet::verify_next(doc, &trusted, serial, product).is_ok()
+        });
+        let Some(i) = next else { break };
+        let doc = found.remove(i);
+        let dir = ota_dir.join("keysets");
+        let path = dir.join(format!("{}.keyset", serial + 1));
+        match std::fs::create_dir_all(&dir)
+            .and_then(|()| write_synced(&path, doc.to_text().as_bytes()))
+        {
+            Ok(()) => {
+                tracing::warn!(
+                    serial = serial + 1,
+                    "key set accepted: trusted keys rotated"
+                );
+                accepted.push(serial + 1);
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot keep the key set");
+                break;
+            }
+        }
+    }
+    accepted
+}
 
 /// Reads a chunk of the running release for a delta, and checks it against the signed hash
 /// (a damaged running release must not leak into the new one).
@@ -1169,8 +1299,14 @@ fn scan_inboxes(
             };
             match ota_bundle::read_manifest_and_digest_unverified(BufReader::new(file)) {
                 Ok((manifest, _, digest)) => {
+                    let permit_beside = manifest.security_version < floor
+                        && std::fs::read_dir(dir).is_ok_and(|mut e| {
+                            e.any(|e| {
+                                e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "permit"))
+                            })
+                        });
                     if manifest.product != product
-                        || manifest.security_version < floor
+                        || (manifest.security_version < floor && !permit_beside)
                         || skip.contains(&digest)
                     {
                         tracing::debug!(bundle = %path.display(), "inbox: not offered");

@@ -98,6 +98,17 @@ impl PublicKey {
         self.0.verify_strict(message, &signature).is_ok()
     }
 
+    /// The key as 64 hex digits (as in key files and key-set documents).
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0.as_bytes())
+    }
+
+    /// A key from 64 hex digits.
+    pub fn from_hex(text: &str) -> Result<PublicKey, BundleError> {
+        let path = Path::new("(key set)");
+        PublicKey::from_bytes(path, decode32(path, text)?)
+    }
+
     pub fn to_line(&self, comment: &str) -> String {
         format!(
             "{PUBLIC_TAG} {} {comment}\n",

@@ -5,6 +5,7 @@
 //! Architecture invariant: this crate never writes a slot and knows nothing of slots. Its reader
 //! gives a caller's sink only bytes whose hash matched the signed manifest.
 
+mod docs;
 mod error;
 mod header;
 mod keys;
@@ -12,6 +13,7 @@ mod manifest;
 mod pack;
 mod read;
 
+pub use docs::{KeySet, MAX_DOC_LEN, Permit, SignedDoc};
 pub use error::BundleError;
 pub use header::{HEADER_LEN, Header, MAGIC, MAX_MANIFEST_LEN, MAX_SIGNATURES, SIGNATURE_LEN};
 pub use keys::{KeyId, PublicKey, SecretKey, TrustedKeys};

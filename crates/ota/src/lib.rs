@@ -100,6 +100,44 @@ pub enum Command {
         json: bool,
         file: PathBuf,
     },
+    /// Make a key-set document: the keys devices trust from serial N on. Devices accept set N
+    /// only when a threshold of set N-1 signed it (`--key`, repeatable, or `ota sign-doc`).
+    Keyset {
+        #[arg(long)]
+        serial: u64,
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+        #[arg(long, default_value = "quote-edge")]
+        compatible: String,
+        /// Signing keys of the current set.
+        #[arg(long = "key")]
+        keys: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// The new set's public keys.
+        #[arg(required = true)]
+        public: Vec<PathBuf>,
+    },
+    /// Make a downgrade permit: lets one device (its id is in every receipt it writes, and in
+    /// the refusal) install one bundle below its anti-rollback floor.
+    Permit {
+        #[arg(long)]
+        device: String,
+        #[arg(long, default_value = "quote-edge")]
+        compatible: String,
+        #[arg(long = "key")]
+        keys: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// The bundle it permits.
+        bundle: PathBuf,
+    },
+    /// Add a signature to a key set or a permit.
+    SignDoc {
+        #[arg(long)]
+        key: PathBuf,
+        file: PathBuf,
+    },
     /// Install a bundle on the device through its supervisor, and follow the update to its end
     /// (exit 0 committed, 1 refused or rolled back).
     Apply {
@@ -288,6 +326,58 @@ pub fn run(command: Command, out: &mut dyn Write) -> Result<(), OtaError> {
                 })?;
             writeln!(out, "{summary}").map_err(|e| io(&file, e))
         }
+        Command::Keyset {
+            serial,
+            threshold,
+            compatible,
+            keys,
+            out: file,
+            public,
+        } => {
+            let public = public
+                .iter()
+                .map(|p| PublicKey::load(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut doc = ota_bundle::KeySet::document(&compatible, serial, threshold, &public)?;
+            for key in &keys {
+                doc.sign(&SecretKey::load(key)?);
+            }
+            write_doc(&file, &doc, out)
+        }
+        Command::Permit {
+            device,
+            compatible,
+            keys,
+            out: file,
+            bundle,
+        } => {
+            let reader =
+                std::io::BufReader::new(std::fs::File::open(&bundle).map_err(|e| io(&bundle, e))?);
+            let (manifest, _, digest) = ota_bundle::read_manifest_and_digest_unverified(reader)?;
+            let mut doc = ota_bundle::Permit::document(&ota_bundle::Permit {
+                format: 1,
+                product: compatible,
+                device,
+                bundle: digest,
+                version: manifest.version,
+            });
+            for key in &keys {
+                doc.sign(&SecretKey::load(key)?);
+            }
+            write_doc(&file, &doc, out)
+        }
+        Command::SignDoc { key, file } => {
+            let bytes = std::fs::read(&file).map_err(|e| io(&file, e))?;
+            let kind = std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|t| t.lines().next())
+                .and_then(|l| l.strip_prefix("quote-edge-signed v1 "))
+                .unwrap_or("keyset")
+                .to_owned();
+            let mut doc = ota_bundle::SignedDoc::parse(&bytes, &kind)?;
+            doc.sign(&SecretKey::load(&key)?);
+            write_doc(&file, &doc, out)
+        }
         Command::Apply {
             data_dir,
             socket,
@@ -360,6 +450,22 @@ pub fn run(command: Command, out: &mut dyn Write) -> Result<(), OtaError> {
             writeln!(out, "{text}").map_err(|e| io(&file, e))
         }
     }
+}
+
+fn write_doc(
+    file: &Path,
+    doc: &ota_bundle::SignedDoc,
+    out: &mut dyn Write,
+) -> Result<(), OtaError> {
+    std::fs::write(file, doc.to_text()).map_err(|e| io(file, e))?;
+    writeln!(
+        out,
+        "{}: {} signed by {} key(s)",
+        file.display(),
+        doc.kind,
+        doc.signatures.len()
+    )
+    .map_err(|e| io(file, e))
 }
 
 /// Reads the header and manifest of a bundle without trusting it (no signature check).
