@@ -21,7 +21,8 @@ pub(crate) struct Supervisor {
     socket: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), RunError>>>,
-    _dir: tempfile::TempDir,
+    data: PathBuf,
+    _dir: Option<tempfile::TempDir>,
 }
 
 fn fake_replica() -> PathBuf {
@@ -44,11 +45,18 @@ fn quote_service() -> String {
 impl Supervisor {
     pub(crate) async fn start(replicas: u32, config: &str) -> Supervisor {
         let dir = tempfile::tempdir().unwrap();
+        let mut sup = Supervisor::start_in(replicas, config, dir.path()).await;
+        sup._dir = Some(dir);
+        sup
+    }
+
+    /// As [`Supervisor::start`], with the data directory at `data` (created if missing).
+    pub(crate) async fn start_in(replicas: u32, config: &str, data: &Path) -> Supervisor {
         let text = format!(
             "listen = \"127.0.0.1:0\"\nadmin_listen = \"\"\nreplicas = {replicas}\n{config}"
         );
         let overrides = Overrides {
-            data_dir: Some(dir.path().to_owned()),
+            data_dir: Some(data.to_owned()),
             ..Overrides::default()
         };
         let settings =
@@ -65,12 +73,13 @@ impl Supervisor {
             socket,
             stop: Some(stop),
             task: Some(task),
-            _dir: dir,
+            data: data.to_owned(),
+            _dir: None,
         }
     }
 
     pub(crate) fn data_dir(&self) -> &Path {
-        self._dir.path()
+        &self.data
     }
 
     pub(crate) async fn ask(&self, request: Request) -> Reply {

@@ -572,3 +572,57 @@ async fn keys_rotate_offline_and_a_permit_allows_one_downgrade_on_one_device() {
     );
     sup.stop().await;
 }
+
+/// A tmpfs of `size` mounted on a new temporary directory, unmounted on drop (needs root).
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_larger_than_the_free_space_is_refused_before_the_slot_is_touched() {
+    let Some(disk) = SmallDisk::mount("6m") else {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: mounting a small tmpfs needs root"
+        );
+        return;
+    };
+    let fx = Fixture::new();
+    let data = disk.0.path().join("data");
+    let config = fx.config("trial = \"300ms\"\n");
+    let sup = Supervisor::start_in(1, &config, &data).await;
+    sup.all_ready(1).await;
+    let big = fx.bundle_with_data(GOOD, "2.0.0", 2, "quote-edge", 8 << 20);
+    let (after, reason) = refused(&sup, &big).await;
+    assert!(
+        reason.contains("free") && reason.contains("nothing was written"),
+        "{reason}"
+    );
+    assert_eq!(after.update.version, "factory");
+    assert!(
+        !data.join("ota/slots/a").exists(),
+        "the slot was not touched"
+    );
+    sup.stop().await;
+}
