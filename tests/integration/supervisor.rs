@@ -21,6 +21,7 @@ pub(crate) struct Supervisor {
     socket: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), RunError>>>,
+    pub(crate) admin: Option<SocketAddr>,
     data: PathBuf,
     _dir: Option<tempfile::TempDir>,
 }
@@ -52,9 +53,13 @@ impl Supervisor {
 
     /// As [`Supervisor::start`], with the data directory at `data` (created if missing).
     pub(crate) async fn start_in(replicas: u32, config: &str, data: &Path) -> Supervisor {
-        let text = format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"\"\nreplicas = {replicas}\n{config}"
-        );
+        // The admin endpoint is off unless the test's configuration turns it on.
+        let admin = if config.contains("admin_listen") {
+            ""
+        } else {
+            "admin_listen = \"\"\n"
+        };
+        let text = format!("listen = \"127.0.0.1:0\"\n{admin}replicas = {replicas}\n{config}");
         let overrides = Overrides {
             data_dir: Some(data.to_owned()),
             ..Overrides::default()
@@ -64,6 +69,7 @@ impl Supervisor {
         let socket = settings.control_socket.clone();
         let bound = Bound::bind(settings).await.expect("bind");
         let addr = bound.public_addr();
+        let admin = bound.admin_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(bound.run(async move {
             let _ = stopped.await;
@@ -73,6 +79,7 @@ impl Supervisor {
             socket,
             stop: Some(stop),
             task: Some(task),
+            admin,
             data: data.to_owned(),
             _dir: None,
         }

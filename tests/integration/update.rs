@@ -222,7 +222,11 @@ fn client_loop(sup: &Supervisor) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_bundle_is_rolled_out_one_replica_at_a_time_under_load_and_committed() {
     let fx = Fixture::new();
-    let sup = Supervisor::start(3, &fx.config("trial = \"1s\"\n")).await;
+    let config = format!(
+        "admin_listen = \"127.0.0.1:0\"\n{}",
+        fx.config("trial = \"1s\"\n")
+    );
+    let sup = Supervisor::start(3, &config).await;
     sup.all_ready(3).await;
     let kept = post(&sup, "Written before the update").await;
     let (stop, client) = client_loop(&sup);
@@ -270,6 +274,14 @@ async fn a_signed_bundle_is_rolled_out_one_replica_at_a_time_under_load_and_comm
     );
     let (status, _, _) = get(sup.addr, &format!("/quotes/{kept}")).await.unwrap();
     assert_eq!(status, 200, "the data survives the update");
+    let (_, _, metrics) = get(sup.admin.unwrap(), "/metrics").await.unwrap();
+    for line in [
+        "edge_supervisor_update_results_total{result=\"committed\"} 1",
+        "edge_supervisor_security_version 2",
+        "edge_supervisor_update_in_progress 0",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
     let receipts: Vec<_> = std::fs::read_dir(sup.data_dir().join("ota/receipts"))
         .unwrap()
         .flatten()

@@ -24,6 +24,11 @@ pub struct KindLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
     pub code: String,
 }
@@ -41,6 +46,9 @@ pub struct Metrics {
     pub proxy_errors: Family<KindLabels, Counter>,
     pub proxy_retries: Counter,
     pub oom_kills: Counter,
+    pub update_results: Family<ResultLabels, Counter>,
+    pub update_in_progress: Gauge,
+    pub security_version: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -68,6 +76,9 @@ impl Default for Metrics {
             proxy_errors: Family::default(),
             proxy_retries: Counter::default(),
             oom_kills: Counter::default(),
+            update_results: Family::default(),
+            update_in_progress: Gauge::default(),
+            security_version: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -111,6 +122,21 @@ impl Default for Metrics {
             "oom_kills",
             "Replicas killed by the kernel for exceeding memory.max",
             m.oom_kills.clone(),
+        );
+        registry.register(
+            "update_results",
+            "Updates ended, by result: committed, rolled_back, install_failed, refused",
+            m.update_results.clone(),
+        );
+        registry.register(
+            "update_in_progress",
+            "1 while the OTA agent installs, tries or rolls back an update",
+            m.update_in_progress.clone(),
+        );
+        registry.register(
+            "security_version",
+            "The highest committed security version (the anti-rollback floor)",
+            m.security_version.clone(),
         );
         Metrics { registry, ..m }
     }

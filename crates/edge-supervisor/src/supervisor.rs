@@ -103,6 +103,8 @@ struct Dispatcher {
     restarts_seen: HashMap<String, u32>,
     stopping: bool,
     agent: Agent,
+    /// The last update result counted in the metrics.
+    result_seen: Option<edge_proto::UpdateResult>,
 }
 
 /// Runs the supervisor until SIGTERM or SIGINT, then stops in order: the public address stops
@@ -259,6 +261,7 @@ impl Bound {
             hardware,
             restarts_seen: HashMap::new(),
             stopping: false,
+            result_seen: agent.status().last_result,
             agent,
         };
 
@@ -760,6 +763,24 @@ impl Dispatcher {
                     .inc_by(u64::from(r.restarts - *seen));
                 *seen = r.restarts;
             }
+        }
+        let update = self.agent.status();
+        self.metrics
+            .update_in_progress
+            .set(i64::from(update.state != "idle"));
+        self.metrics
+            .security_version
+            .set(i64::try_from(update.security_version).unwrap_or(i64::MAX));
+        if update.last_result.is_some() && update.last_result != self.result_seen {
+            if let Some(result) = &update.last_result {
+                self.metrics
+                    .update_results
+                    .get_or_create(&crate::metrics::ResultLabels {
+                        result: result.result.clone(),
+                    })
+                    .inc();
+            }
+            self.result_seen = update.last_result;
         }
         if !self.stopping {
             self.systemd.update(ready, desired);
