@@ -51,7 +51,7 @@ impl Device {
     }
 
     /// Starts the supervisor in its own PID namespace, with a fail point if given.
-    fn power_on(&self, failpoint: Option<&str>) -> Child {
+    fn power_on(&self, failpoint: Option<&str>) -> Power {
         let (program, args) = tests::service_command(&tests::workspace_binary("edge-supervisor"));
         let mut command = Command::new("unshare");
         command
@@ -75,9 +75,11 @@ impl Device {
             command.env("QUOTE_EDGE_FAILPOINT", point);
         }
         let _ = std::fs::remove_file(self.data.path().join("supervisor.sock"));
-        command
-            .spawn()
-            .expect("unshare (util-linux) runs the supervisor")
+        Power(
+            command
+                .spawn()
+                .expect("unshare (util-linux) runs the supervisor"),
+        )
     }
 
     fn status(&self) -> Option<Status> {
@@ -97,7 +99,7 @@ impl Device {
     /// Polls the status until `condition`, or the process ends (returns None then).
     fn wait(
         &self,
-        child: &mut Child,
+        child: &mut Power,
         what: &str,
         condition: impl Fn(&Status) -> bool,
     ) -> Option<Status> {
@@ -108,7 +110,7 @@ impl Device {
             {
                 return Some(status);
             }
-            if child.try_wait().unwrap().is_some() {
+            if child.0.try_wait().unwrap().is_some() {
                 return None;
             }
             assert!(
@@ -132,9 +134,19 @@ impl Device {
     }
 }
 
-fn off(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+/// A powered device: killed (with everything in its PID namespace) when dropped, so that a
+/// failing test leaves nothing running.
+struct Power(Child);
+
+impl Drop for Power {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn off(power: Power) {
+    drop(power);
 }
 
 /// One power cut: write quotes, deliver the bundle, cut at `point`, power on again, and check.
