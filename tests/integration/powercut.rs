@@ -208,7 +208,7 @@ fn cut(fx: &Fixture, bundle: &Path, point: &str, expect: &str, resumes: &mut Vec
         );
     }
     // A cut past the first journal mark (4 MiB) resumes: the receipt counts the kept bytes.
-    if let Some(at) = point.strip_prefix("slot.bytes:") {
+    if let Some(at) = point.strip_prefix("slot.bytes:").filter(|_| reached) {
         let at: u64 = at.parse().unwrap();
         let receipts: String = std::fs::read_dir(device.data.path().join("ota/receipts"))
             .unwrap()
@@ -316,7 +316,8 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
     let unreached: Vec<&String> = log.iter().filter(|l| l.contains("not reached")).collect();
     assert!(
         unreached.is_empty(),
-        "fail points never reached: {unreached:?}"
+        "fail points never reached: {unreached:?} (is target/debug/edge-supervisor built with \
+         the failpoints feature? `cargo test --workspace` builds it so)"
     );
     let _ = writeln!(
         std::io::stderr(),
