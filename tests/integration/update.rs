@@ -237,7 +237,10 @@ async fn a_signed_bundle_is_rolled_out_one_replica_at_a_time_under_load_and_comm
     let done = sup
         .wait_for("the update to commit", |s| {
             least_ready.fetch_min(s.ready, Ordering::SeqCst);
-            most_replicas.fetch_max(s.replicas.len() as u32, Ordering::SeqCst);
+            // Replicas on their way out (stopping) do not count, as terminating pods do not
+            // count towards Kubernetes' maxSurge.
+            let live = s.replicas.iter().filter(|r| r.state != "stopping").count();
+            most_replicas.fetch_max(live as u32, Ordering::SeqCst);
             s.update.state == "idle" && s.update.last_result.is_some()
         })
         .await;

@@ -691,7 +691,7 @@ impl Agent {
             return;
         }
         self.scanning = true;
-        let dirs = self.settings.inbox.clone();
+        let dirs = expand_inboxes(&self.settings.inbox);
         let judged = self.judged.clone();
         let skip: Vec<String> = self
             .state
@@ -1264,6 +1264,26 @@ fn dir_size(dir: &Path) -> u64 {
             _ => 0,
         })
         .sum()
+}
+
+/// The inbox directories and their immediate subdirectories (where USB sticks get mounted,
+/// one directory per stick), except the receipts written there.
+fn expand_inboxes(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut all = Vec::new();
+    for dir in dirs {
+        all.push(dir.clone());
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            all.extend(
+                entries
+                    .flatten()
+                    .filter(|e| {
+                        e.file_type().is_ok_and(|t| t.is_dir()) && e.file_name() != "receipts"
+                    })
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    all
 }
 
 /// Bundles in the inboxes that could be installed: readable manifest, this product, not

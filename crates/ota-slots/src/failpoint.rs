@@ -1,7 +1,7 @@
 //! Fault injection for the power-cut tests (built only with the `failpoints` feature; without
-//! it every function here is an empty inline). `QUOTE_EDGE_FAILPOINT=NAME:N` aborts the process
-//! the Nth time `NAME` is reached: no unwinding, no destructor, no flush, as close to a power
-//! cut as a process can get without losing its page cache. `QUOTE_EDGE_FAILPOINT=slot.bytes:K`
+//! it every function here is an empty inline). `QUOTE_EDGE_FAILPOINT=NAME:N` kills the process
+//! (SIGKILL to itself) the Nth time `NAME` is reached: no unwinding, no destructor, no flush, as
+//! close to a power cut as a process can get without losing its page cache. `QUOTE_EDGE_FAILPOINT=slot.bytes:K`
 //! aborts once K bytes of release data have been written to a slot (the write is cut at K).
 
 /// Marks a point of the update path (after or before a write, fsync or rename).
@@ -26,8 +26,10 @@ pub fn cut_bytes(done: u64, len: usize) -> Option<usize> {
     }
 }
 
-/// Aborts now (after a cut write).
+/// Ends the process now, as `kill -9` would: SIGKILL cannot be caught or delayed (not even
+/// by an emulator running the process, where `abort()` can hang in a threaded program).
 pub fn abort() -> ! {
+    let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
     std::process::abort()
 }
 
