@@ -641,3 +641,39 @@ async fn a_release_larger_than_the_free_space_is_refused_before_the_slot_is_touc
     );
     sup.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_bundle_in_the_inbox_does_not_hide_the_next_one() {
+    let fx = Fixture::new();
+    let sup = Supervisor::start(1, &fx.config("trial = \"300ms\"\n")).await;
+    sup.all_ready(1).await;
+    let inbox = sup.data_dir().join("ota/inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    // The best candidate (security version 3) is signed by a key the device does not trust.
+    let stranger = SecretKey::from_seed([99; 32]);
+    let release = release(&fx.dir.path().join("good-3.0.0-stranger"), GOOD);
+    let options = PackOptions {
+        product: "quote-edge".into(),
+        version: "3.0.0".into(),
+        security_version: 3,
+        issued_at: 3_000,
+        level: 3,
+    };
+    pack(
+        &release,
+        &inbox.join("a.bundle"),
+        &options,
+        &stranger,
+        |_, _| {},
+    )
+    .unwrap();
+    std::fs::copy(
+        fx.bundle(GOOD, "2.0.0", 2, "quote-edge"),
+        inbox.join("b.bundle"),
+    )
+    .unwrap();
+    let after = finished(&sup, "2.0.0").await;
+    assert_eq!(after.update.last_result.unwrap().result, "committed");
+    assert_eq!(after.update.version, "2.0.0");
+    sup.stop().await;
+}

@@ -402,7 +402,7 @@ impl Dispatcher {
     fn ota_event(&mut self, event: OtaEvent, now: Instant) {
         let step = match event {
             OtaEvent::Found(found) => {
-                self.agent.scanned(&found);
+                self.agent.scanned();
                 if let Some(bundle) = found.into_iter().next()
                     && !self.stopping
                 {

@@ -207,7 +207,8 @@ pub struct Agent {
     /// Release of each model revision (revision 0 is what ran at start).
     pub releases: HashMap<u64, Release>,
     next_revision: u64,
-    /// Inbox files already judged, by (path, size, mtime): not re-read on every scan.
+    /// Bundles already taken (by path, size and mtime): an inbox scan does not offer an
+    /// unchanged file again, so a refused bundle is not refused every scan.
     judged: HashMap<PathBuf, (u64, SystemTime)>,
     pub scanning: bool,
     started_at: u64,
@@ -398,6 +399,13 @@ impl Agent {
                 self.phase.name()
             ));
         }
+        // Only the bundle taken is judged: the other candidates of the same scan stay on offer.
+        if let Ok(meta) = std::fs::metadata(&bundle) {
+            self.judged.insert(
+                bundle.clone(),
+                (meta.len(), meta.modified().unwrap_or(UNIX_EPOCH)),
+            );
+        }
         self.phase = Phase::Installing {
             bundle: bundle.clone(),
         };
@@ -441,6 +449,11 @@ impl Agent {
             Err(error) => {
                 tracing::error!(%error, "update refused");
                 if let Phase::Installing { bundle } = &self.phase {
+                    if matches!(error, UpdateError::Install { .. }) {
+                        // Stopped while writing: a bundle to blame is in failed_bundles (never
+                        // offered again); one that is not (the stick was pulled) is offered again.
+                        self.judged.remove(bundle);
+                    }
                     self.write_receipt(bundle.clone(), "refused", None, &error.to_string());
                     if !matches!(error, UpdateError::Install { .. }) {
                         self.refusal = Some(UpdateResult {
@@ -717,17 +730,9 @@ impl Agent {
         });
     }
 
-    /// A scan finished; remembers what was judged so unchanged files are not read again.
-    pub fn scanned(&mut self, found: &[PathBuf]) {
+    /// A scan finished.
+    pub fn scanned(&mut self) {
         self.scanning = false;
-        for path in found {
-            if let Ok(meta) = std::fs::metadata(path) {
-                self.judged.insert(
-                    path.clone(),
-                    (meta.len(), meta.modified().unwrap_or(UNIX_EPOCH)),
-                );
-            }
-        }
     }
 
     fn write_receipt_for(
