@@ -454,7 +454,7 @@ impl Agent {
                         // offered again); one that is not (the stick was pulled) is offered again.
                         self.judged.remove(bundle);
                     }
-                    self.write_receipt(bundle.clone(), "refused", None, &error.to_string());
+                    self.write_receipt(Some(bundle), "refused", None, &error.to_string());
                     if !matches!(error, UpdateError::Install { .. }) {
                         self.refusal = Some(UpdateResult {
                             result: "refused".into(),
@@ -605,7 +605,7 @@ impl Agent {
         match self.persist(next) {
             Ok(()) => {
                 tracing::info!(%version, "update committed");
-                self.write_receipt_for(bundle, "committed", Some(&version), "");
+                self.write_receipt(bundle.as_deref(), "committed", Some(&version), "");
             }
             Err(error) => {
                 // Not committed: the next start retries the trial, as after a power cut.
@@ -694,7 +694,7 @@ impl Agent {
         if let Err(error) = self.persist(next) {
             tracing::error!(%error, "cannot record the rollback");
         }
-        self.write_receipt_for(bundle, "rolled_back", Some(&version), &reason);
+        self.write_receipt(bundle.as_deref(), "rolled_back", Some(&version), &reason);
         Step::Resume
     }
 
@@ -735,35 +735,33 @@ impl Agent {
         self.scanning = false;
     }
 
-    fn write_receipt_for(
+    /// A signed receipt in `<ota>/receipts/`, and next to the bundle when that directory is
+    /// writable (a USB stick carries the fleet's audit trail back).
+    fn write_receipt(
         &self,
-        bundle: Option<PathBuf>,
+        bundle: Option<&Path>,
         result: &str,
         version: Option<&str>,
         reason: &str,
     ) {
-        match bundle {
-            Some(bundle) => self.write_receipt(bundle, result, version, reason),
-            None => self.write_receipt(PathBuf::new(), result, version, reason),
-        }
-    }
-
-    /// A signed receipt in `<ota>/receipts/`, and next to the bundle when that directory is
-    /// writable (a USB stick carries the fleet's audit trail back).
-    fn write_receipt(&self, bundle: PathBuf, result: &str, version: Option<&str>, reason: &str) {
         let receipt = crate::receipt::Receipt {
             device: String::new(),
             from: self.version_of(self.state.previous.unwrap_or(self.state.active)),
             to: version.unwrap_or("").to_owned(),
             result: result.to_owned(),
             reason: reason.to_owned(),
-            bundle: bundle.file_name().map(|n| n.to_string_lossy().into_owned()),
+            bundle: bundle
+                .and_then(Path::file_name)
+                .map(|n| n.to_string_lossy().into_owned()),
             started_at: self.started_at,
             finished_at: unix_now(),
             resumed_bytes: self.resumed,
         };
         let mut dirs = vec![self.layout.dir.join("receipts")];
-        if let Some(parent) = bundle.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Some(parent) = bundle
+            .and_then(Path::parent)
+            .filter(|p| !p.as_os_str().is_empty())
+        {
             dirs.push(parent.join("receipts"));
         }
         if let Err(error) =

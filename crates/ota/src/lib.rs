@@ -141,12 +141,8 @@ pub enum Command {
     /// Install a bundle on the device through its supervisor, and follow the update to its end
     /// (exit 0 committed, 1 refused or rolled back).
     Apply {
-        /// The supervisor's data directory (its socket is `<DIR>/supervisor.sock`).
-        #[arg(long, default_value = "./data")]
-        data_dir: PathBuf,
-        /// The control socket, if not in the data directory.
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArgs,
         /// Progress as JSON lines (each the `update` object of `status --json`).
         #[arg(long)]
         json: bool,
@@ -154,13 +150,29 @@ pub enum Command {
     },
     /// The device's update state: running version, agent state, progress, last result.
     Status {
-        #[arg(long, default_value = "./data")]
-        data_dir: PathBuf,
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArgs,
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where the device's supervisor listens (as `edge-supervisor`'s own subcommands take it).
+#[derive(Debug, clap::Args)]
+pub struct DeviceArgs {
+    /// The supervisor's data directory (its socket is `<DIR>/supervisor.sock`).
+    #[arg(long, default_value = "./data")]
+    data_dir: PathBuf,
+    /// The control socket, if not in the data directory.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+impl DeviceArgs {
+    fn socket(self) -> PathBuf {
+        self.socket
+            .unwrap_or_else(|| self.data_dir.join("supervisor.sock"))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -378,25 +390,16 @@ pub fn run(command: Command, out: &mut dyn Write) -> Result<(), OtaError> {
             doc.sign(&SecretKey::load(&key)?);
             write_doc(&file, &doc, out)
         }
-        Command::Apply {
-            data_dir,
-            socket,
-            json,
-            file,
-        } => {
-            let socket = socket.unwrap_or_else(|| data_dir.join("supervisor.sock"));
+        Command::Apply { device, json, file } => {
+            let socket = device.socket();
             if device::apply(&socket, &file, json, out)? {
                 Ok(())
             } else {
                 Err(OtaError::NotCommitted)
             }
         }
-        Command::Status {
-            data_dir,
-            socket,
-            json,
-        } => {
-            let socket = socket.unwrap_or_else(|| data_dir.join("supervisor.sock"));
+        Command::Status { device, json } => {
+            let socket = device.socket();
             let update = device::status(&socket)?;
             let text = if json {
                 serde_json::to_string_pretty(&update).unwrap_or_default()
