@@ -12,7 +12,9 @@
 #   QEMU_IMAGE=FILE         disk image (default image/out/quote-edge-qemu-aarch64.img)
 #   QEMU_CONSOLE_LOG=FILE   write the serial console to FILE instead of this terminal
 #   QEMU_SHELL=SOCKET       a root shell on the guest's virtio console, as a Unix socket (tests)
-#   QEMU_MONITOR=SOCKET     the QEMU monitor as a Unix socket (tests: power cut, reset)
+#   QEMU_MONITOR=SOCKET     the QEMU monitor (QMP) as a Unix socket (tests: watchdog events)
+#   QEMU_CONTROL=SOCKET     a second QMP socket, and a USB controller to plug sticks into while
+#                           the device runs (image/lib/device.sh: plug_stick, pull_stick)
 #   QEMU_SMP=2              virtual CPUs (multi-threaded TCG uses one host thread each)
 #   QEMU_APPEND=ARGS        added to the kernel command line (e.g. "systemd.show_status=1")
 set -euo pipefail
@@ -43,10 +45,15 @@ fi
 if [ -n "${QEMU_MONITOR:-}" ]; then
     args+=(-qmp "unix:$QEMU_MONITOR,server=on,wait=off")
 fi
+if [ -n "${QEMU_CONTROL:-}" ]; then
+    args+=(-qmp "unix:$QEMU_CONTROL,server=on,wait=off")
+fi
+if [ -n "${QEMU_USB:-}" ] || [ -n "${QEMU_CONTROL:-}" ]; then
+    args+=(-device qemu-xhci,id=xhci)
+fi
 if [ -n "${QEMU_USB:-}" ]; then
     [ -f "$QEMU_USB" ] || { echo "run-qemu.sh: QEMU_USB=$QEMU_USB is not a file" >&2; exit 1; }
-    args+=(-device qemu-xhci,id=xhci -drive "file=$QEMU_USB,format=raw,if=none,id=usbstick"
-           -device usb-storage,bus=xhci.0,drive=usbstick)
+    args+=(-drive "file=$QEMU_USB,format=raw,if=none,id=usbstick" -device usb-storage,bus=xhci.0,drive=usbstick)
 fi
 if [ -n "${QEMU_SHELL:-}" ]; then
     args+=(-device virtio-serial-pci -chardev "socket,id=shell,path=$QEMU_SHELL,server=on,wait=off"

@@ -4,7 +4,7 @@
 # supervisor's peak RSS, for a full bundle and for a delta of a one-binary change; and the size
 # of a delta for the anchors' "minor release" (v1.ext4 -> v2.ext4, fixed 1 MiB chunks).
 #
-#   tests/bench/ota-agent.sh          (one run; numbers only, nothing asserted)
+#   RUNS=5 tests/bench/ota-agent.sh   (medians of RUNS fresh devices, default 1; numbers only)
 #
 # Releases: bin/quote-service (a script starting the real quote-service, so the trial runs),
 # bin/app (a 3 MiB binary: edge-supervisor's; the one-binary change swaps it for `ota`'s),
@@ -40,7 +40,11 @@ pack --version 3.0.0 --security-version 3 --delta-from "$b/r1.bundle" --out "$b/
 size() { stat -c %s "$1"; }
 payload=$(du -sb "$b/r1" | cut -f1)
 
-cat > "$b/supervisor.toml" <<TOML
+# run_once N: a fresh device (data directory, supervisor) takes the full bundle, then the
+# delta; appends "full_ms full_peak_kib delta_ms delta_peak_kib idle_kib" to $b/runs.
+run_once() {
+    rm -rf "$b/data"; mkdir -p "$b/data/ota/inbox"
+    cat > "$b/supervisor.toml" <<TOML
 listen = "127.0.0.1:18480"
 admin_listen = ""
 replicas = 1
@@ -50,23 +54,36 @@ trusted_keys = "$b/keys"
 factory_bin = "$b/r0/bin"
 trial = "1s"
 TOML
-EDGE_LOG=info target/release/edge-supervisor run --config "$b/supervisor.toml" 2> "$b/supervisor.log" &
-sup=$!
-trap 'kill $sup 2>/dev/null || true' EXIT
-until target/release/edge-supervisor status --data-dir "$b/data" >/dev/null 2>&1; do sleep 0.1; done
+    EDGE_LOG=info target/release/edge-supervisor run --config "$b/supervisor.toml" 2> "$b/supervisor.log" &
+    sup=$!
+    until target/release/edge-supervisor status --data-dir "$b/data" >/dev/null 2>&1; do sleep 0.1; done
+    local idle t1 h1 t2 h2
+    idle=$(rss)
+    read -r t1 h1 < <(apply "$b/r1.bundle")
+    read -r t2 h2 < <(apply "$b/r2-delta.bundle")
+    echo "$t1 $h1 $t2 $h2 $idle" >> "$b/runs"
+    last=$(target/release/edge-supervisor status --data-dir "$b/data" --json | python3 -c 'import json,sys; u=json.load(sys.stdin)["update"]; print(u["version"], u["last_result"]["result"])')
+    kill "$sup"; wait "$sup" 2>/dev/null || true
+}
 hwm() { awk '/VmHWM/ {print $2}' /proc/$sup/status; }
 rss() { awk '/VmRSS/ {print $2}' /proc/$sup/status; }
-idle=$(rss)
 apply() { # apply BUNDLE -> "took_ms peak_kib"
     target/release/ota apply --data-dir "$b/data" "$1" >/dev/null
     local took
     took=$(grep 'release installed' "$b/supervisor.log" | tail -1 | sed -n 's/.*took_ms=\([0-9]*\).*/\1/p')
     echo "$took $(hwm)"
 }
-read -r t1 h1 < <(apply "$b/r1.bundle")
-read -r t2 h2 < <(apply "$b/r2-delta.bundle")
+trap 'kill $sup 2>/dev/null || true' EXIT
+sup=
+runs=${RUNS:-1}
+rm -f "$b/runs"
+for _ in $(seq "$runs"); do run_once; done
+# Medians over the runs (column 1..5 of $b/runs).
+median() { cut -d' ' -f"$1" "$b/runs" | sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+t1=$(median 1) h1=$(median 2) t2=$(median 3) h2=$(median 4) idle=$(median 5)
 
-echo "OTA agent on the anchors' payload (release $payload bytes: bin/app 3 MiB + share/rootfs.ext4 64 MiB), $(nproc) cores, $(date -u +%FT%TZ)"
+echo "OTA agent on the anchors' payload (release $payload bytes: bin/app 3 MiB + share/rootfs.ext4 64 MiB), $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg), $(date -u +%FT%TZ)"
+echo "median of $runs run(s); install times per run (full delta): $(cut -d' ' -f1,3 "$b/runs" | paste -sd, -)"
 printf 'supervisor RSS idle %d KiB\n' "$idle"
 printf 'full bundle 1.0.0 (level 19): %d bytes (%.1f%%); agent install %d ms; supervisor peak RSS %d KiB\n' \
     "$(size "$b/r1.bundle")" "$(echo "$(size "$b/r1.bundle") * 100 / $payload" | bc -l)" "$t1" "$h1"
@@ -74,4 +91,4 @@ printf 'one-binary change 2.0.0: full %d bytes, delta %d bytes = %.1f%% of full;
     "$(size "$b/r2.bundle")" "$(size "$b/r2-delta.bundle")" "$(echo "$(size "$b/r2-delta.bundle") * 100 / $(size "$b/r2.bundle")" | bc -l)" "$t2" "$h2"
 printf 'anchors minor release (v1.ext4 -> v2.ext4 as one file): full %d bytes, delta %d bytes = %.1f%% of full (zstd --patch-from -19: 1,665,977 B)\n' \
     "$(size "$b/r3.bundle")" "$(size "$b/r3-delta.bundle")" "$(echo "$(size "$b/r3-delta.bundle") * 100 / $(size "$b/r3.bundle")" | bc -l)"
-target/release/edge-supervisor status --data-dir "$b/data" --json | python3 -c 'import json,sys; u=json.load(sys.stdin)["update"]; print("after:", u["version"], u["last_result"])'
+echo "after the last run: $last"

@@ -677,3 +677,64 @@ async fn a_refused_bundle_in_the_inbox_does_not_hide_the_next_one() {
     assert_eq!(after.update.version, "2.0.0");
     sup.stop().await;
 }
+
+/// Every file under `dir` with its length and modification time.
+fn tree(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                todo.push(entry.path());
+            } else {
+                out.push((entry.path(), meta.len(), meta.modified().unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_older_bundle_of_the_same_security_version_is_refused() {
+    let fx = Fixture::new();
+    let sup = Supervisor::start(1, &fx.config("trial = \"300ms\"\n")).await;
+    sup.all_ready(1).await;
+    // 2.0.0 and a later build of the same security version, issued later.
+    let older = fx.bundle(GOOD, "2.0.0", 2, "quote-edge");
+    let newer = fx.dir.path().join("good-2.1.0.bundle");
+    let options = PackOptions {
+        product: "quote-edge".into(),
+        version: "2.1.0".into(),
+        security_version: 2,
+        issued_at: 2_000,
+        level: 3,
+    };
+    let rel = release(&fx.dir.path().join("good-2.1.0"), GOOD);
+    pack(&rel, &newer, &options, &fx.key, |_, _| {}).unwrap();
+    for (bundle, version) in [(&older, "2.0.0"), (&newer, "2.1.0")] {
+        apply(&sup, bundle).await;
+        let done = finished(&sup, version).await;
+        assert_eq!(done.update.last_result.unwrap().result, "committed");
+    }
+    let slots = sup.data_dir().join("ota/slots");
+    let before = tree(&slots);
+
+    // The older bundle is validly signed and of the current security version, but it was
+    // issued before the committed release: installing it again would undo 2.1.0's fixes.
+    let (after, reason) = refused(&sup, &older).await;
+    assert!(
+        reason.contains("replay refused") && reason.contains("1002") && reason.contains("2000"),
+        "{reason}"
+    );
+    assert_eq!(after.update.version, "2.1.0");
+    assert!(
+        after
+            .replicas
+            .iter()
+            .all(|r| r.release.as_deref() == Some("2.1.0"))
+    );
+    assert_eq!(tree(&slots), before, "no slot file was touched");
+    sup.stop().await;
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end checks of the device image under QEMU (TCG). Builds nothing: boots a fresh copy of
 # image/out/quote-edge-qemu-aarch64.img (image/build.sh qemu) with image/run-qemu.sh, drives
-# the guest through the test shell on its virtio console (tests/qemu/guest.py), and checks:
+# the guest through the test shell on its virtio console (image/lib/guest.py), and checks:
 #
 #   boot          time from starting QEMU to the first HTTP answer
 #   replicas      answers come from 3 distinct replicas (X-Served-By)
@@ -12,10 +12,11 @@
 #   persistence   a quote written before a reboot is there after it
 #   hang          all CPUs starved by real-time spinners (PID 1 can no longer feed the
 #                 i6300esb): the hardware watchdog resets the machine and it serves again
-#   ota           power off, plug a USB stick with a signed bundle, boot: the new version is
-#                 rolled out, tried and committed; a quote written before is still there
-#   ota-rollback  the same with a bundle whose service crashes: rolled back automatically,
-#                 the previous version serves, quotes intact, the bundle not retried
+#   ota           a USB stick with a signed bundle plugged into the running device: the new
+#                 version is rolled out, tried and committed; a quote written before is still
+#                 there; the signed receipt is on the stick, mounted read-only again
+#   ota-rollback  power off, plug a stick with a bundle whose service crashes, boot: rolled
+#                 back automatically, the previous version serves, quotes intact, not retried
 #   powercut      a hard power cut of QEMU in the middle of an update, then boot again with
 #                 the stick still in: a consistent version serves, with the quotes
 #
@@ -25,69 +26,22 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-image=$repo/image/out/quote-edge-qemu-aarch64.img
 checks=("$@")
 [ ${#checks[@]} -gt 0 ] || checks=(boot replicas self-heal oom sigstop persistence hang ota ota-rollback powercut)
 
-for tool in qemu-system-aarch64 curl python3; do
-    command -v "$tool" >/dev/null || { echo "run.sh: $tool is missing" >&2; exit 2; }
-done
-[ -f "$image" ] || { echo "run.sh: $image is missing (build it with image/build.sh qemu)" >&2; exit 2; }
-
-work=$(mktemp -d /tmp/quote-edge-qemu.XXXXXX)
-port=${QEMU_HTTP_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
-base=http://127.0.0.1:$port
-shell=$work/shell.sock
-console=$work/console.log
-events=$work/qmp-events.log
-qemu_pid= qmp_pid=
+# shellcheck source=image/lib/device.sh
+source "$repo/image/lib/device.sh"
+device_init "$(mktemp -d /tmp/quote-edge-qemu.XXXXXX)" || exit 2
 failures=0
 
 cleanup() {
-    [ -n "$qmp_pid" ] && kill "$qmp_pid" 2>/dev/null || true
-    [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null && wait "$qemu_pid" 2>/dev/null || true
+    stop_qemu
     if [ "${KEEP:-0}" = 1 ] || [ $failures -gt 0 ]; then echo "work directory kept: $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
-now() { date +%s.%N; }
-since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
 pass() { printf 'PASS %-12s %s\n' "$1" "$2"; }
 fail() { printf 'FAIL %-12s %s\n' "$1" "$2"; failures=$((failures + 1)); }
-# guest CMD: run CMD in the guest (root shell), print its output, return its status.
-guest() { python3 "$here/guest.py" "$shell" "$1" --timeout "${2:-30}"; }
-status_json() { guest 'edge-supervisor status --json --data-dir /var/lib/quote-edge'; }
-# json EXPR: evaluate a Python expression over the JSON document on stdin (bound to `d`).
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-# wait_for SECONDS CMD...: poll CMD every 0.2 s until it succeeds; fails after SECONDS.
-wait_for() {
-    local deadline
-    deadline=$(python3 -c "import time; print(time.monotonic() + $1)")
-    shift
-    until "$@" >/dev/null 2>&1; do
-        python3 -c "import sys,time; sys.exit(time.monotonic() > $deadline)" || return 1
-        sleep 0.2
-    done
-}
-http_ok() { curl -sf -m 2 -o /dev/null "$base/quotes/random"; }
-http_down() { ! curl -sf -m 1 -o /dev/null "$base/quotes/random"; }
-boot_id() { guest 'cat /proc/sys/kernel/random/boot_id' 10; }
-# Predicates for wait_for.
-all_ready() { [ "$(status_json | json 'sum(r["ready"] for r in d["replicas"])')" = 3 ]; }
-replaced() { [ "$(status_json | json "d['replicas'][$1]['ready'] and d['replicas'][$1]['pid'] != $2")" = True ]; }
-last_exit_is() { [ "$(status_json | json "(d['replicas'][$1]['last_exit'] or {}).get('reason')")" = "$2" ]; }
-restarted_since() { [ "$(guest 'systemctl show -p NRestarts --value edge-supervisor')" -gt "$1" ]; }
-
-# start_qemu [keep] [STICK]: a fresh copy of the image (or, with `keep`, the disk as the last
-# run left it), optionally with STICK attached as a USB stick.
-start_qemu() {
-    [ "${1:-}" = keep ] || cp --sparse=always "$image" "$work/disk.img"
-    QEMU_IMAGE=$work/disk.img QEMU_HTTP_PORT=$port QEMU_CONSOLE_LOG=$console QEMU_USB=${2:-} \
-        QEMU_SHELL=$shell QEMU_MONITOR=$work/qmp.sock "$repo/image/run-qemu.sh" &
-    qemu_pid=$!
-    python3 "$here/qmp-events.py" "$work/qmp.sock" "$events" &
-    qmp_pid=$!
-}
 
 # --- boot: QEMU start -> first answer ---------------------------------------------------------
 check_boot() {
@@ -137,7 +91,7 @@ check_self_heal() {
     sleep 1 # let the stream start; the kill must happen while requests are in flight
     guest "kill -9 $pid"
     wait_for 20 replaced 1 "$pid" || true
-    wait "${clients[@]}"
+    wait "${clients[@]}" || true # a client's status is its last curl's; the logs tell all
     total=$(cat "$work"/heal-*.log | wc -l)
     errors=$(cat "$work"/heal-*.log | awk '$1 != 200 {n++} END {print n + 0}')
     after=$(status_json | json 'd["replicas"][1]["restarts"], d["replicas"][1]["last_exit"], d["replicas"][1]["ready"]')
@@ -215,7 +169,7 @@ check_hang() {
     t0=$(now)
     # SCHED_FIFO spinners on every CPU with RT throttling off: nothing of normal priority runs
     # again, PID 1 included, so nobody feeds the watchdog. The kernel itself stays up.
-    python3 "$here/guest.py" "$shell" --no-wait \
+    python3 "$device_lib/guest.py" "$shell" --no-wait \
         'echo -1 > /proc/sys/kernel/sched_rt_runtime_us; for c in $(seq 0 $(($(nproc) - 1))); do taskset -c $c chrt -f 99 sh -c "while :; do :; done" & done'
     wait_for 30 http_down || { fail hang "the guest still answers 30 s after starving its CPUs"; return; }
     local hung
@@ -229,66 +183,27 @@ check_hang() {
 }
 
 # --- OTA by USB stick --------------------------------------------------------------------------
-ota_tool=${OTA:-}
-for candidate in "$repo/target/release/ota" "$repo/target/debug/ota"; do
-    [ -n "$ota_tool" ] || { [ -x "$candidate" ] && ota_tool=$candidate; } || true
-done
-# stick NAME KIND VERSION SECURITY_VERSION: a FAT stick image holding one signed bundle of a
-# release whose quote-service is the image's own (good) or a script that exits 3 (crashes).
-stick() {
-    local rel=$work/rel-$1
-    mkdir -p "$rel/bin"
-    if [ "$2" = good ]; then
-        cp "$repo/image/out/bin/aarch64-unknown-linux-musl/quote-service" "$rel/bin/quote-service"
-    else
-        printf '#!/bin/sh\necho "release %s cannot start" >&2\nexit 3\n' "$3" > "$rel/bin/quote-service"
-        chmod 755 "$rel/bin/quote-service"
-    fi
-    "$ota_tool" pack --key "$repo/ota/keys/test-signing.key" --version "$3" --security-version "$4" \
-        --level 3 --out "$work/$1.bundle" "$rel" >/dev/null
-    rm -f "$work/$1.img"
-    mkfs.vfat -C -n STICK "$work/$1.img" 16384 >/dev/null
-    mcopy -i "$work/$1.img" "$work/$1.bundle" ::update.bundle
-    echo "$work/$1.img"
-}
-power_cut() {
-    kill -9 "$qemu_pid" 2>/dev/null || true
-    wait "$qemu_pid" 2>/dev/null || true
-    [ -n "$qmp_pid" ] && kill "$qmp_pid" 2>/dev/null || true
-    qemu_pid= qmp_pid=
-}
-update_field() { status_json | json "d['update'].get('$1')"; }
-# update_ended VERSION RESULT: the agent is idle and its last result is RESULT for VERSION.
-update_ended() {
-    [ "$(status_json | json "d['update']['state'] == 'idle' and (d['update'].get('last_result') or {}).get('result') == '$2' and (d['update'].get('last_result') or {}).get('version') == '$1'")" = True ]
-}
-post_quote() {
-    curl -s -m 10 -X POST "$base/quotes" -H 'content-type: application/json' \
-        -d "{\"text\":\"$1\",\"author\":\"tests/qemu\"}" | json 'd["id"]'
-}
-quote_is() { [ "$(curl -s -m 5 "$base/quotes/$1" | json 'd["text"]' 2>/dev/null)" = "$2" ]; }
-# boot_with STICK: hard power-off, then boot the same disk with STICK plugged in.
-boot_with() {
-    power_cut
-    start_qemu keep "$1"
-    wait_for 300 http_ok && wait_for 60 guest true
-}
-
 check_ota() {
     [ -n "$ota_tool" ] || { fail ota "no ota tool (cargo build -p ota)"; return; }
-    local text id img t0
+    local text id img t0 receipts mount
     text="before the update $(date +%s%N)"
     id=$(post_quote "$text") || { fail ota "POST failed"; return; }
     img=$(stick v2 good 2.0.0 2)
     t0=$(now)
-    boot_with "$img" || { fail ota "the device did not come back with the stick"; return; }
+    # Plugged into the running device: udev mounts it, the inbox scan finds the bundle.
+    plug_stick "$img" || { fail ota "cannot plug the stick in (QMP)"; return; }
     if wait_for 300 update_ended 2.0.0 committed && wait_for 60 all_ready; then
         local releases
         releases=$(status_json | json '",".join(sorted(set(r.get("release") or "?" for r in d["replicas"])))')
-        if [ "$(update_field version)" = 2.0.0 ] && [ "$releases" = 2.0.0 ] && quote_is "$id" "$text"; then
-            pass ota "USB stick bundle 2.0.0 committed $(since "$t0") s after power-on; replicas run $releases; quote $id intact"
+        mount=$(guest 'findmnt -no OPTIONS -T /run/quote-edge/usb/*/update.bundle' | cut -d, -f1)
+        pull_stick
+        # Read on the host from the stick's own file system: the receipt really is on it.
+        receipts=$(mdir -b -i "$img" ::/receipts 2>/dev/null | grep -c 'committed\.json$' || true)
+        if [ "$(update_field version)" = 2.0.0 ] && [ "$releases" = 2.0.0 ] && quote_is "$id" "$text" &&
+            [ "$receipts" = 1 ] && [ "$mount" = ro ]; then
+            pass ota "USB stick plugged in: 2.0.0 committed $(since "$t0") s later; replicas run $releases; quote $id intact; signed receipt on the stick, which is mounted $mount again"
         else
-            fail ota "after commit: version $(update_field version), replicas $releases, quote $id: $(curl -s "$base/quotes/$id")"
+            fail ota "after commit: version $(update_field version), replicas $releases, quote $id: $(curl -s "$base/quotes/$id"), receipts on the stick: $receipts, mount: $mount"
         fi
     else
         fail ota "no commit of 2.0.0: $(status_json | json 'd["update"]')"
@@ -320,7 +235,7 @@ check_powercut() {
     img=$(stick v4 good 4.0.0 4)
     boot_with "$img" || { fail powercut "the device did not come back with the stick"; return; }
     # Cut the power as soon as the update is under way (installing, rolling out or on trial).
-    wait_for 300 sh -c "[ \"\$(python3 '$here/guest.py' '$shell' 'edge-supervisor status --json --data-dir /var/lib/quote-edge' | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"update\"][\"state\"])')\" != idle ]" || true
+    wait_for 300 sh -c "[ \"\$(python3 '$device_lib/guest.py' '$shell' 'edge-supervisor status --json --data-dir /var/lib/quote-edge' | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"update\"][\"state\"])')\" != idle ]" || true
     state=$(update_field state)
     t0=$(now)
     power_cut

@@ -90,6 +90,9 @@ pub struct OtaFile {
     pub max_trial_boots: Option<u32>,
     /// Directory of the factory release's programs (default: the supervisor's own directory).
     pub factory_bin: Option<PathBuf>,
+    /// Remount a read-only stick read-write just long enough to write the install receipt
+    /// next to its bundle, then read-only again (default false; needs root).
+    pub remount_sticks: Option<bool>,
 }
 
 /// The OTA agent's settings.
@@ -103,6 +106,7 @@ pub struct Ota {
     pub health_commands: Vec<Vec<String>>,
     pub max_trial_boots: u32,
     pub factory_bin: PathBuf,
+    pub remount_sticks: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -578,6 +582,7 @@ fn validate(file: File, origin: &str, overrides: &Overrides) -> Result<Settings,
             health_commands,
             max_trial_boots,
             factory_bin: o.factory_bin.unwrap_or_else(crate::process::own_dir),
+            remount_sticks: o.remount_sticks.unwrap_or(false),
         }
     };
 

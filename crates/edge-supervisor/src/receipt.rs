@@ -1,6 +1,7 @@
 //! Install receipts: a small signed JSON document per finished update (committed, rolled back
-//! or refused), kept on the device and written back next to the bundle when that directory is
-//! writable, so that an offline fleet carries its audit trail home on the USB stick.
+//! or refused), kept on the device and written back beside the bundle (on a read-only stick,
+//! remounted read-write for that one write when configured), so that an offline fleet carries
+//! its audit trail home on the USB stick.
 //!
 //! The device signs with its own Ed25519 key (`<data_dir>/ota/device.key`, made on first use,
 //! mode 0600); the device id is that key's id, so a receipt names and authenticates its device.
@@ -82,8 +83,15 @@ pub fn device_id(key_path: &Path) -> Result<String, ReceiptError> {
 }
 
 /// Signs `receipt` and writes it into each of `dirs` (created if missing); the first
-/// directory must work, the others (a read-only stick) are tried and logged.
-pub fn write(key_path: &Path, mut receipt: Receipt, dirs: &[PathBuf]) -> Result<(), ReceiptError> {
+/// directory must work, the others (a stick) are tried and logged. With `remount`, a
+/// read-only mount holding one of the others is remounted read-write for the write and
+/// read-only again right after.
+pub fn write(
+    key_path: &Path,
+    mut receipt: Receipt,
+    dirs: &[PathBuf],
+    remount: bool,
+) -> Result<(), ReceiptError> {
     let key = device_key(key_path)?;
     let public = key.public();
     receipt.device = public.id().to_string();
@@ -105,11 +113,20 @@ pub fn write(key_path: &Path, mut receipt: Receipt, dirs: &[PathBuf]) -> Result<
         "{}-{}-{}.json",
         receipt.finished_at, receipt.device, receipt.result
     );
+    let write_one = |dir: &Path, path: &Path| {
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(path, &text))
+            .and_then(|()| std::fs::File::open(path)?.sync_all())
+    };
     for (i, dir) in dirs.iter().enumerate() {
         let path = dir.join(&name);
-        let result = std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::write(&path, &text))
-            .and_then(|()| std::fs::File::open(&path)?.sync_all());
+        let mut result = write_one(dir, &path);
+        if i > 0
+            && remount
+            && matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem)
+        {
+            result = with_writable_mount(dir, || write_one(dir, &path));
+        }
         match result {
             Ok(()) => tracing::info!(receipt = %path.display(), "install receipt written"),
             Err(source) if i == 0 => return Err(ReceiptError::Write { path, source }),
@@ -119,4 +136,120 @@ pub fn write(key_path: &Path, mut receipt: Receipt, dirs: &[PathBuf]) -> Result<
         }
     }
     Ok(())
+}
+
+/// Runs `f` with the mount holding `dir` remounted read-write, and remounts it read-only
+/// afterwards whatever `f` did. util-linux's `mount` does the remount (the image has it; the
+/// supervisor runs as root there).
+fn with_writable_mount(dir: &Path, f: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+    let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(dir);
+    let existing = existing.canonicalize()?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let target = mount_point_in(&mountinfo, &existing).ok_or_else(|| {
+        std::io::Error::other(format!("no mount point for {}", existing.display()))
+    })?;
+    remount(&target, "rw")?;
+    let result = f();
+    if let Err(error) = remount(&target, "ro") {
+        tracing::warn!(mount = %target.display(), %error, "cannot remount the stick read-only");
+    }
+    result
+}
+
+fn remount(target: &Path, mode: &str) -> std::io::Result<()> {
+    let status = std::process::Command::new("mount")
+        .arg("-o")
+        .arg(format!("remount,{mode}"))
+        .arg(target)
+        .stdin(std::process::Stdio::null())
+        .status()?;
+    if status.success() {
+        tracing::info!(mount = %target.display(), mode, "stick remounted");
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "mount -o remount,{mode} {}: {status}",
+            target.display()
+        )))
+    }
+}
+
+/// The mount point in `mountinfo` (the text of /proc/self/mountinfo) that holds `path`: the
+/// longest one that is a prefix of it. Mount points are octal-escaped there (`\040` = space).
+fn mount_point_in(mountinfo: &str, path: &Path) -> Option<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|escaped| PathBuf::from(unescape_octal(escaped)))
+        .filter(|point| path.starts_with(point))
+        .max_by_key(|point| point.as_os_str().len())
+}
+
+fn unescape_octal(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let code = bytes.get(i + 1..i + 4).and_then(|d| {
+            d.iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+                .then(|| d.iter().fold(0u32, |n, b| n * 8 + u32::from(b - b'0')))
+        });
+        match code {
+            Some(code) if bytes[i] == b'\\' && code <= 0xff => {
+                out.push(code as u8);
+                i += 4;
+            }
+            _ => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+22 1 254:2 / / ro,relatime shared:1 - ext4 /dev/vda2 ro
+30 22 254:3 / /var/lib/quote-edge rw,relatime shared:2 - ext4 /dev/vda3 rw
+40 22 0:25 / /run rw,nosuid,nodev shared:5 - tmpfs tmpfs rw
+51 40 8:1 / /run/quote-edge/usb/sda1 ro,nosuid,nodev,noexec shared:30 - vfat /dev/sda1 ro
+52 40 8:17 / /run/quote-edge/usb/my\\040stick ro shared:31 - vfat /dev/sdb1 ro
+";
+
+    #[test]
+    fn the_stick_is_the_longest_mount_point_holding_the_bundle() {
+        let at = |p: &str| mount_point_in(MOUNTINFO, Path::new(p));
+        assert_eq!(
+            at("/run/quote-edge/usb/sda1/updates"),
+            Some("/run/quote-edge/usb/sda1".into())
+        );
+        assert_eq!(
+            at("/run/quote-edge/usb/sda1"),
+            Some("/run/quote-edge/usb/sda1".into())
+        );
+        // A name that merely starts like a mount point is not inside it.
+        assert_eq!(at("/run/quote-edge/usb/sda10"), Some("/run".into()));
+        assert_eq!(
+            at("/var/lib/quote-edge/ota/inbox"),
+            Some("/var/lib/quote-edge".into())
+        );
+        assert_eq!(at("/etc"), Some("/".into()));
+    }
+
+    #[test]
+    fn escaped_mount_points_are_decoded() {
+        assert_eq!(
+            mount_point_in(
+                MOUNTINFO,
+                Path::new("/run/quote-edge/usb/my stick/x.bundle")
+            ),
+            Some("/run/quote-edge/usb/my stick".into())
+        );
+        assert_eq!(unescape_octal(r"a\134b\9"), r"a\b\9");
+    }
 }

@@ -735,8 +735,9 @@ impl Agent {
         self.scanning = false;
     }
 
-    /// A signed receipt in `<ota>/receipts/`, and next to the bundle when that directory is
-    /// writable (a USB stick carries the fleet's audit trail back).
+    /// A signed receipt in `<ota>/receipts/`, and in `receipts/` beside the bundle when that
+    /// directory is writable or `remount_sticks` may make it so (a USB stick carries the
+    /// fleet's audit trail back).
     fn write_receipt(
         &self,
         bundle: Option<&Path>,
@@ -764,9 +765,12 @@ impl Agent {
         {
             dirs.push(parent.join("receipts"));
         }
-        if let Err(error) =
-            crate::receipt::write(&self.layout.dir.join("device.key"), receipt, &dirs)
-        {
+        if let Err(error) = crate::receipt::write(
+            &self.layout.dir.join("device.key"),
+            receipt,
+            &dirs,
+            self.settings.remount_sticks,
+        ) {
             tracing::warn!(%error, "cannot write the install receipt");
         }
     }

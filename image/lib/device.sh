@@ -1,0 +1,141 @@
+# Drives a QEMU device from the host: boot it, run commands in it, read its status, make USB
+# sticks with signed bundles and plug them in, cut its power. Sourced by tests/qemu/run.sh (the
+# end-to-end checks) and image/demo.sh (the narrated demo), so both do the same things the
+# same way. Bash; `set -euo pipefail` is the caller's.
+#
+#   source image/lib/device.sh; device_init WORKDIR
+#
+# WORKDIR receives the disk copy, the console log, the sockets and the sticks.
+# Environment: QEMU_HTTP_PORT (default: a free port), OTA (the ota tool; default
+# target/release/ota or target/debug/ota).
+device_lib=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+device_repo=$(cd "$device_lib/../.." && pwd)
+device_image=$device_repo/image/out/quote-edge-qemu-aarch64.img
+
+# device_init WORKDIR: checks the tools and the image, picks the port; sets $work, $base.
+device_init() {
+    work=$1
+    local tool
+    for tool in qemu-system-aarch64 curl python3; do
+        command -v "$tool" >/dev/null || { echo "$tool is missing (apt-get install qemu-system-arm curl python3)" >&2; return 2; }
+    done
+    [ -f "$device_image" ] || { echo "$device_image is missing (build it with image/build.sh qemu)" >&2; return 2; }
+    port=${QEMU_HTTP_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+    base=http://127.0.0.1:$port
+    shell=$work/shell.sock
+    console=$work/console.log
+    events=$work/qmp-events.log
+    control=$work/control.sock
+    qemu_pid= qmp_pid=
+    sticks=0
+    ota_tool=${OTA:-}
+    local candidate
+    for candidate in "$device_repo/target/release/ota" "$device_repo/target/debug/ota"; do
+        [ -n "$ota_tool" ] || { [ -x "$candidate" ] && ota_tool=$candidate; } || true
+    done
+}
+
+now() { date +%s.%N; }
+since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
+# guest CMD [TIMEOUT]: run CMD in the guest (root shell), print its output, return its status.
+guest() { python3 "$device_lib/guest.py" "$shell" "$1" --timeout "${2:-30}"; }
+status_json() { guest 'edge-supervisor status --json --data-dir /var/lib/quote-edge'; }
+# json EXPR: evaluate a Python expression over the JSON document on stdin (bound to `d`).
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+# wait_for SECONDS CMD...: poll CMD every 0.2 s until it succeeds; fails after SECONDS.
+wait_for() {
+    local deadline
+    deadline=$(python3 -c "import time; print(time.monotonic() + $1)")
+    shift
+    until "$@" >/dev/null 2>&1; do
+        python3 -c "import sys,time; sys.exit(time.monotonic() > $deadline)" || return 1
+        sleep 0.2
+    done
+}
+http_ok() { curl -sf -m 2 -o /dev/null "$base/quotes/random"; }
+http_down() { ! curl -sf -m 1 -o /dev/null "$base/quotes/random"; }
+boot_id() { guest 'cat /proc/sys/kernel/random/boot_id' 10; }
+served_by() { curl -s -m 2 -o /dev/null -D - "$base/quotes/random" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-served-by" {print $2}'; }
+# Predicates for wait_for.
+ready_count_is() { [ "$(status_json | json 'sum(r["ready"] for r in d["replicas"])')" = "$1" ]; }
+all_ready() { ready_count_is 3; }
+replaced() { [ "$(status_json | json "d['replicas'][$1]['ready'] and d['replicas'][$1]['pid'] != $2")" = True ]; }
+last_exit_is() { [ "$(status_json | json "(d['replicas'][$1]['last_exit'] or {}).get('reason')")" = "$2" ]; }
+restarted_since() { [ "$(guest 'systemctl show -p NRestarts --value edge-supervisor')" -gt "$1" ]; }
+update_field() { status_json | json "d['update'].get('$1')"; }
+# update_ended VERSION RESULT: the agent is idle and its last result is RESULT for VERSION.
+update_ended() {
+    [ "$(status_json | json "d['update']['state'] == 'idle' and (d['update'].get('last_result') or {}).get('result') == '$2' and (d['update'].get('last_result') or {}).get('version') == '$1'")" = True ]
+}
+post_quote() {
+    curl -s -m 10 -X POST "$base/quotes" -H 'content-type: application/json' \
+        -d "{\"text\":\"$1\",\"author\":\"${2:-quote-edge device}\"}" | json 'd["id"]'
+}
+quote_is() { [ "$(curl -s -m 5 "$base/quotes/$1" | json 'd["text"]' 2>/dev/null)" = "$2" ]; }
+
+# start_qemu [keep] [STICK]: a fresh copy of the image (or, with `keep`, the disk as the last
+# run left it), optionally with STICK attached as a USB stick from power-on.
+start_qemu() {
+    [ "${1:-}" = keep ] || cp --sparse=always "$device_image" "$work/disk.img"
+    rm -f "$shell" "$work/qmp.sock" "$control"
+    QEMU_IMAGE=$work/disk.img QEMU_HTTP_PORT=$port QEMU_CONSOLE_LOG=$console QEMU_USB=${2:-} \
+        QEMU_SHELL=$shell QEMU_MONITOR=$work/qmp.sock QEMU_CONTROL=$control \
+        "$device_repo/image/run-qemu.sh" &
+    qemu_pid=$!
+    python3 "$device_lib/qmp-events.py" "$work/qmp.sock" "$events" &
+    qmp_pid=$!
+}
+# power_cut: pull the plug (SIGKILL to QEMU: no shutdown, no flush of the guest's caches).
+power_cut() {
+    kill -9 "$qemu_pid" 2>/dev/null || true
+    wait "$qemu_pid" 2>/dev/null || true
+    [ -n "$qmp_pid" ] && kill "$qmp_pid" 2>/dev/null || true
+    qemu_pid= qmp_pid=
+}
+stop_qemu() {
+    [ -n "$qmp_pid" ] && kill "$qmp_pid" 2>/dev/null || true
+    [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null && wait "$qemu_pid" 2>/dev/null || true
+    qemu_pid= qmp_pid=
+}
+# boot_with STICK: hard power-off, then boot the same disk with STICK plugged in.
+boot_with() {
+    power_cut
+    start_qemu keep "$1"
+    wait_for 300 http_ok && wait_for 60 guest true
+}
+
+# stick NAME KIND VERSION SECURITY_VERSION: a FAT stick image holding one bundle signed with the
+# test key the image trusts, of a release whose quote-service is the image's own (good) or a
+# script that exits 3 (crashes). Prints the image's path.
+stick() {
+    [ -n "$ota_tool" ] || { echo "no ota tool: cargo build -p ota (or set OTA)" >&2; return 2; }
+    local rel=$work/rel-$1
+    mkdir -p "$rel/bin"
+    if [ "$2" = good ]; then
+        cp "$device_repo/image/out/bin/aarch64-unknown-linux-musl/quote-service" "$rel/bin/quote-service"
+    else
+        printf '#!/bin/sh\necho "release %s cannot start" >&2\nexit 3\n' "$3" > "$rel/bin/quote-service"
+        chmod 755 "$rel/bin/quote-service"
+    fi
+    "$ota_tool" pack --key "$device_repo/ota/keys/test-signing.key" --version "$3" --security-version "$4" \
+        --level 3 --out "$work/$1.bundle" "$rel" >/dev/null
+    rm -f "$work/$1.img"
+    mkfs.vfat -C -n STICK "$work/$1.img" 16384 >/dev/null
+    mcopy -i "$work/$1.img" "$work/$1.bundle" ::update.bundle
+    echo "$work/$1.img"
+}
+# plug_stick STICK: plug a stick into the running device (USB hot-plug through QMP); sets
+# $plugged to its device id.
+plug_stick() {
+    sticks=$((sticks + 1))
+    plugged=stick$sticks
+    python3 "$device_lib/qmp.py" "$control" \
+        "{\"execute\":\"blockdev-add\",\"arguments\":{\"driver\":\"raw\",\"node-name\":\"$plugged\",\"file\":{\"driver\":\"file\",\"filename\":\"$1\"}}}" \
+        "{\"execute\":\"device_add\",\"arguments\":{\"driver\":\"usb-storage\",\"bus\":\"xhci.0\",\"drive\":\"$plugged\",\"id\":\"$plugged\"}}" >/dev/null
+}
+# pull_stick: unplug the stick plugged last (the guest unmounts it: udev remove).
+pull_stick() {
+    python3 "$device_lib/qmp.py" "$control" \
+        "{\"execute\":\"device_del\",\"arguments\":{\"id\":\"$plugged\"}}" \
+        "{\"execute\":\"blockdev-del\",\"arguments\":{\"node-name\":\"$plugged\"}}" >/dev/null
+}
