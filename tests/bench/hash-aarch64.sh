@@ -23,8 +23,8 @@ build() { # build NAME FEATURES
     cargo build --quiet --release --locked --target "$target" --features "$2" --target-dir ../../../target/hash-cost >&2
     cp "../../../target/hash-cost/$target/release/hash-cost" "$out/$1"
 }
-build neon-softsha neon,soft-sha2
-build portable-hwsha ""
+build device ""
+build portable-asm portable-blake3,asm-sha2
 # count BIN ALGO BYTES: instructions executed by one run on a Cortex-A53 model.
 count() {
     { qemu-aarch64-static -cpu cortex-a53 -singlestep -d exec,nochain -D /dev/fd/3 "$out/$1" "$2" "$3" 3>&1 1>/dev/null; } |
@@ -36,10 +36,10 @@ per_byte() { # per_byte BIN ALGO -> instructions per byte, fill cost removed
     b1=$(count "$1" none "$n") b2=$(count "$1" none $((2 * n)))
     python3 -c "print(f'{(($a2 - $a1) - ($b2 - $b1)) / $n:.2f}')"
 }
-b3_neon=$(per_byte neon-softsha blake3)
-b3_portable=$(per_byte portable-hwsha blake3)
-sha_soft=$(per_byte neon-softsha sha256)
-sha_hw=$(per_byte portable-hwsha sha256)
+b3_neon=$(per_byte device blake3)
+b3_portable=$(per_byte portable-asm blake3)
+sha_soft=$(per_byte device sha256)
+sha_hw=$(per_byte portable-asm sha256)
 echo "aarch64 (qemu-aarch64 -cpu cortex-a53), instructions executed per byte hashed, $n-byte difference, $(date -u +%FT%TZ):"
 printf '  BLAKE3 1.8.7, NEON (the device build)      %8s\n' "$b3_neon"
 printf '  BLAKE3 1.8.7, portable                     %8s\n' "$b3_portable"
