@@ -738,3 +738,44 @@ async fn a_replayed_older_bundle_of_the_same_security_version_is_refused() {
     assert_eq!(tree(&slots), before, "no slot file was touched");
     sup.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_over_an_older_release_rewrites_only_the_chunks_that_changed() {
+    let fx = Fixture::new();
+    let sup = Supervisor::start(1, &fx.config("trial = \"300ms\"\n")).await;
+    sup.all_ready(1).await;
+    // 2.0.0 goes to slot a, 3.0.0 to b, then 4.0.0 to a again, over 2.0.0: the same 4 MiB of
+    // data in all three.
+    for (version, security_version) in [("2.0.0", 2), ("3.0.0", 3), ("4.0.0", 4)] {
+        let bundle = fx.bundle_with_data(GOOD, version, security_version, "quote-edge", 4 << 20);
+        apply(&sup, &bundle).await;
+        let done = finished(&sup, version).await;
+        assert_eq!(done.update.last_result.unwrap().result, "committed");
+    }
+    let unchanged = |version: &str| -> u64 {
+        let receipts = std::fs::read_dir(sup.data_dir().join("ota/receipts")).unwrap();
+        let receipt = receipts
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .map(|text| serde_json::from_str::<serde_json::Value>(&text).unwrap())
+            .find(|r| r["receipt"]["to"] == version)
+            .unwrap_or_else(|| panic!("no receipt for {version}"));
+        receipt["receipt"]["unchanged_bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no unchanged_bytes in {receipt}"))
+    };
+    assert_eq!(unchanged("2.0.0"), 0, "an empty slot holds nothing to keep");
+    assert_eq!(unchanged("3.0.0"), 0);
+    assert!(
+        unchanged("4.0.0") >= 4 << 20,
+        "the data 2.0.0 left in slot a was kept: {} bytes",
+        unchanged("4.0.0")
+    );
+    let slot_a = sup.data_dir().join("ota/slots/a");
+    let data = fx.dir.path().join("good-4.0.0-quote-edge/share/data.bin");
+    assert_eq!(
+        std::fs::read(slot_a.join("share/data.bin")).unwrap(),
+        std::fs::read(data).unwrap()
+    );
+    sup.stop().await;
+}

@@ -30,6 +30,8 @@ pub struct Receipt {
     pub finished_at: u64,
     /// Bytes of an interrupted install found intact and kept (it resumed, not restarted).
     pub resumed_bytes: u64,
+    /// Bytes the target slot already held from its older release: compared, not rewritten.
+    pub unchanged_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,27 +111,48 @@ pub fn write(
         signature: hex::encode(key.sign(&message)),
     };
     let text = serde_json::to_string_pretty(&signed).expect("a receipt serialises") + "\n";
-    let name = format!(
-        "{}-{}-{}.json",
+    let stem = format!(
+        "{}-{}-{}",
         receipt.finished_at, receipt.device, receipt.result
     );
-    let write_one = |dir: &Path, path: &Path| {
-        std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::write(path, &text))
-            .and_then(|()| std::fs::File::open(path)?.sync_all())
+    // Never over an earlier receipt: two updates can end within the same second.
+    let write_one = |dir: &Path| -> std::io::Result<PathBuf> {
+        std::fs::create_dir_all(dir)?;
+        for n in 0u32.. {
+            let path = match n {
+                0 => dir.join(format!("{stem}.json")),
+                n => dir.join(format!("{stem}-{n}.json")),
+            };
+            let mut file = match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => continue,
+                other => other?,
+            };
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            return Ok(path);
+        }
+        unreachable!("the loop returns or fails by n = 1000")
     };
     for (i, dir) in dirs.iter().enumerate() {
-        let path = dir.join(&name);
-        let mut result = write_one(dir, &path);
+        let mut result = write_one(dir);
         if i > 0
             && remount
             && matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem)
         {
-            result = with_writable_mount(dir, || write_one(dir, &path));
+            result = with_writable_mount(dir, || write_one(dir));
         }
         match result {
-            Ok(()) => tracing::info!(receipt = %path.display(), "install receipt written"),
-            Err(source) if i == 0 => return Err(ReceiptError::Write { path, source }),
+            Ok(path) => tracing::info!(receipt = %path.display(), "install receipt written"),
+            Err(source) if i == 0 => {
+                return Err(ReceiptError::Write {
+                    path: dir.join(format!("{stem}.json")),
+                    source,
+                });
+            }
             Err(error) => {
                 tracing::info!(dir = %dir.display(), %error, "receipt not copied next to the bundle")
             }
@@ -141,7 +164,10 @@ pub fn write(
 /// Runs `f` with the mount holding `dir` remounted read-write, and remounts it read-only
 /// afterwards whatever `f` did. util-linux's `mount` does the remount (the image has it; the
 /// supervisor runs as root there).
-fn with_writable_mount(dir: &Path, f: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+fn with_writable_mount<T>(
+    dir: &Path,
+    f: impl FnOnce() -> std::io::Result<T>,
+) -> std::io::Result<T> {
     let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(dir);
     let existing = existing.canonicalize()?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;

@@ -128,6 +128,8 @@ pub struct Installed {
     pub issued_at: u64,
     pub bundle: PathBuf,
     pub bytes: u64,
+    /// Bytes the slot already held (its older release): compared, not written again.
+    pub unchanged: u64,
     /// From opening the bundle to the slot marked ready (verify, write, fsync).
     pub took: Duration,
 }
@@ -217,6 +219,8 @@ pub struct Agent {
     refusal: Option<UpdateResult>,
     /// Bytes the last install found intact from an interrupted one (for its receipt).
     resumed: u64,
+    /// Bytes the last install found already in the slot (for its receipt).
+    unchanged: u64,
 }
 
 /// What the dispatcher must do for the agent.
@@ -320,6 +324,7 @@ impl Agent {
             started_at: unix_now(),
             refusal: None,
             resumed: 0,
+            unchanged: 0,
         })
     }
 
@@ -411,6 +416,7 @@ impl Agent {
         };
         self.refusal = None;
         self.resumed = 0;
+        self.unchanged = 0;
         self.started_at = unix_now();
         self.progress.0.store(0, Ordering::Relaxed);
         self.progress.1.store(0, Ordering::Relaxed);
@@ -440,7 +446,8 @@ impl Agent {
         match result {
             Ok(installed) => {
                 self.resumed = installed.resumed;
-                tracing::info!(version = %installed.version, slot = installed.slot.as_str(), bytes = installed.bytes, resumed = installed.resumed, took_ms = installed.took.as_millis() as u64, "release installed; taking a database snapshot");
+                self.unchanged = installed.unchanged;
+                tracing::info!(version = %installed.version, slot = installed.slot.as_str(), bytes = installed.bytes, unchanged = installed.unchanged, resumed = installed.resumed, took_ms = installed.took.as_millis() as u64, "release installed; taking a database snapshot");
                 self.phase = Phase::Snapshotting {
                     installed: installed.clone(),
                 };
@@ -757,6 +764,7 @@ impl Agent {
             started_at: self.started_at,
             finished_at: unix_now(),
             resumed_bytes: self.resumed,
+            unchanged_bytes: self.unchanged,
         };
         let mut dirs = vec![self.layout.dir.join("receipts")];
         if let Some(parent) = bundle
@@ -899,7 +907,7 @@ impl Install {
         self.progress.0.store(resumed, Ordering::Relaxed);
         // Err((blame, reason)): `blame` when the bundle itself is bad (remembered as failed);
         // a failed read of the bundle (the stick pulled out) only abandons the install.
-        let written = (|| -> Result<u64, (bool, String)> {
+        let written = (|| -> Result<(u64, u64), (bool, String)> {
             let local = |e: ota_slots::WriteError| (false, e.to_string());
             let slot_dir = self.layout.slot(slot);
             let (mut writer, from) = match &resume {
@@ -927,10 +935,13 @@ impl Install {
                     };
                     (writer, from)
                 }
-                None => (
-                    SlotWriter::create(&slot_dir).map_err(local)?,
-                    bundle.start(),
-                ),
+                None => {
+                    let paths: Vec<&str> = files.iter().map(|(p, _, _)| p.as_str()).collect();
+                    (
+                        SlotWriter::update(&slot_dir, &paths).map_err(local)?,
+                        bundle.start(),
+                    )
+                }
             };
             let mut unsynced = 0u64;
             bundle
@@ -978,15 +989,19 @@ impl Install {
                     writer.empty_file(path, *mode).map_err(local)?;
                 }
             }
-            writer.finish().map_err(local)
+            let unchanged = writer.unchanged();
+            writer
+                .finish()
+                .map(|bytes| (bytes, unchanged))
+                .map_err(local)
         })();
-        let written = written.and_then(|bytes| {
+        let written = written.and_then(|written| {
             write_synced(&self.layout.manifest(slot), &manifest_bytes)
-                .map(|()| bytes)
+                .map(|()| written)
                 .map_err(|e| (false, format!("cannot keep the manifest: {e}")))
         });
         match written {
-            Ok(bytes) => {
+            Ok((bytes, unchanged)) => {
                 *state = self.file.save(&mut RealFs, &state.finish_install(slot)?)?;
                 let _ = journal.clear();
                 Ok(Installed {
@@ -996,6 +1011,7 @@ impl Install {
                     issued_at,
                     bundle: self.bundle.clone(),
                     bytes,
+                    unchanged,
                     took: started.elapsed(),
                 })
             }

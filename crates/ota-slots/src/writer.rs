@@ -1,10 +1,12 @@
 //! Writing a release into a slot directory, chunk by chunk, from bytes the caller has already
-//! verified (the agent feeds it from `ota_bundle::Bundle::chunks`). Files are created fresh in
-//! an emptied slot, synced when complete, and the directories synced at the end.
+//! verified (the agent feeds it from `ota_bundle::Bundle::chunks`). Each file is synced when
+//! complete and the directories at the end. Over an older release ([`SlotWriter::update`]), a
+//! chunk whose bytes the slot already holds at that place is not written again (less flash
+//! wear, and an A/B update of a mostly unchanged release writes little).
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,13 +27,18 @@ pub enum WriteError {
     },
 }
 
-/// Writes one release into `dir`, which it empties first.
+/// Writes one release into `dir`.
 #[derive(Debug)]
 pub struct SlotWriter {
     dir: PathBuf,
     current: Option<Open>,
     dirs: Vec<PathBuf>,
+    /// Bytes of the release passed in so far (written or found unchanged).
     written: u64,
+    /// Of those, bytes the slot already held at their place (not written).
+    unchanged: u64,
+    /// The slot's old bytes under the chunk being compared (one chunk, reused).
+    scratch: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -40,6 +47,8 @@ struct Open {
     file: File,
     mode: u32,
     next_chunk: usize,
+    /// Where the next chunk goes.
+    offset: u64,
 }
 
 impl SlotWriter {
@@ -56,12 +65,46 @@ impl SlotWriter {
         }
         std::fs::create_dir_all(dir).map_err(io)?;
         crate::failpoint::hit("slot.emptied");
-        Ok(SlotWriter {
+        Ok(SlotWriter::new(dir))
+    }
+
+    /// Prepares `dir` (the slot must already be marked `installing`) for a release made of
+    /// `paths`: files the slot holds under those names are kept, to be compared chunk by chunk
+    /// and rewritten only where they differ; everything else (other files, links, anything
+    /// not a regular file or a directory) is removed.
+    pub fn update(dir: &Path, paths: &[&str]) -> Result<SlotWriter, WriteError> {
+        let mut writer = SlotWriter::new(dir);
+        let mut keep = HashSet::new();
+        let mut parents = HashSet::new();
+        for path in paths {
+            let relative = writer.relative(path)?.to_owned();
+            parents.extend(relative.ancestors().skip(1).map(Path::to_path_buf));
+            keep.insert(relative);
+        }
+        std::fs::create_dir_all(dir).map_err(|source| WriteError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        prune(dir, Path::new(""), &keep, &parents)?;
+        collect_dirs(dir, &mut writer.dirs);
+        crate::failpoint::hit("slot.emptied");
+        Ok(writer)
+    }
+
+    fn new(dir: &Path) -> SlotWriter {
+        SlotWriter {
             dir: dir.to_owned(),
             current: None,
             dirs: vec![dir.to_owned()],
             written: 0,
-        })
+            unchanged: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Bytes passed in that the slot already held at their place (not written).
+    pub fn unchanged(&self) -> u64 {
+        self.unchanged
     }
 
     /// Continues an interrupted install in `dir` (not emptied): `later` files (after the one
@@ -76,12 +119,8 @@ impl SlotWriter {
         keep: u64,
         later: &[&str],
     ) -> Result<SlotWriter, WriteError> {
-        let mut writer = SlotWriter {
-            dir: dir.to_owned(),
-            current: None,
-            dirs: vec![dir.to_owned()],
-            written: keep,
-        };
+        let mut writer = SlotWriter::new(dir);
+        writer.written = keep;
         for later in later {
             let full = writer.dir.join(writer.relative(later)?);
             match std::fs::remove_file(&full) {
@@ -107,7 +146,7 @@ impl SlotWriter {
             source,
         };
         // No link is followed: the slot holds only what this writer created.
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
@@ -116,13 +155,12 @@ impl SlotWriter {
             .open(&full)
             .map_err(io)?;
         file.set_len(keep).map_err(io)?;
-        use std::io::Seek;
-        file.seek(std::io::SeekFrom::End(0)).map_err(io)?;
         writer.current = Some(Open {
             path: path.to_owned(),
             file,
             mode,
             next_chunk,
+            offset: keep,
         });
         Ok(writer)
     }
@@ -151,7 +189,8 @@ impl SlotWriter {
         Ok(())
     }
 
-    /// Appends verified chunk `index` of `path` (mode applied when the file is complete).
+    /// Puts verified chunk `index` of `path` after the previous one (mode applied when the file
+    /// is complete); bytes the file already holds there are left as they are.
     pub fn chunk(
         &mut self,
         path: &str,
@@ -172,16 +211,28 @@ impl SlotWriter {
             });
         }
         if let Some(cut) = crate::failpoint::cut_bytes(self.written, bytes.len()) {
-            let _ = open.file.write_all(&bytes[..cut]);
+            let _ = open.file.write_all_at(&bytes[..cut], open.offset);
             crate::failpoint::abort();
         }
-        open.file
-            .write_all(bytes)
-            .map_err(|source| WriteError::Io {
-                path: self.dir.join(path),
-                source,
-            })?;
+        self.scratch.resize(bytes.len(), 0);
+        // A short file or a read error only means "write it".
+        let same = open
+            .file
+            .read_exact_at(&mut self.scratch, open.offset)
+            .is_ok()
+            && self.scratch[..] == *bytes;
+        if same {
+            self.unchanged += bytes.len() as u64;
+        } else {
+            open.file
+                .write_all_at(bytes, open.offset)
+                .map_err(|source| WriteError::Io {
+                    path: self.dir.join(path),
+                    source,
+                })?;
+        }
         open.next_chunk += 1;
+        open.offset += bytes.len() as u64;
         self.written += bytes.len() as u64;
         Ok(())
     }
@@ -227,11 +278,15 @@ impl SlotWriter {
             })?;
             self.dirs.push(parent.to_owned());
         }
-        // create_new in an emptied directory: nothing (no link planted there) is followed.
+        // A file kept by `update` is reused; a link is never followed (and `update` removed
+        // any).
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(false)
             .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&full)
             .map_err(|source| WriteError::Io {
                 path: full.clone(),
@@ -242,6 +297,7 @@ impl SlotWriter {
             file,
             mode,
             next_chunk: 0,
+            offset: 0,
         });
         Ok(())
     }
@@ -253,6 +309,8 @@ impl SlotWriter {
                 path: path.clone(),
                 source,
             };
+            // An older, longer file is cut to this release's length.
+            open.file.set_len(open.offset).map_err(io)?;
             // The mode first, so that the sync makes it durable with the content.
             open.file
                 .set_permissions(std::fs::Permissions::from_mode(open.mode & 0o755))
@@ -262,6 +320,31 @@ impl SlotWriter {
         }
         Ok(())
     }
+}
+
+/// Removes from `dir` (at `at`, relative to the slot) everything that is neither a file to
+/// keep nor a directory on the way to one.
+fn prune(
+    dir: &Path,
+    at: &Path,
+    keep: &HashSet<PathBuf>,
+    parents: &HashSet<PathBuf>,
+) -> Result<(), WriteError> {
+    let io = |path: PathBuf| move |source| WriteError::Io { path, source };
+    let here = dir.join(at);
+    for entry in std::fs::read_dir(&here).map_err(io(here.clone()))? {
+        let entry = entry.map_err(io(here.clone()))?;
+        let relative = at.join(entry.file_name());
+        let kind = entry.file_type().map_err(io(entry.path()))?;
+        if kind.is_dir() && parents.contains(&relative) {
+            prune(dir, &relative, keep, parents)?;
+        } else if kind.is_dir() {
+            std::fs::remove_dir_all(entry.path()).map_err(io(entry.path()))?;
+        } else if !(kind.is_file() && keep.contains(&relative)) {
+            std::fs::remove_file(entry.path()).map_err(io(entry.path()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Every directory under `dir` (to be synced at the end of a resumed install).
@@ -282,6 +365,10 @@ fn collect_dirs(dir: &Path, into: &mut Vec<PathBuf>) {
 mod tests {
     use super::*;
 
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
     #[test]
     fn files_are_written_in_order_with_their_modes() {
         let dir = tempfile::tempdir().unwrap();
@@ -294,13 +381,37 @@ mod tests {
         w.empty_file("etc/empty", 0o644).unwrap();
         assert_eq!(w.finish().unwrap(), 11);
         assert_eq!(std::fs::read(slot.join("bin/svc")).unwrap(), b"hello world");
-        let mode = std::fs::metadata(slot.join("bin/svc"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
-        assert_eq!(mode, 0o755);
+        assert_eq!(mode_of(&slot.join("bin/svc")), 0o755);
         assert!(!slot.join("stale").exists(), "the slot is emptied first");
+    }
+
+    #[test]
+    fn an_update_writes_only_the_chunks_that_differ_and_removes_what_the_release_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let slot = dir.path().join("a");
+        let mut w = SlotWriter::create(&slot).unwrap();
+        w.chunk("bin/svc", 0o755, 0, b"aaaa").unwrap();
+        w.chunk("bin/svc", 0o755, 1, b"bbbb").unwrap();
+        w.chunk("bin/svc", 0o755, 2, b"cc").unwrap();
+        w.chunk("etc/old", 0o644, 0, b"old").unwrap();
+        w.finish().unwrap();
+        std::fs::create_dir_all(slot.join("stale")).unwrap();
+        // A link where the new release puts a file: removed, never written through.
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, b"precious").unwrap();
+        std::os::unix::fs::symlink(&outside, slot.join("etc/new")).unwrap();
+
+        let mut w = SlotWriter::update(&slot, &["bin/svc", "etc/new"]).unwrap();
+        assert!(!slot.join("etc/old").exists() && !slot.join("stale").exists());
+        w.chunk("bin/svc", 0o750, 0, b"aaaa").unwrap();
+        w.chunk("bin/svc", 0o750, 1, b"BBBB").unwrap();
+        w.chunk("etc/new", 0o644, 0, b"new").unwrap();
+        assert_eq!(w.unchanged(), 4, "only the first chunk was already there");
+        assert_eq!(w.finish().unwrap(), 11);
+        assert_eq!(std::fs::read(slot.join("bin/svc")).unwrap(), b"aaaaBBBB");
+        assert_eq!(std::fs::read(slot.join("etc/new")).unwrap(), b"new");
+        assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
+        assert_eq!(mode_of(&slot.join("bin/svc")), 0o750);
     }
 
     #[test]
