@@ -177,7 +177,7 @@ step_limits() {
         "kills the whole group; the supervisor reports oom_kill and starts a replacement."
     t0=$(now)
     guest "sh -c 'echo \$\$ > /sys/fs/cgroup$cg/cgroup.procs && head -c 1G /dev/zero | tail -c 1G' >/dev/null 2>&1 &"
-    if wait_for 30 last_exit_is 0 oom_kill; then
+    if wait_for 120 last_exit_is 0 oom_kill; then
         t1=$(since "$t0")
         wait_for 20 replaced 0 "$pid" || true
         es status

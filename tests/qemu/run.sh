@@ -113,7 +113,7 @@ check_oom() {
     # set by the supervisor, makes the kernel kill the whole group, the replica included.
     t0=$(now)
     guest "sh -c 'echo \$\$ > /sys/fs/cgroup$cg/cgroup.procs && head -c 1G /dev/zero | tail -c 1G' >/dev/null 2>&1 &"
-    if wait_for 30 last_exit_is 2 oom_kill; then
+    if wait_for 120 last_exit_is 2 oom_kill; then
         local killed
         killed=$(since "$t0")
         wait_for 20 replaced 2 "$pid" || true

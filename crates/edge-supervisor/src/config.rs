@@ -709,6 +709,27 @@ mod tests {
     }
 
     #[test]
+    fn the_device_images_configurations_are_valid() {
+        for (name, text) in [
+            (
+                "image/recipe/supervisor.toml",
+                include_str!("../../../image/recipe/supervisor.toml"),
+            ),
+            (
+                "image/recipe/qemu/supervisor.toml",
+                include_str!("../../../image/recipe/qemu/supervisor.toml"),
+            ),
+        ] {
+            let settings = parse_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(
+                settings.ota.remount_sticks,
+                "{name}: receipts go back to the stick"
+            );
+            assert_eq!(settings.replicas, 3, "{name}");
+        }
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let overrides = Overrides {
             listen: Some("0.0.0.0:9000".parse().unwrap()),
