@@ -910,7 +910,7 @@ impl Install {
         let written = (|| -> Result<(u64, u64), (bool, String)> {
             let local = |e: ota_slots::WriteError| (false, e.to_string());
             let slot_dir = self.layout.slot(slot);
-            let (mut writer, from) = match &resume {
+            let (mut writer, from, prefix) = match &resume {
                 Some((mark, _)) => {
                     let (path, mode, _) = &files[mark.file as usize];
                     let later: Vec<&str> = files[mark.file as usize + 1..]
@@ -933,19 +933,27 @@ impl Install {
                         chunk: mark.chunk as usize,
                         offset: mark.offset,
                     };
-                    (writer, from)
+                    // The chunk before the mark, as written (re-hashed above, and checked
+                    // again by the reader): the next frame may be compressed with it.
+                    let prefix = match mark.chunk.checked_sub(1) {
+                        Some(before) => read_chunk(&slot_dir.join(path), before)
+                            .map_err(|e| (false, format!("cannot read back {path}: {e}")))?,
+                        None => Vec::new(),
+                    };
+                    (writer, from, prefix)
                 }
                 None => {
                     let paths: Vec<&str> = files.iter().map(|(p, _, _)| p.as_str()).collect();
                     (
                         SlotWriter::update(&slot_dir, &paths).map_err(local)?,
                         bundle.start(),
+                        Vec::new(),
                     )
                 }
             };
             let mut unsynced = 0u64;
             bundle
-                .chunks_from(from, |file, index, chunk, next| {
+                .chunks_from(from, &prefix, |file, index, chunk, next| {
                     let copied;
                     let bytes = match chunk {
                         Chunked::Data(bytes) => bytes,
@@ -1132,6 +1140,16 @@ impl Install {
         }
         Some(kept)
     }
+}
+
+/// Chunk `index` of the slot file at `path` (at most one chunk, read from its place).
+fn read_chunk(path: &Path, index: u32) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(u64::from(index) * ota_bundle::CHUNK_SIZE))?;
+    let mut bytes = Vec::new();
+    file.take(ota_bundle::CHUNK_SIZE).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// A journal mark after about this much data (each mark costs an fsync of the slot).

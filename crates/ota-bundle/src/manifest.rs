@@ -9,6 +9,12 @@ fn field(name: impl Into<String>, reason: impl Into<String>) -> BundleError {
     BundleError::field(name, reason)
 }
 
+/// Format 1: every frame stands alone.
+pub const FORMAT_INDEPENDENT: u32 = 1;
+/// Format 2: a frame whose file has a carried chunk before it is compressed with that chunk's
+/// content as a zstd prefix (FORMAT.md). What `pack` writes.
+pub const FORMAT_PREFIXED: u32 = 2;
+
 /// Every chunk but a file's last is exactly this long.
 pub const CHUNK_SIZE: u64 = 1 << 20;
 /// Most files in one bundle.
@@ -94,6 +100,16 @@ impl Manifest {
         hasher.finalize().to_hex().to_string()
     }
 
+    /// Whether chunk `index` of `file` was compressed with the chunk before it as a prefix.
+    pub fn prefixed(&self, file: &FileEntry, index: usize) -> bool {
+        self.format == FORMAT_PREFIXED
+            && index > 0
+            && file
+                .chunks
+                .get(index - 1)
+                .is_some_and(|c| c.csize.is_some())
+    }
+
     pub fn payload_len(&self) -> u64 {
         self.files
             .iter()
@@ -104,8 +120,11 @@ impl Manifest {
 
     /// Every rule of FORMAT.md that does not need the device's state.
     pub fn validate(&self) -> Result<(), BundleError> {
-        if self.format != 1 {
-            return Err(field("format", format!("is {}, must be 1", self.format)));
+        if self.format != FORMAT_INDEPENDENT && self.format != FORMAT_PREFIXED {
+            return Err(field(
+                "format",
+                format!("is {}, must be 1 or 2", self.format),
+            ));
         }
         if self.product.is_empty()
             || self.product.len() > 64

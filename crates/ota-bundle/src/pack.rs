@@ -57,6 +57,31 @@ pub fn pack_delta(
     pack_against(dir, out, options, key, Some(base), progress)
 }
 
+/// One chunk as one zstd frame (with its content size), compressed with `prefix` (the
+/// previous chunk of the file; empty for none) as a raw-content prefix that the installer
+/// supplies again when it decompresses. A context per frame: zstd ties a prefix to its context.
+fn compress_chunk(
+    level: i32,
+    prefix: &[u8],
+    chunk: &[u8],
+    frame: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    use zstd::zstd_safe::{CCtx, CParameter};
+    let zstd = |code| std::io::Error::other(zstd::zstd_safe::get_error_name(code));
+    let mut cctx = CCtx::try_create().ok_or_else(|| std::io::Error::other("zstd context"))?;
+    cctx.set_parameter(CParameter::CompressionLevel(level))
+        .map_err(zstd)?;
+    cctx.set_parameter(CParameter::ContentSizeFlag(true))
+        .map_err(zstd)?;
+    if !prefix.is_empty() {
+        cctx.ref_prefix(prefix).map_err(zstd)?;
+    }
+    frame.clear();
+    frame.reserve(zstd::zstd_safe::compress_bound(chunk.len()));
+    cctx.compress2(frame, chunk).map_err(zstd)?;
+    Ok(())
+}
+
 fn pack_against(
     dir: &Path,
     out: &Path,
@@ -83,14 +108,15 @@ fn pack_against(
     // Frames go to a temporary file beside the output, then after the header and manifest.
     let mut payload = tempfile::tempfile_in(out_dir).map_err(write_err(out_dir))?;
     let mut payload_writer = BufWriter::new(&mut payload);
-    let mut compressor = zstd::bulk::Compressor::new(options.level).map_err(write_err(out))?;
-    compressor
-        .include_contentsize(true)
-        .map_err(write_err(out))?;
     let mut entries = Vec::with_capacity(files.len());
     let mut done = 0u64;
     let mut buf = vec![0u8; CHUNK_SIZE as usize];
+    // The previous chunk of the same file, when it was carried (format 2: the next frame is
+    // compressed with it as a prefix); empty when there is none.
+    let mut prev: Vec<u8> = Vec::with_capacity(CHUNK_SIZE as usize);
+    let mut frame = Vec::new();
     for (relative, full, size) in &files {
+        prev.clear();
         let read_err = |source| BundleError::Release {
             path: full.clone(),
             reason: format!("cannot read: {source}"),
@@ -113,8 +139,10 @@ fn pack_against(
                     csize: None,
                     copy: true,
                 });
+                prev.clear();
             } else {
-                let frame = compressor.compress(&buf[..n]).map_err(write_err(out))?;
+                compress_chunk(options.level, &prev, &buf[..n], &mut frame)
+                    .map_err(write_err(out))?;
                 payload_writer.write_all(&frame).map_err(write_err(out))?;
                 chunks.push(Chunk {
                     hash,
@@ -122,6 +150,8 @@ fn pack_against(
                     csize: Some(frame.len() as u64),
                     copy: false,
                 });
+                prev.clear();
+                prev.extend_from_slice(&buf[..n]);
             }
             remaining -= n as u64;
             done += n as u64;
@@ -138,7 +168,7 @@ fn pack_against(
     payload_writer.flush().map_err(write_err(out))?;
     drop(payload_writer);
     let manifest = Manifest {
-        format: 1,
+        format: crate::manifest::FORMAT_PREFIXED,
         product: options.product.clone(),
         version: options.version.clone(),
         security_version: options.security_version,

@@ -176,7 +176,7 @@ impl<R: Read> Bundle<R> {
         mut sink: impl FnMut(&FileEntry, usize, Chunked<'_>) -> Result<(), E>,
     ) -> Result<(), ChunksError<E>> {
         let start = self.start();
-        self.chunks_from(start, |file, index, chunk, _| sink(file, index, chunk))
+        self.chunks_from(start, &[], |file, index, chunk, _| sink(file, index, chunk))
     }
 
     /// The position of the first chunk.
@@ -191,10 +191,14 @@ impl<R: Read> Bundle<R> {
     /// As [`Bundle::chunks`], from `from` (a position an earlier walk handed to its sink, to
     /// resume an interrupted install): the payload before it is read past, not decompressed.
     /// The sink also gets the position after each chunk. A position that is not the start of a
-    /// chunk of this manifest is refused.
+    /// chunk of this manifest is refused. When the chunk at `from` was compressed with the one
+    /// before it ([`Manifest::prefixed`]), `prefix` must be that chunk's content (the caller
+    /// read it back from what it wrote; it is checked against the signed hash); otherwise it
+    /// is ignored.
     pub fn chunks_from<E>(
         mut self,
         from: Position,
+        prefix: &[u8],
         mut sink: impl FnMut(&FileEntry, usize, Chunked<'_>, Position) -> Result<(), E>,
     ) -> Result<(), ChunksError<E>> {
         let mut at = self.offset;
@@ -240,15 +244,32 @@ impl<R: Read> Bundle<R> {
         self.offset = from.offset;
         let mut frame = Vec::new();
         let mut plain = vec![0u8; CHUNK_SIZE as usize];
-        let mut decompressor = zstd::bulk::Decompressor::new().map_err(|e| {
-            ChunksError::Bundle(BundleError::Read {
-                offset: self.offset,
-                source: e,
-            })
-        })?;
+        // The content of the previous carried chunk of the current file (the next frame's
+        // prefix, format 2); empty when there is none.
+        let mut prev: Vec<u8> = Vec::with_capacity(CHUNK_SIZE as usize);
+        if let Some(file) = self.manifest.files.get(from.file)
+            && self.manifest.prefixed(file, from.chunk)
+        {
+            let before = &file.chunks[from.chunk - 1];
+            if prefix.len() as u64 != before.size || chunk_hash(prefix) != before.hash {
+                return Err(ChunksError::Bundle(BundleError::field(
+                    "resume prefix",
+                    format!(
+                        "is not chunk {} of {}, which chunk {} was compressed with",
+                        from.chunk - 1,
+                        file.path,
+                        from.chunk
+                    ),
+                )));
+            }
+            prev.extend_from_slice(prefix);
+        }
         let files = self.manifest.files.len();
         for (f, file) in self.manifest.files.iter().enumerate().skip(from.file) {
             let first = if f == from.file { from.chunk } else { 0 };
+            if f != from.file {
+                prev.clear();
+            }
             for (index, chunk) in file.chunks.iter().enumerate().skip(first) {
                 let next = |offset: u64| {
                     if index + 1 < file.chunks.len() || f + 1 == files {
@@ -266,6 +287,7 @@ impl<R: Read> Bundle<R> {
                     }
                 };
                 let Some(csize) = chunk.csize else {
+                    prev.clear();
                     sink(
                         file,
                         index,
@@ -289,13 +311,16 @@ impl<R: Read> Bundle<R> {
                 read_exact(&mut self.reader, &mut frame, &mut self.offset, "payload")
                     .map_err(ChunksError::Bundle)?;
                 let size = chunk.size as usize;
-                let produced = decompressor
-                    .decompress_to_buffer(&frame, &mut plain[..size])
-                    .map_err(|e| {
-                        fail(format!(
-                            "does not decompress within its declared {size} bytes: {e}"
-                        ))
-                    })?;
+                let with = if self.manifest.prefixed(file, index) {
+                    &prev[..]
+                } else {
+                    &[][..]
+                };
+                let produced = decompress_chunk(with, &frame, &mut plain[..size]).map_err(|e| {
+                    fail(format!(
+                        "does not decompress within its declared {size} bytes: {e}"
+                    ))
+                })?;
                 if produced != size {
                     return Err(fail(format!(
                         "decompresses to {produced} bytes, {size} declared"
@@ -314,6 +339,8 @@ impl<R: Read> Bundle<R> {
                     next(self.offset),
                 )
                 .map_err(ChunksError::Sink)?;
+                prev.clear();
+                prev.extend_from_slice(&plain[..size]);
             }
         }
         let mut extra = [0u8; 1];
@@ -329,6 +356,18 @@ impl<R: Read> Bundle<R> {
             })),
         }
     }
+}
+
+/// Decompresses one frame into `out` (its declared size: nothing can grow past it), with
+/// `prefix` (empty for none) as the raw-content prefix it was compressed with.
+fn decompress_chunk(prefix: &[u8], frame: &[u8], out: &mut [u8]) -> Result<usize, String> {
+    use zstd::zstd_safe::{DCtx, get_error_name};
+    let mut dctx = DCtx::try_create().ok_or("cannot allocate a zstd context")?;
+    if !prefix.is_empty() {
+        dctx.ref_prefix(prefix).map_err(get_error_name)?;
+    }
+    dctx.decompress(out, frame)
+        .map_err(|code| get_error_name(code).to_owned())
 }
 
 /// A place in the payload: the next chunk (`chunk` of `file`, in manifest order) and the

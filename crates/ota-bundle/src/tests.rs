@@ -453,6 +453,7 @@ fn resuming_from_any_position_a_walk_handed_out_gives_the_rest_of_the_same_chunk
         .unwrap()
         .chunks_from(
             Bundle::open(&bytes[..], &trusted).unwrap().start(),
+            &[],
             |file, index, chunk, next| {
                 let data = match chunk {
                     Chunked::Data(b) => b.to_vec(),
@@ -464,12 +465,30 @@ fn resuming_from_any_position_a_walk_handed_out_gives_the_rest_of_the_same_chunk
         )
         .unwrap();
     assert!(walk.len() >= 3, "several chunks to resume between");
+    let mut prefixed = 0;
     for cut in 0..walk.len() {
         let from = walk[cut].3;
+        // The installer reads back the chunk before the position from the slot.
+        let before = &walk[cut].2;
+        let bundle = Bundle::open(&bytes[..], &trusted).unwrap();
+        if let Some(file) = bundle.manifest.files.get(from.file)
+            && bundle.manifest.prefixed(file, from.chunk)
+        {
+            prefixed += 1;
+            let mut wrong = before.clone();
+            wrong[0] ^= 1;
+            let error = bundle
+                .chunks_from(from, &wrong, |_, _, _, _| Ok::<(), ()>(()))
+                .unwrap_err();
+            let ChunksError::Bundle(error) = error else {
+                panic!("{error:?}")
+            };
+            assert!(error.to_string().contains("resume prefix"), "{error}");
+        }
         let mut rest = Vec::new();
         Bundle::open(&bytes[..], &trusted)
             .unwrap()
-            .chunks_from(from, |file, index, chunk, _| {
+            .chunks_from(from, before, |file, index, chunk, _| {
                 let Chunked::Data(b) = chunk else { panic!() };
                 rest.push((file.path.clone(), index, b.to_vec()));
                 Ok::<(), ()>(())
@@ -481,11 +500,12 @@ fn resuming_from_any_position_a_walk_handed_out_gives_the_rest_of_the_same_chunk
             .collect();
         assert_eq!(rest, expected, "resumed after chunk {cut}");
     }
+    assert!(prefixed >= 1, "a resume that needs the chunk before it");
     let mut bogus = walk[0].3;
     bogus.offset += 1;
     let error = Bundle::open(&bytes[..], &trusted)
         .unwrap()
-        .chunks_from(bogus, |_, _, _, _| Ok::<(), ()>(()))
+        .chunks_from(bogus, &[], |_, _, _, _| Ok::<(), ()>(()))
         .unwrap_err();
     let ChunksError::Bundle(error) = error else {
         panic!("{error:?}")
