@@ -149,8 +149,38 @@ fn off(power: Power) {
     drop(power);
 }
 
-/// One power cut: write quotes, deliver the bundle, cut at `point`, power on again, and check.
-fn cut(fx: &Fixture, bundle: &Path, point: &str, expect: &str, resumes: &mut Vec<u64>) -> String {
+/// Every file under `dir` (relative path, content, permission bits).
+fn files_of(dir: &Path) -> Vec<(PathBuf, Vec<u8>, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                todo.push(entry.path());
+            } else {
+                out.push((
+                    entry.path().strip_prefix(dir).unwrap().to_owned(),
+                    std::fs::read(entry.path()).unwrap(),
+                    meta.permissions().mode() & 0o777,
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// One power cut: write quotes, deliver the bundle, cut at `point`, power on again, and check;
+/// for a committed update, that the slot holds exactly the release (`release`), bytes and modes.
+fn cut(
+    fx: &Fixture,
+    (bundle, release): (&Path, &Path),
+    point: &str,
+    expect: &str,
+    resumes: &mut Vec<u64>,
+) -> String {
     let device = Device::new(fx);
     let mut child = device.power_on(Some(point));
     device
@@ -206,6 +236,21 @@ fn cut(fx: &Fixture, bundle: &Path, point: &str, expect: &str, resumes: &mut Vec
             state["slots"][slot]["status"], "installing",
             "half state after a cut at {point}: {state}"
         );
+        if expect == "committed" && state["slots"][slot]["version"] == "2.0.0" {
+            let installed = files_of(&device.data.path().join("ota/slots").join(slot));
+            let wanted = files_of(release);
+            let summary = |f: &[(PathBuf, Vec<u8>, u32)]| {
+                f.iter()
+                    .map(|(p, b, m)| format!("{} {} bytes {m:o}", p.display(), b.len()))
+                    .collect::<Vec<_>>()
+            };
+            assert!(
+                installed == wanted,
+                "slot {slot} after a cut at {point}: {:?}, the release: {:?}",
+                summary(&installed),
+                summary(&wanted)
+            );
+        }
     }
     // A cut past the first journal mark (4 MiB) resumes: the receipt counts the kept bytes.
     if let Some(at) = point.strip_prefix("slot.bytes:").filter(|_| reached) {
@@ -260,13 +305,47 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
     }
     let emulated = std::env::var("QUOTE_EDGE_TEST_RUNNER").is_ok_and(|r| !r.is_empty());
     let fx = Fixture::new();
-    let good = fx.bundle_with_data(GOOD, "2.0.0", 2, "quote-edge", PAYLOAD);
-    let bad = fx.bundle(CRASHES, "2.0.0", 2, "quote-edge");
+    let good = (
+        fx.bundle_with_data(GOOD, "2.0.0", 2, "quote-edge", PAYLOAD),
+        fx.dir.path().join(format!("{GOOD}-2.0.0-quote-edge")),
+    );
+    let bad = (
+        fx.bundle(CRASHES, "2.0.0", 2, "quote-edge"),
+        fx.dir.path().join(format!("{CRASHES}-2.0.0-quote-edge")),
+    );
+    // A release whose first journal mark falls exactly at a file boundary (share/a.bin ends
+    // at 4 MiB plus the script): the resume starts at share/b.bin and must find share/a.bin
+    // finished (length, mode).
+    let boundary = {
+        let rel = crate::update::release(&fx.dir.path().join("boundary"), GOOD);
+        std::fs::create_dir_all(rel.join("share")).unwrap();
+        let bytes = |n: usize, seed: u32| -> Vec<u8> {
+            (0..n as u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) ^ seed) as u8)
+                .collect()
+        };
+        std::fs::write(rel.join("share/a.bin"), bytes(4 << 20, 1)).unwrap();
+        std::fs::write(rel.join("share/b.bin"), bytes((1 << 20) + 5, 2)).unwrap();
+        let out = fx.dir.path().join("boundary.bundle");
+        let options = ota_bundle::PackOptions {
+            product: "quote-edge".into(),
+            version: "2.0.0".into(),
+            security_version: 2,
+            issued_at: 2_000,
+            level: 3,
+        };
+        ota_bundle::pack(&rel, &out, &options, &fx.key, |_, _| {}).unwrap();
+        (out, rel)
+    };
+    let good = (good.0.as_path(), good.1.as_path());
+    let bad = (bad.0.as_path(), bad.1.as_path());
+    let boundary = (boundary.0.as_path(), boundary.1.as_path());
     // Saves: 1 begin_install, 2 finish_install, 3 switch, 4 commit (or rollback).
-    let mut points: Vec<(String, &Path, &str)> = Vec::new();
+    let mut points: Vec<(String, (&Path, &Path), &str)> =
+        vec![("journal.recorded:1".to_owned(), boundary, "committed")];
     for step in ["written", "synced", "renamed", "dir_synced"] {
         for n in 1..=4 {
-            points.push((format!("state.{step}:{n}"), &good, "committed"));
+            points.push((format!("state.{step}:{n}"), good, "committed"));
         }
     }
     for point in [
@@ -279,7 +358,7 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
         "agent.checked:1",
         "journal.recorded:1",
     ] {
-        points.push((point.to_owned(), &good, "committed"));
+        points.push((point.to_owned(), good, "committed"));
     }
     for point in [
         "agent.drained:1",
@@ -287,7 +366,7 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
         "state.renamed:4",
         "state.written:4",
     ] {
-        points.push((point.to_owned(), &bad, "rolled_back"));
+        points.push((point.to_owned(), bad, "rolled_back"));
     }
     let random: usize = std::env::var("QUOTE_EDGE_POWERCUT_RANDOM")
         .ok()
@@ -300,7 +379,7 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
         rng ^= rng << 17;
         points.push((
             format!("slot.bytes:{}", rng % PAYLOAD as u64),
-            &good,
+            good,
             "committed",
         ));
     }
@@ -317,7 +396,7 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
     let mut log = Vec::new();
     let mut resumes = Vec::new();
     for (point, bundle, expect) in &points {
-        log.push(cut(&fx, bundle, point, expect, &mut resumes));
+        log.push(cut(&fx, *bundle, point, expect, &mut resumes));
     }
     let unreached: Vec<&String> = log.iter().filter(|l| l.contains("not reached")).collect();
     assert!(

@@ -85,14 +85,15 @@ pub fn device_id(key_path: &Path) -> Result<String, ReceiptError> {
 }
 
 /// Signs `receipt` and writes it into each of `dirs` (created if missing); the first
-/// directory must work, the others (a stick) are tried and logged. With `remount`, a
-/// read-only mount holding one of the others is remounted read-write for the write and
-/// read-only again right after.
+/// directory must work, the others (a stick) are tried and logged, and never through a link.
+/// A read-only mount holding one of the others is remounted read-write for the write and
+/// read-only again right after, but only a mount strictly below one of `remount_under` (the
+/// inbox directories where sticks are mounted; empty: never).
 pub fn write(
     key_path: &Path,
     mut receipt: Receipt,
     dirs: &[PathBuf],
-    remount: bool,
+    remount_under: &[PathBuf],
 ) -> Result<(), ReceiptError> {
     let key = device_key(key_path)?;
     let public = key.public();
@@ -138,12 +139,23 @@ pub fn write(
         unreachable!("the loop returns or fails by n = 1000")
     };
     for (i, dir) in dirs.iter().enumerate() {
+        // A stick is anyone's: its `receipts` (or the bundle's directory) may be a link to
+        // anywhere on the device.
+        if i > 0
+            && dir.ancestors().take(2).any(|d| {
+                d.symlink_metadata()
+                    .is_ok_and(|m| m.file_type().is_symlink())
+            })
+        {
+            tracing::warn!(dir = %dir.display(), "receipt not copied: the directory is a link");
+            continue;
+        }
         let mut result = write_one(dir);
         if i > 0
-            && remount
+            && !remount_under.is_empty()
             && matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem)
         {
-            result = with_writable_mount(dir, || write_one(dir));
+            result = with_writable_mount(dir, remount_under, || write_one(dir));
         }
         match result {
             Ok(path) => tracing::info!(receipt = %path.display(), "install receipt written"),
@@ -162,10 +174,12 @@ pub fn write(
 }
 
 /// Runs `f` with the mount holding `dir` remounted read-write, and remounts it read-only
-/// afterwards whatever `f` did. util-linux's `mount` does the remount (the image has it; the
-/// supervisor runs as root there).
+/// afterwards whatever `f` did; refuses unless that mount point lies strictly below one of
+/// `under`. util-linux's `mount` does the remount (the image has it; the supervisor runs as
+/// root there).
 fn with_writable_mount<T>(
     dir: &Path,
+    under: &[PathBuf],
     f: impl FnOnce() -> std::io::Result<T>,
 ) -> std::io::Result<T> {
     let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(dir);
@@ -174,6 +188,16 @@ fn with_writable_mount<T>(
     let target = mount_point_in(&mountinfo, &existing).ok_or_else(|| {
         std::io::Error::other(format!("no mount point for {}", existing.display()))
     })?;
+    let below = |root: &PathBuf| {
+        root.canonicalize()
+            .is_ok_and(|root| target.starts_with(&root) && target != root)
+    };
+    if !under.iter().any(below) {
+        return Err(std::io::Error::other(format!(
+            "{} is not a stick mounted below an inbox: not remounted",
+            target.display()
+        )));
+    }
     remount(&target, "rw")?;
     let result = f();
     if let Err(error) = remount(&target, "ro") {
@@ -206,12 +230,18 @@ fn mount_point_in(mountinfo: &str, path: &Path) -> Option<PathBuf> {
     mountinfo
         .lines()
         .filter_map(|line| line.split(' ').nth(4))
-        .map(|escaped| PathBuf::from(unescape_octal(escaped)))
+        .map(|escaped| {
+            PathBuf::from(
+                <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(unescape_octal(
+                    escaped,
+                )),
+            )
+        })
         .filter(|point| path.starts_with(point))
         .max_by_key(|point| point.as_os_str().len())
 }
 
-fn unescape_octal(s: &str) -> String {
+fn unescape_octal(s: &str) -> Vec<u8> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -232,7 +262,7 @@ fn unescape_octal(s: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 #[cfg(test)]
@@ -268,6 +298,47 @@ mod tests {
     }
 
     #[test]
+    fn only_a_mount_below_an_inbox_is_ever_remounted() {
+        // The temporary directory is no mount point: the mount holding it is an ancestor.
+        let inbox = tempfile::tempdir().unwrap();
+        let mut called = false;
+        let result = with_writable_mount(inbox.path(), &[inbox.path().to_owned()], || {
+            called = true;
+            Ok(())
+        });
+        let error = result.unwrap_err().to_string();
+        assert!(error.contains("not remounted"), "{error}");
+        assert!(!called);
+    }
+
+    #[test]
+    fn a_receipt_is_never_written_through_a_link_on_the_stick() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("etc");
+        let stick = dir.path().join("stick");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::create_dir_all(&stick).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, stick.join("receipts")).unwrap();
+        let receipt = Receipt {
+            device: String::new(),
+            from: "1.0.0".into(),
+            to: "2.0.0".into(),
+            result: "committed".into(),
+            reason: String::new(),
+            bundle: Some("update.bundle".into()),
+            started_at: 1,
+            finished_at: 2,
+            resumed_bytes: 0,
+            unchanged_bytes: 0,
+        };
+        let mine = dir.path().join("receipts");
+        let dirs = [mine.clone(), stick.join("receipts")];
+        write(&dir.path().join("device.key"), receipt, &dirs, &[stick]).unwrap();
+        assert_eq!(std::fs::read_dir(&mine).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    }
+
+    #[test]
     fn escaped_mount_points_are_decoded() {
         assert_eq!(
             mount_point_in(
@@ -276,6 +347,7 @@ mod tests {
             ),
             Some("/run/quote-edge/usb/my stick".into())
         );
-        assert_eq!(unescape_octal(r"a\134b\9"), r"a\b\9");
+        assert_eq!(unescape_octal(r"a\134b\9"), br"a\b\9");
+        assert_eq!(unescape_octal(r"caf\303\251"), "café".as_bytes());
     }
 }

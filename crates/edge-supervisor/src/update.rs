@@ -777,7 +777,11 @@ impl Agent {
             &self.layout.dir.join("device.key"),
             receipt,
             &dirs,
-            self.settings.remount_sticks,
+            if self.settings.remount_sticks {
+                &self.settings.inbox
+            } else {
+                &[]
+            },
         ) {
             tracing::warn!(%error, "cannot write the install receipt");
         }
@@ -905,6 +909,18 @@ impl Install {
             .collect();
         let resumed = resume.as_ref().map_or(0, |(_, kept)| *kept);
         self.progress.0.store(resumed, Ordering::Relaxed);
+        // For a resume: the bytes kept of the file at the mark (its chunks' real sizes), and
+        // the hash of its last kept chunk (the next frame's prefix, format 2).
+        let resume_at = resume.as_ref().map(|(mark, _)| {
+            let kept = manifest.files[mark.file as usize]
+                .chunks
+                .get(..mark.chunk as usize)
+                .unwrap_or_default();
+            (
+                kept.iter().map(|c| c.size).sum::<u64>(),
+                kept.last().map(|c| c.hash.clone()),
+            )
+        });
         // Err((blame, reason)): `blame` when the bundle itself is bad (remembered as failed);
         // a failed read of the bundle (the stick pulled out) only abandons the install.
         let written = (|| -> Result<(u64, u64), (bool, String)> {
@@ -917,7 +933,7 @@ impl Install {
                         .iter()
                         .map(|(p, _, _)| p.as_str())
                         .collect();
-                    let keep = u64::from(mark.chunk) * ota_bundle::CHUNK_SIZE;
+                    let (keep, before) = resume_at.clone().unwrap_or_default();
                     tracing::info!(path = %path, chunk = mark.chunk, resumed, "resuming an interrupted install");
                     let writer = SlotWriter::resume(
                         &slot_dir,
@@ -935,9 +951,19 @@ impl Install {
                     };
                     // The chunk before the mark, as written (re-hashed above, and checked
                     // again by the reader): the next frame may be compressed with it.
-                    let prefix = match mark.chunk.checked_sub(1) {
-                        Some(before) => read_chunk(&slot_dir.join(path), before)
-                            .map_err(|e| (false, format!("cannot read back {path}: {e}")))?,
+                    let prefix = match before {
+                        Some(before) => {
+                            let bytes = read_chunk(&slot_dir.join(path), mark.chunk - 1)
+                                .map_err(|e| (false, format!("cannot read back {path}: {e}")))?;
+                            // The slot's problem, not the bundle's: never blamed on it.
+                            if ota_bundle::chunk_hash(&bytes) != before {
+                                return Err((
+                                    false,
+                                    format!("{path}: the chunk before the resume point changed"),
+                                ));
+                            }
+                            bytes
+                        }
                         None => Vec::new(),
                     };
                     (writer, from, prefix)
@@ -963,11 +989,18 @@ impl Install {
                         }
                     };
                     writer.chunk(&file.path, file.mode, index, bytes)?;
+                    if index + 1 == file.chunks.len() {
+                        // Length, mode and fsync now: a mark at the next file's start must
+                        // cover a finished file, since a resume never comes back to it.
+                        writer.end_file()?;
+                    }
                     self.progress
                         .0
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     unsynced += bytes.len() as u64;
-                    if unsynced >= JOURNAL_EVERY && next.file < files.len() {
+                    // No mark after the last chunk: nothing would be left to resume.
+                    let at_end = next.file + 1 == files.len() && next.chunk == files[next.file].2;
+                    if unsynced >= JOURNAL_EVERY && !at_end {
                         writer.sync()?;
                         journal
                             .record(&Mark {
@@ -1128,6 +1161,11 @@ impl Install {
                 continue;
             }
             let mut file = std::fs::File::open(dir.join(&entry.path)).ok()?;
+            // A file before the mark's was finished (cut to length) before the mark was made.
+            if f < mark.file as usize && file.metadata().ok()?.len() != entry.size {
+                tracing::warn!(path = %entry.path, "the interrupted install left a file of the wrong length; starting over");
+                return None;
+            }
             for chunk in entry.chunks.iter().take(chunks) {
                 let bytes = &mut buf[..chunk.size as usize];
                 file.read_exact(bytes).ok()?;

@@ -248,6 +248,7 @@ impl<R: Read> Bundle<R> {
         // prefix, format 2); empty when there is none.
         let mut prev: Vec<u8> = Vec::with_capacity(CHUNK_SIZE as usize);
         if let Some(file) = self.manifest.files.get(from.file)
+            && from.chunk < file.chunks.len()
             && self.manifest.prefixed(file, from.chunk)
         {
             let before = &file.chunks[from.chunk - 1];

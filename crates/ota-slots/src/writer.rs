@@ -81,10 +81,15 @@ impl SlotWriter {
             parents.extend(relative.ancestors().skip(1).map(Path::to_path_buf));
             keep.insert(relative);
         }
-        std::fs::create_dir_all(dir).map_err(|source| WriteError::Io {
+        let io = |source| WriteError::Io {
             path: dir.to_owned(),
             source,
-        })?;
+        };
+        // The slot itself must be a directory of ours, not a link to one elsewhere.
+        if dir.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+            std::fs::remove_file(dir).map_err(io)?;
+        }
+        std::fs::create_dir_all(dir).map_err(io)?;
         prune(dir, Path::new(""), &keep, &parents)?;
         collect_dirs(dir, &mut writer.dirs);
         crate::failpoint::hit("slot.emptied");
@@ -300,6 +305,12 @@ impl SlotWriter {
             offset: 0,
         });
         Ok(())
+    }
+
+    /// Finishes the current file now (length, mode, fsync) rather than when the next one
+    /// starts: its last chunk has been written.
+    pub fn end_file(&mut self) -> Result<(), WriteError> {
+        self.finish_file()
     }
 
     fn finish_file(&mut self) -> Result<(), WriteError> {
