@@ -152,24 +152,14 @@ fn off(power: Power) {
 /// Every file under `dir` (relative path, content, permission bits).
 fn files_of(dir: &Path) -> Vec<(PathBuf, Vec<u8>, u32)> {
     use std::os::unix::fs::PermissionsExt;
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        for entry in std::fs::read_dir(&d).unwrap().flatten() {
-            let meta = entry.metadata().unwrap();
-            if meta.is_dir() {
-                todo.push(entry.path());
-            } else {
-                out.push((
-                    entry.path().strip_prefix(dir).unwrap().to_owned(),
-                    std::fs::read(entry.path()).unwrap(),
-                    meta.permissions().mode() & 0o777,
-                ));
-            }
-        }
-    }
-    out.sort();
-    out
+    crate::update::walk(dir)
+        .into_iter()
+        .map(|(path, meta)| {
+            let content = std::fs::read(&path).unwrap();
+            let relative = path.strip_prefix(dir).unwrap().to_owned();
+            (relative, content, meta.permissions().mode() & 0o777)
+        })
+        .collect()
 }
 
 /// One power cut: write quotes, deliver the bundle, cut at `point`, power on again, and check;

@@ -678,8 +678,8 @@ async fn a_refused_bundle_in_the_inbox_does_not_hide_the_next_one() {
     sup.stop().await;
 }
 
-/// Every file under `dir` with its length and modification time.
-fn tree(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+/// Every file under `dir` (recursively, not following links), with its metadata, sorted.
+pub(crate) fn walk(dir: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
     let mut out = Vec::new();
     let mut todo = vec![dir.to_owned()];
     while let Some(d) = todo.pop() {
@@ -688,12 +688,20 @@ fn tree(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
             if meta.is_dir() {
                 todo.push(entry.path());
             } else {
-                out.push((entry.path(), meta.len(), meta.modified().unwrap()));
+                out.push((entry.path(), meta));
             }
         }
     }
-    out.sort();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// Every file under `dir` with its length and modification time.
+fn tree(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    walk(dir)
+        .into_iter()
+        .map(|(path, meta)| (path, meta.len(), meta.modified().unwrap()))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
