@@ -907,40 +907,27 @@ impl Install {
             .iter()
             .map(|f| (f.path.clone(), f.mode, f.chunks.len()))
             .collect();
-        let resumed = resume.as_ref().map_or(0, |(_, kept)| *kept);
+        let resumed = resume.as_ref().map_or(0, |(_, kept)| kept.total);
         self.progress.0.store(resumed, Ordering::Relaxed);
-        // For a resume: the bytes kept of the file at the mark (its chunks' real sizes), and
-        // the hash of its last kept chunk (the next frame's prefix, format 2).
-        let resume_at = resume.as_ref().map(|(mark, _)| {
-            let kept = manifest.files[mark.file as usize]
-                .chunks
-                .get(..mark.chunk as usize)
-                .unwrap_or_default();
-            (
-                kept.iter().map(|c| c.size).sum::<u64>(),
-                kept.last().map(|c| c.hash.clone()),
-            )
-        });
         // Err((blame, reason)): `blame` when the bundle itself is bad (remembered as failed);
         // a failed read of the bundle (the stick pulled out) only abandons the install.
         let written = (|| -> Result<(u64, u64), (bool, String)> {
             let local = |e: ota_slots::WriteError| (false, e.to_string());
             let slot_dir = self.layout.slot(slot);
-            let (mut writer, from, prefix) = match &resume {
-                Some((mark, _)) => {
+            let (mut writer, from, prefix) = match resume {
+                Some((mark, kept)) => {
                     let (path, mode, _) = &files[mark.file as usize];
                     let later: Vec<&str> = files[mark.file as usize + 1..]
                         .iter()
                         .map(|(p, _, _)| p.as_str())
                         .collect();
-                    let (keep, before) = resume_at.clone().unwrap_or_default();
                     tracing::info!(path = %path, chunk = mark.chunk, resumed, "resuming an interrupted install");
                     let writer = SlotWriter::resume(
                         &slot_dir,
                         path,
                         *mode,
                         mark.chunk as usize,
-                        keep,
+                        kept.in_file,
                         &later,
                     )
                     .map_err(local)?;
@@ -949,24 +936,9 @@ impl Install {
                         chunk: mark.chunk as usize,
                         offset: mark.offset,
                     };
-                    // The chunk before the mark, as written (re-hashed above, and checked
-                    // again by the reader): the next frame may be compressed with it.
-                    let prefix = match before {
-                        Some(before) => {
-                            let bytes = read_chunk(&slot_dir.join(path), mark.chunk - 1)
-                                .map_err(|e| (false, format!("cannot read back {path}: {e}")))?;
-                            // The slot's problem, not the bundle's: never blamed on it.
-                            if ota_bundle::chunk_hash(&bytes) != before {
-                                return Err((
-                                    false,
-                                    format!("{path}: the chunk before the resume point changed"),
-                                ));
-                            }
-                            bytes
-                        }
-                        None => Vec::new(),
-                    };
-                    (writer, from, prefix)
+                    // The chunk before the mark, as re-hashed by `check_written`: the next
+                    // frame may be compressed with it (the reader checks it once more).
+                    (writer, from, kept.last_chunk)
                 }
                 None => {
                     let paths: Vec<&str> = files.iter().map(|(p, _, _)| p.as_str()).collect();
@@ -992,7 +964,7 @@ impl Install {
                     if index + 1 == file.chunks.len() {
                         // Length, mode and fsync now: a mark at the next file's start must
                         // cover a finished file, since a resume never comes back to it.
-                        writer.end_file()?;
+                        writer.finish_file()?;
                     }
                     self.progress
                         .0
@@ -1140,11 +1112,11 @@ impl Install {
     }
 
     /// Re-hashes what an interrupted install wrote before `mark`: every file before it whole,
-    /// and the chunks of its file before its chunk. The bytes kept, or None (start over).
-    fn check_written(&self, manifest: &ota_bundle::Manifest, mark: &Mark) -> Option<u64> {
+    /// and the chunks of its file before its chunk. What is kept, or None (start over).
+    fn check_written(&self, manifest: &ota_bundle::Manifest, mark: &Mark) -> Option<Kept> {
         use std::io::Read;
         let dir = self.layout.slot(mark.slot);
-        let mut kept = 0u64;
+        let mut kept = Kept::default();
         let mut buf = vec![0u8; ota_bundle::CHUNK_SIZE as usize];
         for (f, entry) in manifest
             .files
@@ -1173,21 +1145,29 @@ impl Install {
                     tracing::warn!(path = %entry.path, "the interrupted install's data does not match; starting over");
                     return None;
                 }
-                kept += chunk.size;
+                kept.total += chunk.size;
+                if f == mark.file as usize {
+                    kept.in_file += chunk.size;
+                }
+            }
+            if f == mark.file as usize {
+                kept.last_chunk = buf[..entry.chunks[chunks - 1].size as usize].to_vec();
             }
         }
         Some(kept)
     }
 }
 
-/// Chunk `index` of the slot file at `path` (at most one chunk, read from its place).
-fn read_chunk(path: &Path, index: u32) -> std::io::Result<Vec<u8>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::File::open(path)?;
-    file.seek(SeekFrom::Start(u64::from(index) * ota_bundle::CHUNK_SIZE))?;
-    let mut bytes = Vec::new();
-    file.take(ota_bundle::CHUNK_SIZE).read_to_end(&mut bytes)?;
-    Ok(bytes)
+/// What an interrupted install left intact before its journal mark.
+#[derive(Debug, Default)]
+struct Kept {
+    /// Bytes of the whole release.
+    total: u64,
+    /// Bytes of the file at the mark (the length it is cut back to).
+    in_file: u64,
+    /// The last chunk before the mark in that file (empty at its start): the prefix of the
+    /// next frame in format 2.
+    last_chunk: Vec<u8>,
 }
 
 /// A journal mark after about this much data (each mark costs an fsync of the slot).

@@ -52,20 +52,10 @@ struct Open {
 }
 
 impl SlotWriter {
-    /// Empties the slot directory (the slot must already be marked `installing`).
+    /// Empties the slot directory (the slot must already be marked `installing`): an update
+    /// that keeps nothing.
     pub fn create(dir: &Path) -> Result<SlotWriter, WriteError> {
-        let io = |source| WriteError::Io {
-            path: dir.to_owned(),
-            source,
-        };
-        match std::fs::remove_dir_all(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
-        }
-        std::fs::create_dir_all(dir).map_err(io)?;
-        crate::failpoint::hit("slot.emptied");
-        Ok(SlotWriter::new(dir))
+        SlotWriter::update(dir, &[])
     }
 
     /// Prepares `dir` (the slot must already be marked `installing`) for a release made of
@@ -307,13 +297,9 @@ impl SlotWriter {
         Ok(())
     }
 
-    /// Finishes the current file now (length, mode, fsync) rather than when the next one
-    /// starts: its last chunk has been written.
-    pub fn end_file(&mut self) -> Result<(), WriteError> {
-        self.finish_file()
-    }
-
-    fn finish_file(&mut self) -> Result<(), WriteError> {
+    /// Finishes the current file (length, mode, fsync); also done when the next one starts,
+    /// but a caller that knows the last chunk was written calls it at once.
+    pub fn finish_file(&mut self) -> Result<(), WriteError> {
         if let Some(open) = self.current.take() {
             let path = self.dir.join(&open.path);
             let io = |source| WriteError::Io {
