@@ -33,6 +33,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 1
 fi
 
+# The Rust standard library for the target comes from rustup, not Debian: without it rustc ends
+# in "can't find crate for std" deep in the build. rust-toolchain.toml lists the targets.
+if command -v rustup >/dev/null && ! rustup target list --installed | grep -qxF "$target"; then
+    echo "the Rust target $target is not installed for this toolchain ($(rustc --version))" >&2
+    echo "install it with: rustup target add $target" >&2
+    exit 1
+fi
+
 bins=(edge-supervisor quote-service)
 args=()
 for bin in "${bins[@]}"; do args+=(--bin "$bin"); done
