@@ -4,9 +4,10 @@
 #
 #   image/build-aarch64.sh [--profile release|release-small] [--target TRIPLE] [--out DIR]
 #
-# Needs: gcc-aarch64-linux-gnu, musl-dev:arm64 (after `dpkg --add-architecture arm64`);
-# the linker and C compiler settings are in .cargo/config.toml. `cross` is the other way
-# (see README).
+# Needs: gcc-aarch64-linux-gnu, musl-dev:arm64 (after `dpkg --add-architecture arm64`) and the
+# Rust target (`rustup target add aarch64-unknown-linux-musl`); each is checked first. The
+# linker and C compiler settings are in .cargo/config.toml. `cross` is the other way (see
+# README). image/build.sh runs this script itself when its binaries are missing or stale.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,16 +23,10 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-missing=()
-command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu)
-if [ "$target" = aarch64-unknown-linux-musl ] && [ ! -f /usr/lib/aarch64-linux-musl/musl-gcc.specs ]; then
-    missing+=(musl-dev:arm64)
-fi
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "missing Debian packages: ${missing[*]}" >&2
-    echo "install with: dpkg --add-architecture arm64 && apt-get update && apt-get install ${missing[*]}" >&2
-    exit 1
-fi
+# shellcheck source=image/lib/need.sh
+source image/lib/need.sh
+need aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu file:file
+[ "$target" != aarch64-unknown-linux-musl ] || need /usr/lib/aarch64-linux-musl/musl-gcc.specs:musl-dev:arm64
 
 # The Rust standard library for the target comes from rustup, not Debian: without it rustc ends
 # in "can't find crate for std" deep in the build. rust-toolchain.toml lists the targets.

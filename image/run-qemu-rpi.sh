@@ -13,9 +13,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 image=${QEMU_IMAGE:-$here/out/quote-edge-rpi-arm64.img}
 port=${QEMU_HTTP_PORT:-8080}
-for tool in qemu-system-aarch64 mcopy; do
-    command -v "$tool" >/dev/null || { echo "run-qemu-rpi.sh: $tool missing" >&2; exit 1; }
-done
+# shellcheck source=image/lib/need.sh
+source "$here/lib/need.sh"
+need qemu-system-aarch64:qemu-system-arm mcopy:mtools
 [ -f "$image" ] || { echo "run-qemu-rpi.sh: missing $image (build it with image/build.sh rpi)" >&2; exit 1; }
 
 boot=$(mktemp -d /tmp/quote-edge-rpi-boot.XXXXXX)
@@ -28,7 +28,7 @@ args=(
     -M raspi3b -kernel "$boot/vmlinuz" -initrd "$boot/initrd.img" -dtb "$boot/bcm2837-rpi-3-b.dtb"
     # QEMU's raspi machines reset at once when the SoC watchdog is armed (no countdown is
     # emulated), so its driver stays unloaded here; on a real Pi systemd arms it.
-    -append "$(cat "$boot/cmdline.txt") modprobe.blacklist=bcm2835_wdt ${QEMU_APPEND:-}"
+    -append "$(cat "$boot/cmdline.txt") modprobe.blacklist=bcm2835_wdt quote_edge.hostfwd=127.0.0.1:$port ${QEMU_APPEND:-}"
     -drive "file=$image,format=raw,if=sd"
     -netdev "user,id=net,restrict=on,hostfwd=tcp:127.0.0.1:$port-10.0.2.15:8080" -device usb-net,netdev=net
 )

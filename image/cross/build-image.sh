@@ -22,7 +22,10 @@ t0=$(date +%s)
 die() { echo "build-image.sh: $*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "must run as root (mmdebstrap --mode=root)"
-command -v mmdebstrap >/dev/null || die "mmdebstrap missing (apt-get install mmdebstrap)"
+# shellcheck source=image/lib/need.sh
+source "$here/../lib/need.sh"
+# The root has arm64 as a foreign architecture (musl-dev:arm64): mmdebstrap then needs arch-test.
+need mmdebstrap:mmdebstrap arch-test:arch-test
 command -v docker >/dev/null || die "docker missing"
 docker info >/dev/null 2>&1 || die "the docker daemon does not answer (docker info failed)"
 mkdir -p "$cache"
