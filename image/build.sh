@@ -2,13 +2,18 @@
 # Builds a bootable device image from the recipe (image/recipe/, see its README.md):
 #
 #   image/build.sh qemu   -> image/out/quote-edge-qemu-aarch64.img (+ vmlinuz, initrd.img)
-#   image/build.sh rpi    -> image/out/quote-edge-rpi-arm64.img (flash with dd)
+#   image/build.sh rpi    -> image/out/quote-edge-rpi-arm64.img
+#
+# Beside each image: IMAGE.bmap (the block map `bmaptool copy` writes and verifies), IMAGE.zst
+# (the compressed image to hand out) and NAME.sha256sums (SHA-256 of every file above).
 #
 # The image is data: packages, dpkg path filters, overlays, masked units, the partition
 # layout and the kernel command line all live in image/recipe/; this script only runs the
-# steps. Needs root (mmdebstrap --mode=root), mmdebstrap, qemu-user-static, e2fsprogs,
-# dosfstools, mtools, fdisk (sfdisk), and the static aarch64 binaries from
-# image/build-aarch64.sh. No loop devices, no mounts outside mmdebstrap's chroot.
+# steps. Needs root (mmdebstrap --mode=root) and the Debian packages named by `need` below
+# (checked first). The static aarch64 binaries come from image/build-aarch64.sh, which this
+# script runs when they are missing or older than the sources (QUOTE_EDGE_BIN_DIR=DIR: use the
+# binaries in DIR as they are, e.g. those `cross` built). No loop devices, no mounts outside
+# mmdebstrap's chroot.
 # Downloaded .debs are kept in image/cache/debs (or $QUOTE_EDGE_DEB_CACHE) for rebuilds.
 set -euo pipefail
 
@@ -38,15 +43,28 @@ read_list() { sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e 's/^[[:space:]]*//' "$@
 
 # --- preconditions -------------------------------------------------------------------------
 [ "$(id -u)" = 0 ] || die "must run as root (mmdebstrap --mode=root chroots into the new root)"
-missing=()
-for tool in mmdebstrap:mmdebstrap qemu-aarch64-static:qemu-user-static mkfs.ext4:e2fsprogs \
-            mkfs.vfat:dosfstools mcopy:mtools sfdisk:fdisk dpkg-deb:dpkg; do
-    command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
-done
-[ ${#missing[@]} -eq 0 ] || die "missing Debian packages: ${missing[*]} (apt-get install ${missing[*]})"
-for bin in edge-supervisor quote-service; do
-    [ -x "$bins/$bin" ] || die "missing $bins/$bin: build it first with image/build-aarch64.sh"
-done
+# shellcheck source=image/lib/need.sh
+source "$here/lib/need.sh"
+# arch-test is only a Recommends of mmdebstrap, but an arm64 root on an amd64 host needs it.
+need mmdebstrap:mmdebstrap arch-test:arch-test qemu-aarch64-static:qemu-user-static mkfs.ext4:e2fsprogs mkfs.vfat:dosfstools mcopy:mtools sfdisk:fdisk bmaptool:bmap-tools zstd:zstd
+if [ -n "${QUOTE_EDGE_BIN_DIR:-}" ]; then
+    for bin in edge-supervisor quote-service; do
+        [ -x "$bins/$bin" ] || die "missing $bins/$bin (QUOTE_EDGE_BIN_DIR=$QUOTE_EDGE_BIN_DIR)"
+    done
+else
+    # One command from a checkout: the binaries are (re)built when missing or older than any
+    # source file, so an image never ships binaries of another commit by accident.
+    stale=
+    for bin in edge-supervisor quote-service; do
+        [ -x "$bins/$bin" ] || { stale="$bin is missing"; break; }
+        newer=$(find "$repo/crates" "$repo/Cargo.toml" "$repo/Cargo.lock" -newer "$bins/$bin" -type f -print -quit)
+        [ -z "$newer" ] || { stale="${newer#"$repo"/} is newer than $bin"; break; }
+    done
+    if [ -n "$stale" ]; then
+        step "building the aarch64 binaries ($stale): image/build-aarch64.sh"
+        "$here/build-aarch64.sh" || die "image/build-aarch64.sh failed (see above)"
+    fi
+fi
 [ -f "$trusted_keys" ] || die "missing trusted OTA key $trusted_keys"
 
 # Maintainer scripts of arm64 packages run under qemu-user: register it with binfmt_misc if
@@ -180,6 +198,18 @@ if [ "$variant" = qemu ]; then
     files+=("$out/vmlinuz" "$out/initrd.img")
 fi
 
+# --- 5. what a user flashes: block map, compressed image, checksums ---------------------------
+step "block map, compressed image, SHA-256 sums"
+bmap=$out/${image_name%.img}.bmap
+sums=$out/${image_name%.img}.sha256sums
+rm -f "$bmap" "$out/$image_name.zst" "$sums"
+# The bmap lists the allocated ranges with their SHA-256: bmaptool copy writes only those and
+# verifies each; everything else on the card is left as it was (the file systems never read it).
+bmaptool create -o "$bmap" "$out/$image_name" || die "bmaptool create failed"
+zstd -q -T0 "-${QUOTE_EDGE_ZSTD_LEVEL:-12}" "$out/$image_name" -o "$out/$image_name.zst" || die "zstd failed"
+files+=("$bmap" "$out/$image_name.zst")
+(cd "$out" && sha256sum "${files[@]##*/}") >"$sums"
+
 step "done in $(($(date +%s) - t0)) s: $out/$image_name"
-ls -l "${files[@]}" | awk '{printf "  %-60s %6.1f MiB\n", $9, $5/1048576}'
-printf '  %-60s %6.1f MiB used (sparse)\n' "$image_name" "$(du -k "$out/$image_name" | awk '{print $1/1024}')"
+ls -l "${files[@]}" "$sums" | awk '{printf "  %-60s %7.1f MiB\n", $9, $5/1048576}'
+printf '  %-60s %7.1f MiB used (sparse)\n' "$image_name" "$(du -k "$out/$image_name" | awk '{print $1/1024}')"

@@ -16,21 +16,24 @@
 #   QEMU_CONTROL=SOCKET     a second QMP socket, and a USB controller to plug sticks into while
 #                           the device runs (image/lib/device.sh: plug_stick, pull_stick)
 #   QEMU_SMP=2              virtual CPUs (multi-threaded TCG uses one host thread each)
-#   QEMU_APPEND=ARGS        added to the kernel command line (e.g. "systemd.show_status=1")
+#   QEMU_APPEND=ARGS        added to the kernel command line (e.g. "systemd.show_status=1");
+#                           quote_edge.hostfwd= tells the guest's welcome message the host port
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=$here/out
 image=${QEMU_IMAGE:-$out/quote-edge-qemu-aarch64.img}
 port=${QEMU_HTTP_PORT:-8080}
 
-command -v qemu-system-aarch64 >/dev/null || { echo "run-qemu.sh: qemu-system-aarch64 missing (apt-get install qemu-system-arm)" >&2; exit 1; }
+# shellcheck source=image/lib/need.sh
+source "$here/lib/need.sh"
+need qemu-system-aarch64:qemu-system-arm
 for f in "$image" "$out/vmlinuz" "$out/initrd.img" "$out/cmdline"; do
     [ -f "$f" ] || { echo "run-qemu.sh: missing $f (build it with image/build.sh qemu)" >&2; exit 1; }
 done
 
 args=(
     -M virt -cpu cortex-a53 -m 512M -smp "${QEMU_SMP:-2}"
-    -kernel "$out/vmlinuz" -initrd "$out/initrd.img" -append "$(cat "$out/cmdline") ${QEMU_APPEND:-}"
+    -kernel "$out/vmlinuz" -initrd "$out/initrd.img" -append "$(cat "$out/cmdline") quote_edge.hostfwd=127.0.0.1:$port ${QEMU_APPEND:-}"
     -drive "file=$image,format=raw,if=none,id=disk" -device virtio-blk-pci,drive=disk
     # No route out: restrict=on cuts the guest off from the host and the world; hostfwd still lets clients in.
     -netdev "user,id=net,restrict=on,hostfwd=tcp:127.0.0.1:$port-10.0.2.15:8080" -device virtio-net-pci,netdev=net,romfile=

@@ -6,9 +6,10 @@
 #   lib/assemble.sh LAYOUT CONTENT_DIR OUTPUT.img
 #
 # LAYOUT lines: "table: dos", "round: mib|pow2", then one partition per line:
-#   name  type  fs  size  label  content  mountpoint
+#   name  type  fs  size  label  content  mountpoint  [mkfs-options]
 # size is a fixed size (32MiB) or "+N" (the content's size plus N of free space);
-# content is a directory under CONTENT_DIR.
+# content is a directory under CONTENT_DIR; mkfs-options (optional) are extra mkfs.ext4
+# options with commas for spaces ("-b,4096,-i,65536").
 set -euo pipefail
 layout=$1 dir=$2 img=$3
 die() { echo "assemble.sh: $*" >&2; exit 1; }
@@ -22,7 +23,7 @@ round=$(awk '$1 == "round:" {print $2}' <<<"$lines"); round=${round:-mib}
 offset=1 # MiB: the first partition starts at 1 MiB (2048 sectors), aligned for flash
 script="label: $table"$'\n'
 parts=()
-while read -r name type fs size label content mnt; do
+while read -r name type fs size label content mnt options; do
     src=$dir/$content
     [ -d "$src" ] || die "partition $name: no content directory $src"
     if [ "${size#+}" != "$size" ]; then
@@ -37,7 +38,8 @@ while read -r name type fs size label content mnt; do
     case "$fs" in
         ext4)
             truncate -s "${size_mib}M" "$part"
-            mkfs.ext4 -q -F -L "$label" -d "$src" -E root_owner=0:0 -m 0 "$part" ||
+            # shellcheck disable=SC2086 # the options are words
+            mkfs.ext4 -q -F -L "$label" -d "$src" -E root_owner=0:0 -m 0 ${options//,/ } "$part" ||
                 die "partition $name: mkfs.ext4 failed ($size_mib MiB for $(du -sh "$src" | cut -f1) of content)"
             ;;
         vfat)

@@ -15,10 +15,9 @@ device_image=$device_repo/image/out/quote-edge-qemu-aarch64.img
 # device_init WORKDIR: checks the tools and the image, picks the port; sets $work, $base.
 device_init() {
     work=$1
-    local tool
-    for tool in qemu-system-aarch64 curl python3; do
-        command -v "$tool" >/dev/null || { echo "$tool is missing (apt-get install qemu-system-arm curl python3)" >&2; return 2; }
-    done
+    # shellcheck source=image/lib/need.sh
+    source "$device_lib/need.sh"
+    need qemu-system-aarch64:qemu-system-arm curl:curl python3:python3 mkfs.vfat:dosfstools mcopy:mtools bmaptool:bmap-tools zstd:zstd sfdisk:fdisk
     [ -f "$device_image" ] || { echo "$device_image is missing (build it with image/build.sh qemu)" >&2; return 2; }
     port=${QEMU_HTTP_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
     base=http://127.0.0.1:$port
@@ -73,8 +72,23 @@ post_quote() {
 }
 quote_is() { [ "$(curl -s -m 5 "$base/quotes/$1" | json 'd["text"]' 2>/dev/null)" = "$2" ]; }
 
+# flash_card MIB: what README tells a user to do with an SD card, onto a sparse file of MIB
+# standing in for the card: check the SHA-256 sums, then `bmaptool copy` the compressed image
+# with its block map (bmaptool verifies every block it writes). The card is larger than the
+# image, so the first boot grows the data partition into the rest. start_qemu keep boots it.
+flash_card() {
+    local dir=${device_image%/*} name=${device_image##*/}
+    (cd "$dir" && sha256sum --quiet -c "${name%.img}.sha256sums") || return 1
+    bmaptool -q copy --bmap "$dir/${name%.img}.bmap" "$device_image.zst" "$work/disk.img" || return 1
+    truncate -s "${1}M" "$work/disk.img"
+}
+# partition N FIELD: a field (start, size: 512-byte sectors) of partition N of the device's disk,
+# read on the host with sfdisk while the device is off.
+partition() { sfdisk --json "$work/disk.img" | json "d['partitiontable']['partitions'][$1 - 1]['$2']"; }
+
 # start_qemu [keep] [STICK]: a fresh copy of the image (or, with `keep`, the disk as the last
-# run left it), optionally with STICK attached as a USB stick from power-on.
+# run left it, or as flash_card made it), optionally with STICK attached as a USB stick from
+# power-on.
 start_qemu() {
     [ "${1:-}" = keep ] || cp --sparse=always "$device_image" "$work/disk.img"
     rm -f "$shell" "$work/qmp.sock" "$control"

@@ -3,13 +3,21 @@
 # image/out/quote-edge-qemu-aarch64.img (image/build.sh qemu) with image/run-qemu.sh, drives
 # the guest through the test shell on its virtio console (image/lib/guest.py), and checks:
 #
-#   boot          time from starting QEMU to the first HTTP answer
+#   boot          the image flashed as README says (SHA-256 sums checked, bmaptool copy of the
+#                 compressed image and its block map) onto a 1 GiB "card"; time from starting
+#                 QEMU to the first HTTP answer
+#   grow          first boot grew the data partition to the end of the card, and its ext4
+#   welcome       the console tells how to reach the device (address, forwarded host port)
+#                 and which update keys it trusts, warning about the repository's test key
 #   replicas      answers come from 3 distinct replicas (X-Served-By)
 #   self-heal     kill -9 of a replica inside the guest loses no client request
 #   oom           a replica's cgroup pushed past memory.max is OOM-killed by the kernel,
 #                 reported as oom_kill by `edge-supervisor status --json`, and replaced
 #   sigstop       SIGSTOP of the supervisor: systemd's WatchdogSec kills and restarts it
 #   persistence   a quote written before a reboot is there after it
+#   grow-resume   a power cut between growing the partition and growing its file system (made
+#                 on the host: the card grows, the partition is grown, the device boots): the
+#                 file system grows to the partition, the partition is left alone, quotes intact
 #   hang          all CPUs starved by real-time spinners (PID 1 can no longer feed the
 #                 i6300esb): the hardware watchdog resets the machine and it serves again
 #   ota           a USB stick with a signed bundle plugged into the running device: the new
@@ -27,7 +35,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 checks=("$@")
-[ ${#checks[@]} -gt 0 ] || checks=(boot replicas self-heal oom sigstop persistence hang ota ota-rollback powercut)
+[ ${#checks[@]} -gt 0 ] || checks=(boot grow welcome replicas self-heal oom sigstop persistence grow-resume hang ota ota-rollback powercut)
 
 # shellcheck source=image/lib/device.sh
 source "$repo/image/lib/device.sh"
@@ -46,8 +54,9 @@ fail() { printf 'FAIL %-12s %s\n' "$1" "$2"; failures=$((failures + 1)); }
 # --- boot: QEMU start -> first answer ---------------------------------------------------------
 check_boot() {
     local t0
+    flash_card 1024 || { fail boot "the image does not flash as README says (sums, bmaptool copy)"; exit 1; }
     t0=$(now)
-    start_qemu
+    start_qemu keep
     # The deadline is generous: TCG on a loaded 2-core host; the figure is what is reported.
     if wait_for 300 http_ok; then
         pass boot "first answer $(since "$t0") s after starting QEMU (TCG, cortex-a53, aim <= 15 s)"
@@ -61,6 +70,45 @@ check_boot() {
     rss=$(guest 'for p in $(pidof edge-supervisor quote-service); do awk "/^VmRSS/{print \$2}" /proc/$p/status; done' |
         awk '{s += $1; n++} END {printf "%.1f MiB over %d processes", s / 1024, n}')
     echo "     stack RSS (supervisor + replicas): $rss (aim <= 40 MiB)"
+}
+
+# --- grow: the data partition and its file system fill the card -----------------------------
+# data_sizes: "partition-end disk partition-bytes fs-bytes" of the data partition, read in the guest.
+data_sizes() {
+    guest 'd=/sys/class/block/vda; echo $(($(cat $d/vda3/start) + $(cat $d/vda3/size))) $(cat $d/size) $(($(cat $d/vda3/size) * 512)) $(df -B1 --output=size /var/lib/quote-edge | tail -1)'
+}
+# grown DISK_SECTORS: the partition ends within 1 MiB of the disk's end and the file system
+# is within 2 MiB of the partition (what resize2fs leaves of a last small block group).
+grown() {
+    local end disk part fs
+    read -r end disk part fs <<<"$(data_sizes)"
+    [ "$disk" = "$1" ] && [ $((disk - end)) -le 2048 ] && [ $((part - fs)) -le 2097152 ]
+}
+check_grow() {
+    local disk sizes
+    disk=$(($(stat -c %s "$work/disk.img") / 512))
+    wait_for 120 guest 'systemctl is-active quote-edge-grow-data' || true
+    sizes=$(data_sizes)
+    if grown "$disk" && [ "$(cut -d' ' -f4 <<<"$sizes")" -gt $((512 << 20)) ]; then
+        pass grow "1 GiB card: data partition now ends at sector $(cut -d' ' -f1 <<<"$sizes") of $disk, ext4 $(($(cut -d' ' -f4 <<<"$sizes") >> 20)) MiB (image: 256 MiB); $(guest 'journalctl -b -u quote-edge-grow-data -o cat | grep -c "^grow-data: growing"') growth steps logged"
+    else
+        fail grow "data partition end/disk/partition bytes/fs bytes: $sizes; $(guest 'systemctl status --no-pager quote-edge-grow-data' | tail -5)"
+    fi
+}
+
+# --- welcome: the console says how to reach the device and what it trusts --------------------
+check_welcome() {
+    local want=("quote API: http://10.0.2.15:8080/quotes/random" "under QEMU, from the host: $base/quotes/random"
+        "trusted update keys" "test-signing.pub: public key 276372dbe336c2e0..." "WARNING: test-signing.pub is the repository's test key")
+    local missing=() line
+    wait_for 120 guest 'systemctl is-active quote-edge-welcome' || true
+    for line in "${want[@]}"; do grep -qF "$line" "$console" || missing+=("$line"); done
+    if [ ${#missing[@]} -eq 0 ]; then
+        pass welcome "console: $(grep -F -m1 'under QEMU' "$console" | tr -d '
+'); $(grep -cF 'trusted update keys' "$console") key listing(s), test key flagged"
+    else
+        fail welcome "console lacks: ${missing[*]}"
+    fi
 }
 
 # --- replicas: 3 distinct X-Served-By ---------------------------------------------------------
@@ -158,6 +206,35 @@ check_persistence() {
         pass persistence "quote $id written, guest rebooted (boot id changed), answering again after $(since "$t0") s, quote $id intact"
     else
         fail persistence "quote $id: after reboot got '$got' (boot id $b0 -> $b1)"
+    fi
+}
+
+# --- grow-resume: a power cut between the partition and the file system ----------------------
+check_grow_resume() {
+    local text id before after sizes disk
+    text="written before the card grew $(date +%s%N)"
+    id=$(post_quote "$text") || { fail grow-resume "POST failed"; return; }
+    # Flush the quote to the disk image before pulling the plug (a power cut after a sync).
+    guest sync
+    power_cut
+    # What grow-data's first step leaves behind: a larger card, partition 3 grown to its end,
+    # the file system not yet.
+    truncate -s +512M "$work/disk.img"
+    before=$(partition 3 size)
+    echo ", +" | sfdisk --quiet --no-reread --no-tell-kernel -N 3 "$work/disk.img" >/dev/null
+    after=$(partition 3 size)
+    disk=$(($(stat -c %s "$work/disk.img") / 512))
+    start_qemu keep
+    wait_for 300 http_ok && wait_for 60 guest true || { fail grow-resume "no answer after the boot"; return; }
+    wait_for 120 guest 'systemctl is-active quote-edge-grow-data' || true
+    sizes=$(data_sizes)
+    local steps
+    # What this boot's grow-data did: "partition" and/or "file-system", one per step taken.
+    steps=$(guest 'journalctl -b -u quote-edge-grow-data -o cat' | sed -n -e 's/^grow-data: growing \/dev\/.*/partition/p' -e 's/^grow-data: growing the ext4.*/file-system/p' | paste -sd, -)
+    if grown "$disk" && [ "$(cut -d' ' -f3 <<<"$sizes")" = $((after * 512)) ] && [ "$steps" = file-system ] && quote_is "$id" "$text"; then
+        pass grow-resume "partition grown on the host ($((before / 2048)) -> $((after / 2048)) MiB), file system not: the boot grew only the file system (ext4 now $(($(cut -d' ' -f4 <<<"$sizes") >> 20)) MiB); quote $id intact"
+    else
+        fail grow-resume "partition $before -> $after sectors on the host; in the guest end/disk/partition/fs: $sizes; steps logged: '$steps'; quote $id: $(curl -s "$base/quotes/$id")"
     fi
 }
 
