@@ -30,7 +30,8 @@ need aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu file:file
 
 # The Rust standard library for the target comes from rustup, not Debian: without it rustc ends
 # in "can't find crate for std" deep in the build. rust-toolchain.toml lists the targets.
-if command -v rustup >/dev/null && ! rustup target list --installed | grep -qxF "$target"; then
+# (Captured first: grep -q could close the pipe on rustup, which pipefail reports as a miss.)
+if command -v rustup >/dev/null && ! grep -qxF "$target" <<<"$(rustup target list --installed)"; then
     echo "the Rust target $target is not installed for this toolchain ($(rustc --version))" >&2
     echo "install it with: rustup target add $target" >&2
     exit 1

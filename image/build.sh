@@ -62,7 +62,15 @@ else
     done
     if [ -n "$stale" ]; then
         step "building the aarch64 binaries ($stale): image/build-aarch64.sh"
-        "$here/build-aarch64.sh" || die "image/build-aarch64.sh failed (see above)"
+        if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
+            # Under sudo: build as the user who asked, with their toolchain (a login shell puts
+            # ~/.cargo/bin on PATH), so target/ stays theirs.
+            runuser -u "$SUDO_USER" -- bash -lc 'exec "$0"' "$here/build-aarch64.sh" ||
+                die "image/build-aarch64.sh failed as $SUDO_USER (see above)"
+        else
+            command -v cargo >/dev/null || die "no cargo on PATH: install Rust (rustup), or build the binaries first with image/build-aarch64.sh"
+            "$here/build-aarch64.sh" || die "image/build-aarch64.sh failed (see above)"
+        fi
     fi
 fi
 [ -f "$trusted_keys" ] || die "missing trusted OTA key $trusted_keys"

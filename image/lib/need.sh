@@ -10,6 +10,8 @@
 # them. Keep each `need` call on one line: .ci/check-tools reads these lines to prove that
 # .ci/packages.txt installs every package a CI script needs, on a root with nothing else.
 need() {
+    # mkfs.*, sfdisk and friends live in /sbin and /usr/sbin, which a user's PATH may lack.
+    case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH=$PATH:/usr/sbin:/sbin ;; esac
     local item tool missing=() foreign=""
     for item in "$@"; do
         tool=${item%%:*}

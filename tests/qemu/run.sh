@@ -73,9 +73,10 @@ check_boot() {
 }
 
 # --- grow: the data partition and its file system fill the card -----------------------------
-# data_sizes: "partition-end disk partition-bytes fs-bytes" of the data partition, read in the guest.
+# data_sizes: "partition-end disk partition-bytes fs-bytes" of the data partition, read in the
+# guest; the file system's size is its superblock's (df leaves out the journal and inode tables).
 data_sizes() {
-    guest 'd=/sys/class/block/vda; echo $(($(cat $d/vda3/start) + $(cat $d/vda3/size))) $(cat $d/size) $(($(cat $d/vda3/size) * 512)) $(df -B1 --output=size /var/lib/quote-edge | tail -1)'
+    guest 'd=/sys/class/block/vda; fs=$(dumpe2fs -h /dev/vda3 2>/dev/null | awk -F: "/^Block count/ {n = \$2} /^Block size/ {s = \$2} END {print n * s}"); echo $(($(cat $d/vda3/start) + $(cat $d/vda3/size))) $(cat $d/size) $(($(cat $d/vda3/size) * 512)) $fs'
 }
 # grown DISK_SECTORS: the partition ends within 1 MiB of the disk's end and the file system
 # is within 2 MiB of the partition (what resize2fs leaves of a last small block group).
@@ -89,7 +90,7 @@ check_grow() {
     disk=$(($(stat -c %s "$work/disk.img") / 512))
     wait_for 120 guest 'systemctl is-active quote-edge-grow-data' || true
     sizes=$(data_sizes)
-    if grown "$disk" && [ "$(cut -d' ' -f4 <<<"$sizes")" -gt $((512 << 20)) ]; then
+    if grown "$disk" && [ "$(cut -d' ' -f4 <<<"$sizes")" -gt $((256 << 20)) ]; then
         pass grow "1 GiB card: data partition now ends at sector $(cut -d' ' -f1 <<<"$sizes") of $disk, ext4 $(($(cut -d' ' -f4 <<<"$sizes") >> 20)) MiB (image: 256 MiB); $(guest 'journalctl -b -u quote-edge-grow-data -o cat | grep -c "^grow-data: growing"') growth steps logged"
     else
         fail grow "data partition end/disk/partition bytes/fs bytes: $sizes; $(guest 'systemctl status --no-pager quote-edge-grow-data' | tail -5)"
@@ -220,9 +221,9 @@ check_grow_resume() {
     # What grow-data's first step leaves behind: a larger card, partition 3 grown to its end,
     # the file system not yet.
     truncate -s +512M "$work/disk.img"
-    before=$(partition 3 size)
-    echo ", +" | sfdisk --quiet --no-reread --no-tell-kernel -N 3 "$work/disk.img" >/dev/null
-    after=$(partition 3 size)
+    before=$(partition 3 size) &&
+        echo ", +" | sfdisk --quiet --no-reread --no-tell-kernel -N 3 "$work/disk.img" >/dev/null &&
+        after=$(partition 3 size) || { fail grow-resume "cannot grow partition 3 of the disk image on the host"; return; }
     disk=$(($(stat -c %s "$work/disk.img") / 512))
     start_qemu keep
     wait_for 300 http_ok && wait_for 60 guest true || { fail grow-resume "no answer after the boot"; return; }
