@@ -12,6 +12,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
+pub use ota_agent::{Settings as Ota, SettingsFile as OtaFile};
+
 /// A configuration that cannot work.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -64,49 +66,6 @@ pub struct File {
     pub watchdog: WatchdogFile,
     #[serde(default)]
     pub ota: OtaFile,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OtaFile {
-    /// Directories scanned for `*.bundle` files besides `<data_dir>/ota/inbox` (default none;
-    /// on the device, where a USB stick is mounted).
-    pub inbox: Option<Vec<PathBuf>>,
-    /// How often the inboxes are scanned (default 2s).
-    #[serde(default, with = "humantime_serde")]
-    pub scan_interval: Option<Duration>,
-    /// The product a bundle must be built for (default `quote-edge`).
-    pub product: Option<String>,
-    /// How long every replica of a new release must stay ready and live (default 10s).
-    #[serde(default, with = "humantime_serde")]
-    pub trial: Option<Duration>,
-    /// Rollout plus trial must end within this, or the update is rolled back (default 120s).
-    #[serde(default, with = "humantime_serde")]
-    pub trial_deadline: Option<Duration>,
-    /// Commands that must exit 0 at the end of the trial (default none).
-    pub health_commands: Option<Vec<Vec<String>>>,
-    /// Supervisor starts during one trial before the trial release is rolled back at boot
-    /// (default 3).
-    pub max_trial_boots: Option<u32>,
-    /// Directory of the factory release's programs (default: the supervisor's own directory).
-    pub factory_bin: Option<PathBuf>,
-    /// Remount a read-only stick read-write just long enough to write the install receipt
-    /// next to its bundle, then read-only again (default false; needs root).
-    pub remount_sticks: Option<bool>,
-}
-
-/// The OTA agent's settings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Ota {
-    pub inbox: Vec<PathBuf>,
-    pub scan_interval: Duration,
-    pub product: String,
-    pub trial: Duration,
-    pub trial_deadline: Duration,
-    pub health_commands: Vec<Vec<String>>,
-    pub max_trial_boots: u32,
-    pub factory_bin: PathBuf,
-    pub remount_sticks: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -538,53 +497,10 @@ fn validate(file: File, origin: &str, overrides: &Overrides) -> Result<Settings,
         }
     };
 
-    let ota = {
-        let o = file.ota;
-        let mut inbox = vec![data_dir.join("ota").join("inbox")];
-        inbox.extend(o.inbox.unwrap_or_default());
-        let product = o.product.unwrap_or_else(|| "quote-edge".to_owned());
-        if product.is_empty()
-            || product.len() > 64
-            || !product
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-        {
-            return Err(invalid(
-                "ota.product",
-                format!("must be 1 to 64 of [a-z0-9._-], got {product:?}"),
-            ));
-        }
-        let trial = o.trial.unwrap_or(Duration::from_secs(10));
-        let trial_deadline = o.trial_deadline.unwrap_or(Duration::from_secs(120));
-        if trial_deadline <= trial {
-            return Err(invalid(
-                "ota.trial_deadline",
-                format!("({trial_deadline:?}) must be longer than ota.trial ({trial:?})"),
-            ));
-        }
-        let health_commands = o.health_commands.unwrap_or_default();
-        if health_commands.iter().any(|c| c.is_empty()) {
-            return Err(invalid(
-                "ota.health_commands",
-                "holds an empty command".into(),
-            ));
-        }
-        let max_trial_boots = o.max_trial_boots.unwrap_or(3);
-        if max_trial_boots == 0 {
-            return Err(invalid("ota.max_trial_boots", "must be at least 1".into()));
-        }
-        Ota {
-            inbox,
-            scan_interval: o.scan_interval.unwrap_or(Duration::from_secs(2)),
-            product,
-            trial,
-            trial_deadline,
-            health_commands,
-            max_trial_boots,
-            factory_bin: o.factory_bin.unwrap_or_else(crate::process::own_dir),
-            remount_sticks: o.remount_sticks.unwrap_or(false),
-        }
-    };
+    let ota = file
+        .ota
+        .validate(&data_dir, crate::process::own_dir())
+        .map_err(|e| invalid(&format!("ota.{}", e.key), e.reason))?;
 
     Ok(Settings {
         listen,

@@ -10,7 +10,5 @@ pub mod model;
 pub mod probe;
 pub mod process;
 pub mod proxy;
-pub mod receipt;
 pub mod supervisor;
-pub mod update;
 pub mod watchdog;

@@ -83,6 +83,22 @@ pub fn launch(spec: &ServiceSpec, values: &Placeholders) -> Launch {
     }
 }
 
+/// How the OTA agent runs a release's database tool: the replica command of the release in a
+/// directory (index 0, port 0), with a clean environment but `PATH` and the service's own.
+pub fn release_command(spec: &ServiceSpec, data_dir: &Path) -> ota_agent::ReleaseCommand {
+    let (spec, data_dir) = (spec.clone(), data_dir.to_owned());
+    ota_agent::ReleaseCommand::new(move |release: &Path| {
+        let launch = launch(&spec, &Placeholders::new(&data_dir, 0, 0, release));
+        let mut command = std::process::Command::new(&launch.program);
+        command
+            .args(&launch.args)
+            .env_clear()
+            .envs(std::env::vars().filter(|(k, _)| k == "PATH"))
+            .envs(&launch.env);
+        command
+    })
+}
+
 /// A bare program name is looked for in the release's directory first (the factory release is
 /// the supervisor's own directory, by default), then on `PATH`; placeholders are filled in.
 pub fn resolve_program(command: &Path, values: &Placeholders) -> PathBuf {

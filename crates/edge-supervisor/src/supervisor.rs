@@ -22,8 +22,8 @@ use crate::metrics::{KindLabels, Metrics, RestartLabels};
 use crate::model::{Action, Cause, Model, ProbeKind, Timing, replica_id};
 use crate::process::{self, LogRing};
 use crate::proxy::{self, Backend, Router};
-use crate::update::{self, Agent, Layout, OtaEvent, Step};
 use crate::watchdog::{HardwareWatchdog, Systemd, WatchdogError};
+use ota_agent::{Agent, Layout, OtaEvent, Step};
 
 /// The supervisor's version, as reported in `status`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -49,7 +49,7 @@ pub enum RunError {
     #[error(transparent)]
     Watchdog(#[from] WatchdogError),
     #[error("the OTA agent cannot start: {0}")]
-    Ota(#[from] update::UpdateError),
+    Ota(#[from] ota_agent::UpdateError),
 }
 
 impl RunError {
@@ -236,9 +236,9 @@ impl Bound {
         let agent = Agent::open(
             Layout::new(&settings.data_dir),
             settings.ota.clone(),
-            &settings.service,
+            process::release_command(&settings.service, &settings.data_dir),
         )?;
-        tracing::info!(release = %agent.version_of(agent.state.active), "release");
+        tracing::info!(release = %agent.running_version(), "release");
         let now = Instant::now();
         let timing = Timing {
             probes: settings.probes.clone(),
@@ -417,21 +417,8 @@ impl Dispatcher {
             }
             OtaEvent::Installed(result) => {
                 let (state, result) = *result;
-                if self.agent.installed(state, result).is_some() {
-                    let layout = self.agent.layout.clone();
-                    let release = self.agent.state.active;
-                    let service = self.settings.service.clone();
-                    let factory_bin = self.settings.ota.factory_bin.clone();
-                    let done = self.ota_sender();
-                    tokio::task::spawn_blocking(move || {
-                        done(OtaEvent::Snapshotted(update::snapshot_database(
-                            &layout,
-                            release,
-                            &service,
-                            &factory_bin,
-                        )));
-                    });
-                }
+                let done = self.ota_sender();
+                self.agent.installed(state, result, done);
                 Step::None
             }
             OtaEvent::Snapshotted(result) => self.agent.snapshotted(result, now),
@@ -448,7 +435,7 @@ impl Dispatcher {
         }
         if self.agent.draining() && self.model.is_empty() {
             let done = self.ota_sender();
-            self.agent.drained(self.settings.service.clone(), done);
+            self.agent.drained(done);
         }
         let model = &self.model;
         let (step, check) = self.agent.watch(
@@ -461,7 +448,7 @@ impl Dispatcher {
             let commands = self.settings.ota.health_commands.clone();
             let events = self.events.clone();
             tokio::spawn(async move {
-                let result = update::health_commands(commands).await;
+                let result = ota_agent::health_commands(commands).await;
                 let _ = events
                     .send(Event::Ota(OtaEvent::HealthChecked(result)))
                     .await;
@@ -539,7 +526,7 @@ impl Dispatcher {
                             "installing {bundle}; `status` shows the progress and the result"
                         ),
                     },
-                    Err(message) => control::error(ErrorKind::NotAllowedNow, &message),
+                    Err(busy) => control::error(ErrorKind::NotAllowedNow, &busy.to_string()),
                 }
             }
         }
@@ -548,11 +535,7 @@ impl Dispatcher {
     fn status(&self, now: Instant) -> Status {
         let mut replicas = self.model.status(now);
         for (replica, (_, revision)) in replicas.iter_mut().zip(self.model.revisions()) {
-            replica.release = self
-                .agent
-                .releases
-                .get(&revision)
-                .map(|r| self.agent.version_of(*r));
+            replica.release = self.agent.version_of_revision(revision);
         }
         Status {
             version: VERSION.to_owned(),
@@ -672,13 +655,7 @@ impl Dispatcher {
 
     /// A replica's placeholders, `{release}` being the directory of its release's programs.
     fn placeholders(&self, slot: usize, port: u16, revision: u64) -> process::Placeholders {
-        let release = self
-            .agent
-            .releases
-            .get(&revision)
-            .copied()
-            .unwrap_or(self.agent.state.active);
-        let dir = update::release_dir(release, &self.agent.layout, &self.settings.ota.factory_bin);
+        let dir = self.agent.release_dir_of(revision);
         process::Placeholders::new(&self.settings.data_dir, slot, port, &dir)
     }
 

@@ -1,0 +1,85 @@
+//! The inboxes: `<data_dir>/ota/inbox` and the configured directories (a USB stick's mount
+//! point), scanned for bundles worth offering to the agent.
+
+use std::collections::HashMap;
+use std::io::BufReader;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The inbox directories and their immediate subdirectories (where USB sticks get mounted,
+/// one directory per stick), except the receipts written there.
+pub(crate) fn expand_inboxes(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut all = Vec::new();
+    for dir in dirs {
+        all.push(dir.clone());
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            all.extend(
+                entries
+                    .flatten()
+                    .filter(|e| {
+                        e.file_type().is_ok_and(|t| t.is_dir()) && e.file_name() != "receipts"
+                    })
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    all
+}
+
+/// Bundles in the inboxes that could be installed: readable manifest, this product, not
+/// failed or already in a slot, not below the anti-rollback floor. Best (highest security
+/// version, then newest) first. Signatures are checked by the install, not here.
+pub(crate) fn scan_inboxes(
+    dirs: &[PathBuf],
+    judged: &HashMap<PathBuf, (u64, SystemTime)>,
+    skip: &[String],
+    product: &str,
+    floor: u64,
+) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "bundle") {
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let key = (meta.len(), meta.modified().unwrap_or(UNIX_EPOCH));
+            if judged.get(&path) == Some(&key) {
+                continue;
+            }
+            let Ok(file) = std::fs::File::open(&path) else {
+                continue;
+            };
+            match ota_bundle::read_manifest_and_digest_unverified(BufReader::new(file)) {
+                Ok((manifest, _, digest)) => {
+                    let permit_beside = manifest.security_version < floor
+                        && std::fs::read_dir(dir).is_ok_and(|mut e| {
+                            e.any(|e| {
+                                e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "permit"))
+                            })
+                        });
+                    if manifest.product != product
+                        || (manifest.security_version < floor && !permit_beside)
+                        || skip.contains(&digest)
+                    {
+                        tracing::debug!(bundle = %path.display(), "inbox: not offered");
+                        continue;
+                    }
+                    found.push(((manifest.security_version, manifest.issued_at), path));
+                }
+                Err(error) => {
+                    tracing::warn!(bundle = %path.display(), %error, "inbox: not a usable bundle");
+                }
+            }
+        }
+    }
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    found.into_iter().map(|(_, p)| p).collect()
+}

@@ -1,0 +1,462 @@
+//! The install glue: a verified bundle's chunks into the inactive slot's `SlotWriter`, with the
+//! admission checks before the slot is touched (product, anti-rollback floor and replay,
+//! downgrade permits, delta base, free space), the install journal, and resuming an
+//! interrupted install from its last mark.
+//!
+//! Architecture invariant: nothing reaches the slot before the bundle's signatures verified
+//! and the admission checks passed, and then only chunks `ota-bundle` verified.
+
+use std::collections::HashMap;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use ota_bundle::{Bundle, Chunked, ChunksError, TrustedKeys};
+use ota_slots::{Journal, Mark, RealFs, Release, SlotWriter, State, StateFile};
+
+use crate::agent::{Installed, Layout, UpdateError};
+use crate::trust::{load_trust, read_doc};
+
+/// One install, run on a blocking task. Owns a copy of the state while it runs.
+pub(crate) struct Install {
+    pub(crate) bundle: PathBuf,
+    pub(crate) trusted_keys: PathBuf,
+    pub(crate) product: String,
+    pub(crate) layout: Layout,
+    pub(crate) file: StateFile,
+    pub(crate) state: State,
+    pub(crate) progress: Arc<(AtomicU64, AtomicU64)>,
+}
+
+impl Install {
+    pub(crate) fn run(self) -> (State, Result<Installed, UpdateError>) {
+        let mut state = self.state.clone();
+        let result = self.install(&mut state);
+        (state, result)
+    }
+
+    fn install(&self, state: &mut State) -> Result<Installed, UpdateError> {
+        let started = Instant::now();
+        let (trusted, _) = load_trust(&self.trusted_keys, &self.layout.dir, &self.product)?;
+        let file = std::fs::File::open(&self.bundle).map_err(|source| UpdateError::Open {
+            path: self.bundle.clone(),
+            source,
+        })?;
+        let bundle =
+            Bundle::open(BufReader::with_capacity(1 << 20, file), &trusted).map_err(|source| {
+                UpdateError::Bundle {
+                    path: self.bundle.clone(),
+                    source,
+                }
+            })?;
+        let manifest = &bundle.manifest;
+        let manifest_bytes = bundle.manifest_bytes.clone();
+        let digest = ota_bundle::manifest_digest(&bundle.manifest_bytes);
+        if manifest.product != self.product {
+            return Err(UpdateError::Incompatible {
+                found: manifest.product.clone(),
+                expected: self.product.clone(),
+            });
+        }
+        let below = manifest.security_version < state.highest_security_version;
+        let older = manifest.security_version == state.highest_security_version
+            && manifest.issued_at < state.highest_issued_at;
+        if (below || older) && !self.permitted(&trusted, &digest) {
+            if below {
+                return Err(UpdateError::Downgrade {
+                    found: manifest.security_version,
+                    floor: state.highest_security_version,
+                    device: crate::receipt::device_id(&self.layout.dir.join("device.key"))
+                        .unwrap_or_else(|e| e.to_string()),
+                });
+            }
+            return Err(UpdateError::Replay {
+                found: manifest.issued_at,
+                floor: state.highest_issued_at,
+            });
+        }
+        if let Release::Slot(active) = state.active
+            && state.slot(active).bundle_digest.as_deref() == Some(digest.as_str())
+        {
+            return Err(UpdateError::AlreadyRunning(manifest.version.clone()));
+        }
+        let copies = match &manifest.base {
+            None => HashMap::new(),
+            Some(base) => self.copy_index(state, base)?,
+        };
+        let needed: u64 = manifest.files.iter().map(|f| f.size).sum();
+        let slots_dir = self.layout.dir.join("slots");
+        std::fs::create_dir_all(&slots_dir).map_err(|e| UpdateError::Install {
+            slot: "-",
+            reason: format!("cannot create {}: {e}", slots_dir.display()),
+        })?;
+        let target = state.inactive();
+        // The inactive slot's old content is freed before writing, so it counts as free.
+        let reclaimable = dir_size(&self.layout.slot(target));
+        let free = free_bytes(&slots_dir).saturating_add(reclaimable);
+        // Headroom for directories, the state file and the file system's own blocks.
+        let needed_with_margin = needed + needed / 32 + (1 << 20);
+        if free < needed_with_margin {
+            return Err(UpdateError::NoSpace {
+                path: slots_dir,
+                needed: needed_with_margin,
+                free,
+            });
+        }
+        self.progress.1.store(needed, Ordering::Relaxed);
+
+        let mut journal = Journal::new(&self.layout.dir);
+        let resume = journal
+            .read()
+            .filter(|m| {
+                m.digest == digest
+                    && m.slot == target
+                    && state.slot(target).status == ota_slots::SlotStatus::Installing
+                    && state.slot(target).bundle_digest.as_deref() == Some(digest.as_str())
+            })
+            .and_then(|mark| self.check_written(manifest, &mark).map(|kept| (mark, kept)));
+        let slot = target;
+        if resume.is_none() {
+            let _ = journal.clear();
+            let _ = std::fs::remove_file(self.layout.manifest(target));
+            let (next, _) =
+                state.begin_install(&digest, &manifest.version, manifest.security_version)?;
+            *state = self.file.save(&mut RealFs, &next)?;
+        }
+        let version = manifest.version.clone();
+        let issued_at = manifest.issued_at;
+        let files: Vec<(String, u32, usize)> = manifest
+            .files
+            .iter()
+            .map(|f| (f.path.clone(), f.mode, f.chunks.len()))
+            .collect();
+        let resumed = resume.as_ref().map_or(0, |(_, kept)| kept.total);
+        self.progress.0.store(resumed, Ordering::Relaxed);
+        // Err((blame, reason)): `blame` when the bundle itself is bad (remembered as failed);
+        // a failed read of the bundle (the stick pulled out) only abandons the install.
+        let written = (|| -> Result<(u64, u64), (bool, String)> {
+            let local = |e: ota_slots::WriteError| (false, e.to_string());
+            let slot_dir = self.layout.slot(slot);
+            let (mut writer, from, prefix) = match resume {
+                Some((mark, kept)) => {
+                    let (path, mode, _) = &files[mark.file as usize];
+                    let later: Vec<&str> = files[mark.file as usize + 1..]
+                        .iter()
+                        .map(|(p, _, _)| p.as_str())
+                        .collect();
+                    tracing::info!(path = %path, chunk = mark.chunk, resumed, "resuming an interrupted install");
+                    let writer = SlotWriter::resume(
+                        &slot_dir,
+                        path,
+                        *mode,
+                        mark.chunk as usize,
+                        kept.in_file,
+                        &later,
+                    )
+                    .map_err(local)?;
+                    let from = ota_bundle::Position {
+                        file: mark.file as usize,
+                        chunk: mark.chunk as usize,
+                        offset: mark.offset,
+                    };
+                    // The chunk before the mark, as re-hashed by `check_written`: the next
+                    // frame may be compressed with it (the reader checks it once more).
+                    (writer, from, kept.last_chunk)
+                }
+                None => {
+                    let paths: Vec<&str> = files.iter().map(|(p, _, _)| p.as_str()).collect();
+                    (
+                        SlotWriter::update(&slot_dir, &paths).map_err(local)?,
+                        bundle.start(),
+                        Vec::new(),
+                    )
+                }
+            };
+            let mut unsynced = 0u64;
+            bundle
+                .chunks_from(from, &prefix, |file, index, chunk, next| {
+                    let copied;
+                    let bytes = match chunk {
+                        Chunked::Data(bytes) => bytes,
+                        Chunked::Copy { hash } => {
+                            copied = copy_chunk(&copies, hash)?;
+                            &copied[..]
+                        }
+                    };
+                    writer.chunk(&file.path, file.mode, index, bytes)?;
+                    if index + 1 == file.chunks.len() {
+                        // Length, mode and fsync now: a mark at the next file's start must
+                        // cover a finished file, since a resume never comes back to it.
+                        writer.finish_file()?;
+                    }
+                    self.progress
+                        .0
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    unsynced += bytes.len() as u64;
+                    // No mark after the last chunk: nothing would be left to resume.
+                    let at_end = next.file + 1 == files.len() && next.chunk == files[next.file].2;
+                    if unsynced >= JOURNAL_EVERY && !at_end {
+                        writer.sync()?;
+                        journal
+                            .record(&Mark {
+                                digest: digest.clone(),
+                                slot,
+                                file: next.file as u32,
+                                chunk: next.chunk as u32,
+                                offset: next.offset,
+                            })
+                            .map_err(|source| ota_slots::WriteError::Io {
+                                path: self.layout.dir.join("install.journal"),
+                                source,
+                            })?;
+                        unsynced = 0;
+                    }
+                    Ok(())
+                })
+                .map_err(|e: ChunksError<ota_slots::WriteError>| match e {
+                    ChunksError::Bundle(ota_bundle::BundleError::Read { .. }) => {
+                        (false, e.to_string())
+                    }
+                    ChunksError::Bundle(_) => (true, e.to_string()),
+                    ChunksError::Sink(_) => (false, e.to_string()),
+                })?;
+            for (path, mode, chunks) in &files {
+                if *chunks == 0 {
+                    writer.empty_file(path, *mode).map_err(local)?;
+                }
+            }
+            let unchanged = writer.unchanged();
+            writer
+                .finish()
+                .map(|bytes| (bytes, unchanged))
+                .map_err(local)
+        })();
+        let written = written.and_then(|written| {
+            write_synced(&self.layout.manifest(slot), &manifest_bytes)
+                .map(|()| written)
+                .map_err(|e| (false, format!("cannot keep the manifest: {e}")))
+        });
+        match written {
+            Ok((bytes, unchanged)) => {
+                *state = self.file.save(&mut RealFs, &state.finish_install(slot)?)?;
+                let _ = journal.clear();
+                Ok(Installed {
+                    slot,
+                    resumed,
+                    version,
+                    issued_at,
+                    bundle: self.bundle.clone(),
+                    bytes,
+                    unchanged,
+                    took: started.elapsed(),
+                })
+            }
+            Err((blame, reason)) => {
+                let next = if blame {
+                    state.fail_install(slot, &reason)?
+                } else {
+                    state.abandon_install(slot)?
+                };
+                *state = self.file.save(&mut RealFs, &next)?;
+                let _ = journal.clear();
+                let _ = std::fs::remove_dir_all(self.layout.slot(slot));
+                Err(UpdateError::Install {
+                    slot: slot.as_str(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// A downgrade permit (`*.permit` beside the bundle) for this device and this bundle,
+    /// signed by a threshold of the trusted keys.
+    fn permitted(&self, trusted: &TrustedKeys, digest: &str) -> bool {
+        let Ok(device) = crate::receipt::device_id(&self.layout.dir.join("device.key")) else {
+            return false;
+        };
+        let dir = self.bundle.parent().unwrap_or(Path::new("."));
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return false;
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.extension().is_none_or(|e| e != "permit") {
+                continue;
+            }
+            let Some(doc) = read_doc(&path, "permit") else {
+                continue;
+            };
+            match ota_bundle::Permit::verify(&doc, trusted, &self.product, &device, digest) {
+                Ok(permit) => {
+                    tracing::warn!(permit = %path.display(), version = %permit.version, "downgrade permitted");
+                    return true;
+                }
+                Err(error) => {
+                    tracing::info!(permit = %path.display(), %error, "permit not usable")
+                }
+            }
+        }
+        false
+    }
+
+    /// Where each chunk of the running release is, for a delta against `base`; refused unless
+    /// the running release is exactly `base` (by its release digest).
+    fn copy_index(
+        &self,
+        state: &State,
+        base: &ota_bundle::Base,
+    ) -> Result<HashMap<String, (PathBuf, u64, u64)>, UpdateError> {
+        let refused = |running: String| UpdateError::Delta {
+            base: base.version.clone(),
+            running,
+        };
+        let Release::Slot(active) = state.active else {
+            return Err(refused("the factory release".into()));
+        };
+        let running = state.slot(active).version.clone().unwrap_or_default();
+        let bytes = std::fs::read(self.layout.manifest(active))
+            .map_err(|_| refused(format!("{running} (whose manifest is not kept)")))?;
+        let manifest = ota_bundle::Manifest::parse_canonical(&bytes)
+            .map_err(|_| refused(format!("{running} (whose kept manifest is unreadable)")))?;
+        if manifest.release_digest() != base.digest {
+            return Err(refused(running));
+        }
+        let dir = self.layout.slot(active);
+        let mut index = HashMap::new();
+        for file in &manifest.files {
+            for (i, chunk) in file.chunks.iter().enumerate() {
+                index.entry(chunk.hash.clone()).or_insert((
+                    dir.join(&file.path),
+                    i as u64 * ota_bundle::CHUNK_SIZE,
+                    chunk.size,
+                ));
+            }
+        }
+        Ok(index)
+    }
+
+    /// Re-hashes what an interrupted install wrote before `mark`: every file before it whole,
+    /// and the chunks of its file before its chunk. What is kept, or None (start over).
+    fn check_written(&self, manifest: &ota_bundle::Manifest, mark: &Mark) -> Option<Kept> {
+        use std::io::Read;
+        let dir = self.layout.slot(mark.slot);
+        let mut kept = Kept::default();
+        let mut buf = vec![0u8; ota_bundle::CHUNK_SIZE as usize];
+        for (f, entry) in manifest
+            .files
+            .iter()
+            .enumerate()
+            .take(mark.file as usize + 1)
+        {
+            let chunks = if f == mark.file as usize {
+                mark.chunk as usize
+            } else {
+                entry.chunks.len()
+            };
+            if chunks == 0 {
+                continue;
+            }
+            let mut file = std::fs::File::open(dir.join(&entry.path)).ok()?;
+            // A file before the mark's was finished (cut to length) before the mark was made.
+            if f < mark.file as usize && file.metadata().ok()?.len() != entry.size {
+                tracing::warn!(path = %entry.path, "the interrupted install left a file of the wrong length; starting over");
+                return None;
+            }
+            for chunk in entry.chunks.iter().take(chunks) {
+                let bytes = &mut buf[..chunk.size as usize];
+                file.read_exact(bytes).ok()?;
+                if ota_bundle::chunk_hash(bytes) != chunk.hash {
+                    tracing::warn!(path = %entry.path, "the interrupted install's data does not match; starting over");
+                    return None;
+                }
+                kept.total += chunk.size;
+                if f == mark.file as usize {
+                    kept.in_file += chunk.size;
+                }
+            }
+            if f == mark.file as usize {
+                kept.last_chunk = buf[..entry.chunks[chunks - 1].size as usize].to_vec();
+            }
+        }
+        Some(kept)
+    }
+}
+
+/// What an interrupted install left intact before its journal mark.
+#[derive(Debug, Default)]
+struct Kept {
+    /// Bytes of the whole release.
+    total: u64,
+    /// Bytes of the file at the mark (the length it is cut back to).
+    in_file: u64,
+    /// The last chunk before the mark in that file (empty at its start): the prefix of the
+    /// next frame in format 2.
+    last_chunk: Vec<u8>,
+}
+
+/// A journal mark after about this much data (each mark costs an fsync of the slot).
+const JOURNAL_EVERY: u64 = 4 << 20;
+
+/// Reads a chunk of the running release for a delta, and checks it against the signed hash
+/// (a damaged running release must not leak into the new one).
+fn copy_chunk(
+    copies: &HashMap<String, (PathBuf, u64, u64)>,
+    hash: &str,
+) -> Result<Vec<u8>, ota_slots::WriteError> {
+    use std::io::{Read, Seek};
+    let missing = |path: PathBuf, why: String| ota_slots::WriteError::Io {
+        path,
+        source: std::io::Error::other(why),
+    };
+    let (path, offset, size) = copies.get(hash).ok_or_else(|| {
+        missing(
+            PathBuf::from("(running release)"),
+            format!("chunk {hash} is not in the running release"),
+        )
+    })?;
+    let mut bytes = vec![0u8; *size as usize];
+    let mut file = std::fs::File::open(path).map_err(|e| missing(path.clone(), e.to_string()))?;
+    file.seek(std::io::SeekFrom::Start(*offset))
+        .and_then(|_| file.read_exact(&mut bytes))
+        .map_err(|e| missing(path.clone(), e.to_string()))?;
+    if ota_bundle::chunk_hash(&bytes) != hash {
+        return Err(missing(
+            path.clone(),
+            "the running release's chunk does not match its hash".into(),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn free_bytes(dir: &Path) -> u64 {
+    rustix::fs::statvfs(dir).map_or(u64::MAX, |s| s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}

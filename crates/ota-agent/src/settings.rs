@@ -1,0 +1,108 @@
+//! The `[ota]` table of the supervisor's configuration file, and the agent's validated settings.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// `[ota]` as written: every field optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsFile {
+    /// Directories scanned for `*.bundle` files besides `<data_dir>/ota/inbox` (default none;
+    /// on the device, where a USB stick is mounted).
+    pub inbox: Option<Vec<PathBuf>>,
+    /// How often the inboxes are scanned (default 2s).
+    #[serde(default, with = "humantime_serde")]
+    pub scan_interval: Option<Duration>,
+    /// The product a bundle must be built for (default `quote-edge`).
+    pub product: Option<String>,
+    /// How long every replica of a new release must stay ready and live (default 10s).
+    #[serde(default, with = "humantime_serde")]
+    pub trial: Option<Duration>,
+    /// Rollout plus trial must end within this, or the update is rolled back (default 120s).
+    #[serde(default, with = "humantime_serde")]
+    pub trial_deadline: Option<Duration>,
+    /// Commands that must exit 0 at the end of the trial (default none).
+    pub health_commands: Option<Vec<Vec<String>>>,
+    /// Supervisor starts during one trial before the trial release is rolled back at boot
+    /// (default 3).
+    pub max_trial_boots: Option<u32>,
+    /// Directory of the factory release's programs (default: the supervisor's own directory).
+    pub factory_bin: Option<PathBuf>,
+    /// Remount a read-only stick read-write just long enough to write the install receipt
+    /// next to its bundle, then read-only again (default false; needs root).
+    pub remount_sticks: Option<bool>,
+}
+
+/// The OTA agent's settings, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub inbox: Vec<PathBuf>,
+    pub scan_interval: Duration,
+    pub product: String,
+    pub trial: Duration,
+    pub trial_deadline: Duration,
+    pub health_commands: Vec<Vec<String>>,
+    pub max_trial_boots: u32,
+    pub factory_bin: PathBuf,
+    pub remount_sticks: bool,
+}
+
+/// A key of `[ota]` whose value cannot work, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`ota.{key}` {reason}")]
+pub struct InvalidSetting {
+    /// The key below `[ota]`.
+    pub key: &'static str,
+    pub reason: String,
+}
+
+impl SettingsFile {
+    /// Fills in the defaults and checks every value. `own_dir` is the default `factory_bin`
+    /// (the supervisor's own directory).
+    pub fn validate(self, data_dir: &Path, own_dir: PathBuf) -> Result<Settings, InvalidSetting> {
+        let invalid = |key, reason: String| InvalidSetting { key, reason };
+        let mut inbox = vec![data_dir.join("ota").join("inbox")];
+        inbox.extend(self.inbox.unwrap_or_default());
+        let product = self.product.unwrap_or_else(|| "quote-edge".to_owned());
+        if product.is_empty()
+            || product.len() > 64
+            || !product
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        {
+            return Err(invalid(
+                "product",
+                format!("must be 1 to 64 of [a-z0-9._-], got {product:?}"),
+            ));
+        }
+        let trial = self.trial.unwrap_or(Duration::from_secs(10));
+        let trial_deadline = self.trial_deadline.unwrap_or(Duration::from_secs(120));
+        if trial_deadline <= trial {
+            return Err(invalid(
+                "trial_deadline",
+                format!("({trial_deadline:?}) must be longer than ota.trial ({trial:?})"),
+            ));
+        }
+        let health_commands = self.health_commands.unwrap_or_default();
+        if health_commands.iter().any(|c| c.is_empty()) {
+            return Err(invalid("health_commands", "holds an empty command".into()));
+        }
+        let max_trial_boots = self.max_trial_boots.unwrap_or(3);
+        if max_trial_boots == 0 {
+            return Err(invalid("max_trial_boots", "must be at least 1".into()));
+        }
+        Ok(Settings {
+            inbox,
+            scan_interval: self.scan_interval.unwrap_or(Duration::from_secs(2)),
+            product,
+            trial,
+            trial_deadline,
+            health_commands,
+            max_trial_boots,
+            factory_bin: self.factory_bin.unwrap_or(own_dir),
+            remount_sticks: self.remount_sticks.unwrap_or(false),
+        })
+    }
+}
