@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edge_proto::{Reply, Request, Status};
+use edge_proto::{Reply, Request, Status, UpdateState};
 
 use crate::update::{CRASHES, Fixture, GOOD};
 
@@ -197,7 +197,7 @@ fn cut(
     std::fs::create_dir_all(&inbox).unwrap();
     std::fs::copy(bundle, inbox.join("update.bundle")).unwrap();
     let ended = device.wait(&mut child, "the cut", |s| {
-        s.update.state == "idle" && s.update.last_result.is_some()
+        s.update.state == UpdateState::Idle && s.update.last_result.is_some()
     });
     let reached = ended.is_none();
     off(child);
@@ -206,11 +206,11 @@ fn cut(
     let status = device
         .wait(&mut child, "the update to end after the cut", |s| {
             s.ready == 1
-                && s.update.state == "idle"
+                && s.update.state == UpdateState::Idle
                 && s.update
                     .last_result
                     .as_ref()
-                    .is_some_and(|r| r.result == expect)
+                    .is_some_and(|r| r.result.as_str() == expect)
         })
         .unwrap_or_else(|| panic!("the supervisor died after the cut at {point}"));
     for id in &ids {

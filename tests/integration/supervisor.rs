@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use edge_proto::{ErrorKind, Reply, Request, Status};
+use edge_proto::{ErrorKind, ExitReason, LimitsMode, ReplicaState, Reply, Request, Status};
 use edge_supervisor::config::{self, Overrides};
 use edge_supervisor::supervisor::{Bound, RunError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -350,7 +350,7 @@ async fn a_replica_that_never_becomes_ready_gets_no_traffic() {
         .wait_for("replica-0 ready, replica-1 running unready", |s| {
             s.replicas.len() == 2
                 && s.replicas[0].ready
-                && s.replicas[1].state == "running"
+                && s.replicas[1].state == ReplicaState::Running
                 && !s.replicas[1].ready
         })
         .await;
@@ -384,18 +384,13 @@ async fn a_memory_hog_is_stopped_by_its_limit_and_replaced() {
     let status = sup
         .wait_for("the hog to be stopped", |s| s.replicas[0].restarts >= 1)
         .await;
-    let reason = status.replicas[0]
-        .last_exit
-        .as_ref()
-        .unwrap()
-        .reason
-        .clone();
-    match status.limits.mode.as_str() {
+    let reason = status.replicas[0].last_exit.as_ref().unwrap().reason;
+    match status.limits.mode {
         // Where cgroup v2 is delegated (the device image), the kernel's OOM killer acts.
-        "cgroup-v2" => assert_eq!(reason, "oom_kill"),
+        LimitsMode::CgroupV2 => assert_eq!(reason, ExitReason::OomKill),
         // Elsewhere the fallback is said plainly, and the allocation failure ends the process.
         mode => {
-            assert_eq!(mode, "rlimit");
+            assert_eq!(mode, LimitsMode::Rlimit);
             assert!(
                 status
                     .limits
@@ -406,7 +401,10 @@ async fn a_memory_hog_is_stopped_by_its_limit_and_replaced() {
                 "{:?}",
                 status.limits
             );
-            assert!(reason == "signal" || reason == "exit", "{reason}");
+            assert!(
+                reason == ExitReason::Signal || reason == ExitReason::Exit,
+                "{reason}"
+            );
         }
     }
     sup.stop().await;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use edge_proto::{Reply, Request, Status};
+use edge_proto::{ReplicaState, Reply, Request, Status, UpdateOutcome, UpdateState};
 use ota_bundle::{PackOptions, SecretKey, pack};
 
 use crate::supervisor::{Supervisor, get, request};
@@ -160,11 +160,11 @@ async fn refused(sup: &Supervisor, bundle: &Path) -> (Status, String) {
     apply(sup, bundle).await;
     let after = sup
         .wait_for("the refusal", |s| {
-            s.update.state == "idle"
+            s.update.state == UpdateState::Idle
                 && s.update
                     .last_result
                     .as_ref()
-                    .is_some_and(|r| r.result == "refused")
+                    .is_some_and(|r| r.result == UpdateOutcome::Refused)
         })
         .await;
     let reason = after.update.last_result.clone().unwrap().reason.unwrap();
@@ -174,7 +174,7 @@ async fn refused(sup: &Supervisor, bundle: &Path) -> (Status, String) {
 /// Waits for the update to end (the agent idle with a result for `version`).
 async fn finished(sup: &Supervisor, version: &str) -> Status {
     sup.wait_for(&format!("the update to {version} to end"), |s| {
-        s.update.state == "idle"
+        s.update.state == UpdateState::Idle
             && s.update
                 .last_result
                 .as_ref()
@@ -239,9 +239,13 @@ async fn a_signed_bundle_is_rolled_out_one_replica_at_a_time_under_load_and_comm
             least_ready.fetch_min(s.ready, Ordering::SeqCst);
             // Replicas on their way out (stopping) do not count, as terminating pods do not
             // count towards Kubernetes' maxSurge.
-            let live = s.replicas.iter().filter(|r| r.state != "stopping").count();
+            let live = s
+                .replicas
+                .iter()
+                .filter(|r| r.state != ReplicaState::Stopping)
+                .count();
             most_replicas.fetch_max(live as u32, Ordering::SeqCst);
-            s.update.state == "idle" && s.update.last_result.is_some()
+            s.update.state == UpdateState::Idle && s.update.last_result.is_some()
         })
         .await;
     stop.store(true, Ordering::SeqCst);
@@ -319,7 +323,7 @@ async fn a_signed_bundle_is_rolled_out_one_replica_at_a_time_under_load_and_comm
     apply(&sup, &tampered).await;
     let after = finished(&sup, "3.1.0").await;
     let result = after.update.last_result.unwrap();
-    assert_eq!(result.result, "install_failed", "{result:?}");
+    assert_eq!(result.result, UpdateOutcome::InstallFailed, "{result:?}");
     assert_eq!(after.update.version, "2.0.0");
     assert_eq!(after.ready, 3);
     sup.stop().await;
@@ -337,7 +341,7 @@ async fn a_release_that_crashes_is_rolled_back_from_the_inbox_and_not_retried() 
     std::fs::copy(&bundle, inbox.join("update.bundle")).unwrap();
     let after = finished(&sup, "2.0.0").await;
     let result = after.update.last_result.clone().unwrap();
-    assert_eq!(result.result, "rolled_back", "{after:#?}");
+    assert_eq!(result.result, UpdateOutcome::RolledBack, "{after:#?}");
     assert!(
         result
             .reason
@@ -383,12 +387,12 @@ async fn a_failed_health_command_rolls_back_restores_the_database_and_exports_th
     sup.all_ready(2).await;
     let kept = post(&sup, "Written before the trial").await;
     apply(&sup, &fx.bundle(GOOD, "2.0.0", 2, "quote-edge")).await;
-    sup.wait_for("the trial", |s| s.update.state == "trial")
+    sup.wait_for("the trial", |s| s.update.state == UpdateState::Trial)
         .await;
     let during = post(&sup, "Written during the trial").await;
     let after = finished(&sup, "2.0.0").await;
     let result = after.update.last_result.clone().unwrap();
-    assert_eq!(result.result, "rolled_back", "{after:#?}");
+    assert_eq!(result.result, UpdateOutcome::RolledBack, "{after:#?}");
     assert!(result.reason.unwrap().contains("health command"));
     sup.all_ready(2).await;
     let (status, _, _) = get(sup.addr, &format!("/quotes/{kept}")).await.unwrap();
@@ -483,7 +487,7 @@ async fn a_delta_copies_unchanged_chunks_from_the_running_release_and_needs_that
     apply(&sup, &delta).await;
     let after = finished(&sup, "3.0.0").await;
     let result = after.update.last_result.clone().unwrap();
-    assert_eq!(result.result, "committed", "{result:?}");
+    assert_eq!(result.result, UpdateOutcome::Committed, "{result:?}");
     assert_eq!(after.update.slot.as_deref(), Some("b"));
     let release = fx.dir.path().join("good-3.0.0-quote-edge");
     for file in ["bin/quote-service", "share/data.bin"] {
@@ -579,7 +583,10 @@ async fn keys_rotate_offline_and_a_permit_allows_one_downgrade_on_one_device() {
     std::fs::write(old_dir.path().join("this.permit"), permit(&device)).unwrap();
     apply(&sup, &old).await;
     let after = finished(&sup, "1.9.0").await;
-    assert_eq!(after.update.last_result.unwrap().result, "committed");
+    assert_eq!(
+        after.update.last_result.unwrap().result,
+        UpdateOutcome::Committed
+    );
     assert_eq!(after.update.version, "1.9.0");
     assert_eq!(
         after.update.security_version, 3,
@@ -673,7 +680,10 @@ async fn a_refused_bundle_in_the_inbox_does_not_hide_the_next_one() {
     )
     .unwrap();
     let after = finished(&sup, "2.0.0").await;
-    assert_eq!(after.update.last_result.unwrap().result, "committed");
+    assert_eq!(
+        after.update.last_result.unwrap().result,
+        UpdateOutcome::Committed
+    );
     assert_eq!(after.update.version, "2.0.0");
     sup.stop().await;
 }
@@ -724,7 +734,10 @@ async fn a_replayed_older_bundle_of_the_same_security_version_is_refused() {
     for (bundle, version) in [(&older, "2.0.0"), (&newer, "2.1.0")] {
         apply(&sup, bundle).await;
         let done = finished(&sup, version).await;
-        assert_eq!(done.update.last_result.unwrap().result, "committed");
+        assert_eq!(
+            done.update.last_result.unwrap().result,
+            UpdateOutcome::Committed
+        );
     }
     let slots = sup.data_dir().join("ota/slots");
     let before = tree(&slots);
@@ -758,7 +771,10 @@ async fn an_update_over_an_older_release_rewrites_only_the_chunks_that_changed()
         let bundle = fx.bundle_with_data(GOOD, version, security_version, "quote-edge", 4 << 20);
         apply(&sup, &bundle).await;
         let done = finished(&sup, version).await;
-        assert_eq!(done.update.last_result.unwrap().result, "committed");
+        assert_eq!(
+            done.update.last_result.unwrap().result,
+            UpdateOutcome::Committed
+        );
     }
     let unchanged = |version: &str| -> u64 {
         let receipts = std::fs::read_dir(sup.data_dir().join("ota/receipts")).unwrap();

@@ -8,7 +8,140 @@
 //! The control socket speaks JSON lines: the client writes one [`Request`], the supervisor
 //! answers with one [`Reply`] and closes the connection.
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
+
+/// A closed set of words on the wire: a serde enum whose JSON form is its `as_str`, shown the
+/// same way by `Display` (the human `status` table prints what `--json` carries).
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The word on the wire.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// The supervisor as a whole.
+    pub enum SupervisorState {
+        /// No replica is ready yet.
+        Starting = "starting",
+        /// At least one replica is ready.
+        Running = "running",
+        /// Shutting down: replicas are being stopped.
+        Stopping = "stopping",
+    }
+}
+
+wire_enum! {
+    /// What the OTA agent is doing.
+    #[derive(Default)]
+    pub enum UpdateState {
+        #[default]
+        Idle = "idle",
+        /// Verifying the bundle and writing the inactive slot.
+        Installing = "installing",
+        /// The running release snapshots the database.
+        Snapshotting = "snapshotting",
+        /// Replicas are being replaced by the new release.
+        RollingOut = "rolling_out",
+        /// Every replica of the new release is ready; the trial time runs.
+        Trial = "trial",
+        /// The health commands run.
+        Checking = "checking",
+        /// The new release is stopped, the database restored, the previous release started.
+        RollingBack = "rolling_back",
+    }
+}
+
+wire_enum! {
+    /// How an update ended.
+    pub enum UpdateOutcome {
+        /// Tried and committed: the new release runs.
+        Committed = "committed",
+        /// Tried and rolled back: the previous release runs, the database restored.
+        RolledBack = "rolled_back",
+        /// Writing the slot failed (a damaged bundle, a full disk): nothing changed.
+        InstallFailed = "install_failed",
+        /// Refused before the slot was touched (signature, product, downgrade, space...).
+        Refused = "refused",
+    }
+}
+
+wire_enum! {
+    /// A replica slot.
+    pub enum ReplicaState {
+        /// Backoff before the next start.
+        Waiting = "waiting",
+        /// Started; the startup probe has not passed yet.
+        Starting = "starting",
+        /// Started and probed by liveness and readiness.
+        Running = "running",
+        /// Asked to stop (SIGTERM, then SIGKILL after the grace).
+        Stopping = "stopping",
+    }
+}
+
+wire_enum! {
+    /// Why a replica process ended.
+    pub enum ExitReason {
+        /// It exited (`code`).
+        Exit = "exit",
+        /// A signal killed it (`signal`).
+        Signal = "signal",
+        /// The kernel's OOM killer, within the replica's cgroup.
+        OomKill = "oom_kill",
+        /// It failed its liveness probe and was replaced.
+        Liveness = "liveness",
+        /// It did not pass its startup probe in time.
+        StartupTimeout = "startup_timeout",
+        /// It could not be started.
+        SpawnFailed = "spawn_failed",
+        /// It was asked to stop.
+        Stopped = "stopped",
+    }
+}
+
+wire_enum! {
+    /// Which output of a replica a line came from.
+    pub enum LogStream {
+        Stdout = "stdout",
+        Stderr = "stderr",
+    }
+}
+
+wire_enum! {
+    /// How replica limits are enforced.
+    pub enum LimitsMode {
+        /// cgroup v2 per replica (memory.max, cpu.max, pids.max).
+        CgroupV2 = "cgroup-v2",
+        /// setrlimit per process (no cgroup v2 delegation here).
+        Rlimit = "rlimit",
+        /// No limits configured.
+        None = "none",
+    }
+}
 
 /// Bumped on any incompatible change to [`Request`], [`Reply`] or [`Status`].
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -76,8 +209,7 @@ pub struct Status {
     /// The supervisor's own version.
     pub version: String,
     pub protocol: u32,
-    /// `starting`, `running` or `stopping`.
-    pub state: String,
+    pub state: SupervisorState,
     /// The public address clients connect to.
     pub listen: String,
     /// Replicas wanted.
@@ -102,8 +234,7 @@ pub struct UpdateStatus {
     /// The slot it runs from (`a`, `b`), none for the factory release.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slot: Option<String>,
-    /// `idle`, `installing`, `snapshotting`, `rolling_out`, `trial`, `checking`, `rolling_back`.
-    pub state: String,
+    pub state: UpdateState,
     /// The version being installed or tried.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
@@ -123,10 +254,11 @@ pub struct Progress {
     pub total: u64,
 }
 
-/// `committed`, `rolled_back` or `install_failed`, for a version, with the reason of a failure.
+/// How the last update ended, for a version (for `refused`, the bundle's path), with the
+/// reason of a failure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpdateResult {
-    pub result: String,
+    pub result: UpdateOutcome,
     pub version: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -134,7 +266,7 @@ pub struct UpdateResult {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
-    pub mode: String,
+    pub mode: LimitsMode,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
@@ -148,8 +280,7 @@ pub struct ReplicaStatus {
     pub pid: Option<u32>,
     /// The port the replica listens on, on 127.0.0.1.
     pub port: Option<u16>,
-    /// `waiting` (backoff before a start), `starting` (startup probe), `running`, `stopping`.
-    pub state: String,
+    pub state: ReplicaState,
     /// In rotation: the router sends it traffic.
     pub ready: bool,
     /// Restarts of this slot since the supervisor started.
@@ -169,9 +300,8 @@ pub struct ReplicaStatus {
 /// How and why a replica process ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitInfo {
-    /// `exit` (with `code`), `signal` (with `signal`), `oom_kill`, `liveness`, `startup_timeout`,
-    /// `spawn_failed`, `stopped` (asked to stop).
-    pub reason: String,
+    /// With `code` for `exit`, `signal` for `signal`.
+    pub reason: ExitReason,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -186,8 +316,7 @@ pub struct ExitInfo {
 pub struct LogLine {
     /// Milliseconds since the Unix epoch.
     pub at_ms: u64,
-    /// `stdout` or `stderr`.
-    pub stream: String,
+    pub stream: LogStream,
     pub pid: u32,
     pub line: String,
 }
@@ -221,6 +350,63 @@ mod tests {
         assert_eq!(json, r#"{"command":"scale","replicas":5}"#);
         let parsed: Request = serde_json::from_str(r#"{"command":"status"}"#).unwrap();
         assert_eq!(parsed, Request::Status);
+    }
+
+    /// The words on the wire are a promise to scripts: pinned here, one by one.
+    #[test]
+    fn enums_keep_their_wire_words() {
+        fn words<T: Serialize>(all: &[T]) -> Vec<String> {
+            all.iter()
+                .map(|v| {
+                    serde_json::to_value(v)
+                        .unwrap()
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect()
+        }
+        assert_eq!(
+            words(SupervisorState::ALL),
+            ["starting", "running", "stopping"]
+        );
+        assert_eq!(
+            words(UpdateState::ALL),
+            [
+                "idle",
+                "installing",
+                "snapshotting",
+                "rolling_out",
+                "trial",
+                "checking",
+                "rolling_back"
+            ]
+        );
+        assert_eq!(
+            words(UpdateOutcome::ALL),
+            ["committed", "rolled_back", "install_failed", "refused"]
+        );
+        assert_eq!(
+            words(ReplicaState::ALL),
+            ["waiting", "starting", "running", "stopping"]
+        );
+        assert_eq!(
+            words(ExitReason::ALL),
+            [
+                "exit",
+                "signal",
+                "oom_kill",
+                "liveness",
+                "startup_timeout",
+                "spawn_failed",
+                "stopped"
+            ]
+        );
+        assert_eq!(words(LogStream::ALL), ["stdout", "stderr"]);
+        assert_eq!(words(LimitsMode::ALL), ["cgroup-v2", "rlimit", "none"]);
+        // Display shows the same word, and an unknown word is refused, not defaulted.
+        assert_eq!(UpdateState::RollingOut.to_string(), "rolling_out");
+        assert!(serde_json::from_str::<UpdateState>(r#""paused""#).is_err());
     }
 
     #[test]

@@ -202,7 +202,7 @@ pub fn render_status(status: &Status) -> String {
             .map_or("-".to_owned(), |e| match (e.code, e.signal) {
                 (Some(code), _) => format!("{} {code}", e.reason),
                 (_, Some(signal)) => format!("{} {signal}", e.reason),
-                _ => e.reason.clone(),
+                _ => e.reason.to_string(),
             });
         let looping = if r.crash_looping {
             " (crash looping)"

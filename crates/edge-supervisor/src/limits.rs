@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use edge_proto::Limits;
+use edge_proto::{Limits, LimitsMode};
 
 use crate::config::Resources;
 
@@ -43,7 +43,7 @@ impl Limiter {
             return (
                 Limiter::None,
                 Limits {
-                    mode: "none".into(),
+                    mode: LimitsMode::None,
                     note: Some("no [resources] configured".into()),
                 },
             );
@@ -54,7 +54,7 @@ impl Limiter {
                 (
                     Limiter::Cgroup { root },
                     Limits {
-                        mode: "cgroup-v2".into(),
+                        mode: LimitsMode::CgroupV2,
                         note: Some(note),
                     },
                 )
@@ -62,7 +62,7 @@ impl Limiter {
             Err(reason) => (
                 Limiter::Rlimit,
                 Limits {
-                    mode: "rlimit".into(),
+                    mode: LimitsMode::Rlimit,
                     note: Some(format!(
                         "{reason}; falling back to rlimits: memory_max becomes RLIMIT_DATA (virtual data size), \
                          memory_high, cpu_max and pids_max are not enforced, and OOM kills cannot be told apart"
@@ -297,6 +297,6 @@ mod tests {
     fn no_resources_means_no_limiter() {
         let (limiter, limits) = Limiter::detect(&Resources::default());
         assert!(matches!(limiter, Limiter::None));
-        assert_eq!(limits.mode, "none");
+        assert_eq!(limits.mode, LimitsMode::None);
     }
 }

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use edge_proto::{ExitInfo, ReplicaStatus};
+use edge_proto::{ExitInfo, ExitReason, ReplicaState, ReplicaStatus};
 
 use crate::backoff::Backoff;
 use crate::config::{Probe, Probes, RestartPolicy};
@@ -72,15 +72,15 @@ pub enum Cause {
 
 impl Cause {
     /// The label used in metrics and status.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> ExitReason {
         match self {
-            Cause::Exit(_) => "exit",
-            Cause::Signal(_) => "signal",
-            Cause::OomKill => "oom_kill",
-            Cause::Liveness(_) => "liveness",
-            Cause::StartupTimeout(_) => "startup_timeout",
-            Cause::SpawnFailed(_) => "spawn_failed",
-            Cause::Stopped => "stopped",
+            Cause::Exit(_) => ExitReason::Exit,
+            Cause::Signal(_) => ExitReason::Signal,
+            Cause::OomKill => ExitReason::OomKill,
+            Cause::Liveness(_) => ExitReason::Liveness,
+            Cause::StartupTimeout(_) => ExitReason::StartupTimeout,
+            Cause::SpawnFailed(_) => ExitReason::SpawnFailed,
+            Cause::Stopped => ExitReason::Stopped,
         }
     }
 
@@ -94,7 +94,7 @@ impl Cause {
             Cause::OomKill | Cause::Stopped => (None, None, None),
         };
         ExitInfo {
-            reason: self.reason().to_owned(),
+            reason: self.reason(),
             code,
             signal,
             detail,
@@ -818,12 +818,14 @@ impl Model {
             .iter()
             .map(|s| {
                 let (state, inc, ready) = match &s.phase {
-                    Phase::Waiting { .. } | Phase::Spawning { .. } => ("waiting", None, false),
-                    Phase::Starting { inc, .. } => ("starting", Some(inc), false),
+                    Phase::Waiting { .. } | Phase::Spawning { .. } => {
+                        (ReplicaState::Waiting, None, false)
+                    }
+                    Phase::Starting { inc, .. } => (ReplicaState::Starting, Some(inc), false),
                     Phase::Running {
                         inc, ready_since, ..
-                    } => ("running", Some(inc), ready_since.is_some()),
-                    Phase::Stopping { inc, .. } => ("stopping", Some(inc), false),
+                    } => (ReplicaState::Running, Some(inc), ready_since.is_some()),
+                    Phase::Stopping { inc, .. } => (ReplicaState::Stopping, Some(inc), false),
                 };
                 let next_start_in_seconds = match &s.phase {
                     Phase::Waiting { start_at } => {
@@ -835,7 +837,7 @@ impl Model {
                     id: replica_id(s.index),
                     pid: inc.map(|i| i.pid),
                     port: inc.map(|i| i.port),
-                    state: state.to_owned(),
+                    state,
                     ready,
                     restarts: s.restarts,
                     last_exit: s.last_exit.as_ref().map(Cause::info),

@@ -3,6 +3,8 @@
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
+use edge_proto::{ExitReason, ReplicaState};
+
 use crate::config::{Probe, ProbeAction, Probes, RestartPolicy};
 use crate::model::{Action, Cause, Model, ProbeKind, Signal, Timing};
 
@@ -159,7 +161,7 @@ fn all_replicas_start_at_once_and_become_ready_through_startup_then_readiness() 
     assert!(
         status
             .iter()
-            .all(|r| r.state == "starting" && r.pid.is_some()),
+            .all(|r| r.state == ReplicaState::Starting && r.pid.is_some()),
         "{status:?}"
     );
     assert!(h.ready().is_empty());
@@ -216,7 +218,10 @@ fn a_hung_replica_leaves_rotation_and_is_replaced_while_it_is_killed() {
     let replacement = h.pid_of("replica-1");
     assert_ne!(replacement, hung, "a replacement was started at once");
     let status = h.model.status(h.now);
-    assert_eq!(status[1].last_exit.as_ref().unwrap().reason, "liveness");
+    assert_eq!(
+        status[1].last_exit.as_ref().unwrap().reason,
+        ExitReason::Liveness
+    );
     // SIGKILL after the hung grace if it never exits.
     assert!(!h.signals().contains(&(hung, Signal::Kill)));
     h.advance(500 * MS);
@@ -260,7 +265,7 @@ fn a_replica_that_never_passes_startup_is_restarted() {
     let status = h.model.status(h.now);
     assert_eq!(
         status[0].last_exit.as_ref().unwrap().reason,
-        "startup_timeout"
+        ExitReason::StartupTimeout
     );
     assert_ne!(h.pid_of("replica-0"), first);
 }

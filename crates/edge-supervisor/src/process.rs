@@ -9,7 +9,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use edge_proto::LogLine;
+use edge_proto::{LogLine, LogStream};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 
@@ -196,7 +196,7 @@ pub fn spawn(
     if let Some(out) = child.stdout.take() {
         tokio::spawn(capture(
             out,
-            "stdout",
+            LogStream::Stdout,
             pid,
             replica.to_owned(),
             logs.clone(),
@@ -206,7 +206,7 @@ pub fn spawn(
     if let Some(err) = child.stderr.take() {
         tokio::spawn(capture(
             err,
-            "stderr",
+            LogStream::Stderr,
             pid,
             replica.to_owned(),
             logs.clone(),
@@ -218,7 +218,7 @@ pub fn spawn(
 
 async fn capture(
     stream: impl AsyncRead + Unpin,
-    name: &'static str,
+    name: LogStream,
     pid: u32,
     replica: String,
     logs: LogRing,
@@ -243,7 +243,7 @@ async fn capture(
             &replica,
             LogLine {
                 at_ms,
-                stream: name.to_owned(),
+                stream: name,
                 pid,
                 line,
             },
@@ -319,7 +319,7 @@ mod tests {
                 "replica-0",
                 LogLine {
                     at_ms: i,
-                    stream: "stdout".into(),
+                    stream: LogStream::Stdout,
                     pid: 1,
                     line: i.to_string(),
                 },

@@ -11,7 +11,9 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edge_proto::{ErrorKind, Limits, PROTOCOL_VERSION, Reply, Request, Status};
+use edge_proto::{
+    ErrorKind, Limits, PROTOCOL_VERSION, Reply, Request, Status, SupervisorState, UpdateState,
+};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -351,7 +353,7 @@ impl Dispatcher {
                     if self.model.is_shutting_down() {
                         tracing::info!(replica = %replica_id(slot), pid, ?status, "replica stopped");
                     } else {
-                        tracing::warn!(replica = %replica_id(slot), pid, reason = cause.reason(), ?status, "replica exited");
+                        tracing::warn!(replica = %replica_id(slot), pid, reason = %cause.reason(), ?status, "replica exited");
                     }
                 }
                 self.model.exited(pid, cause, now);
@@ -541,13 +543,12 @@ impl Dispatcher {
             version: VERSION.to_owned(),
             protocol: PROTOCOL_VERSION,
             state: if self.stopping {
-                "stopping"
+                SupervisorState::Stopping
             } else if replicas.iter().any(|r| r.ready) {
-                "running"
+                SupervisorState::Running
             } else {
-                "starting"
-            }
-            .to_owned(),
+                SupervisorState::Starting
+            },
             listen: self.settings.listen.to_string(),
             desired: self.model.desired(),
             ready: replicas.iter().filter(|r| r.ready).count() as u32,
@@ -744,7 +745,7 @@ impl Dispatcher {
         let update = self.agent.status();
         self.metrics
             .update_in_progress
-            .set(i64::from(update.state != "idle"));
+            .set(i64::from(update.state != UpdateState::Idle));
         self.metrics
             .security_version
             .set(i64::try_from(update.security_version).unwrap_or(i64::MAX));
@@ -753,7 +754,7 @@ impl Dispatcher {
                 self.metrics
                     .update_results
                     .get_or_create(&crate::metrics::ResultLabels {
-                        result: result.result.clone(),
+                        result: result.result.as_str().to_owned(),
                     })
                     .inc();
             }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use edge_proto::{Progress, UpdateResult, UpdateStatus};
+use edge_proto::{Progress, UpdateOutcome, UpdateResult, UpdateState, UpdateStatus};
 use ota_slots::{Journal, Outcome, RealFs, Release, SlotName, State, StateFile, failpoint};
 
 use crate::database::{
@@ -125,7 +125,7 @@ pub enum UpdateError {
 #[error("an update is already in progress ({phase})")]
 pub struct NotIdle {
     /// The phase the agent is in.
-    pub phase: &'static str,
+    pub phase: UpdateState,
 }
 
 /// A bundle written to a slot and marked ready.
@@ -191,18 +191,19 @@ pub enum Phase {
 }
 
 impl Phase {
-    fn name(&self) -> &'static str {
+    /// The phase as `status` shows it.
+    fn state(&self) -> UpdateState {
         match self {
-            Phase::Idle => "idle",
-            Phase::Installing { .. } => "installing",
-            Phase::Snapshotting { .. } => "snapshotting",
+            Phase::Idle => UpdateState::Idle,
+            Phase::Installing { .. } => UpdateState::Installing,
+            Phase::Snapshotting { .. } => UpdateState::Snapshotting,
             Phase::Trial {
                 healthy_since: None,
                 ..
-            } => "rolling_out",
-            Phase::Trial { .. } => "trial",
-            Phase::Checking { .. } => "checking",
-            Phase::RollingBack { .. } => "rolling_back",
+            } => UpdateState::RollingOut,
+            Phase::Trial { .. } => UpdateState::Trial,
+            Phase::Checking { .. } => UpdateState::Checking,
+            Phase::RollingBack { .. } => UpdateState::RollingBack,
         }
     }
 }
@@ -403,23 +404,23 @@ impl Agent {
                 Release::Factory => None,
                 Release::Slot(slot) => Some(slot.as_str().to_owned()),
             },
-            state: self.phase.name().to_owned(),
+            state: self.phase.state(),
             target,
             progress,
             last_result: self.refusal.clone().or_else(|| {
                 self.state.last_result.as_ref().map(|o| match o {
                     Outcome::Committed { version } => UpdateResult {
-                        result: "committed".into(),
+                        result: UpdateOutcome::Committed,
                         version: version.clone(),
                         reason: None,
                     },
                     Outcome::RolledBack { version, reason } => UpdateResult {
-                        result: "rolled_back".into(),
+                        result: UpdateOutcome::RolledBack,
                         version: version.clone(),
                         reason: Some(reason.clone()),
                     },
                     Outcome::InstallFailed { version, reason } => UpdateResult {
-                        result: "install_failed".into(),
+                        result: UpdateOutcome::InstallFailed,
                         version: version.clone(),
                         reason: Some(reason.clone()),
                     },
@@ -438,7 +439,7 @@ impl Agent {
     ) -> Result<(), NotIdle> {
         if !self.is_idle() {
             return Err(NotIdle {
-                phase: self.phase.name(),
+                phase: self.phase.state(),
             });
         }
         // Only the bundle taken is judged: the other candidates of the same scan stay on offer.
@@ -508,7 +509,7 @@ impl Agent {
                     self.write_receipt(Some(bundle), "refused", None, &error.to_string());
                     if !matches!(error, UpdateError::Install { .. }) {
                         self.refusal = Some(UpdateResult {
-                            result: "refused".into(),
+                            result: UpdateOutcome::Refused,
                             version: bundle.display().to_string(),
                             reason: Some(error.to_string()),
                         });

@@ -91,14 +91,13 @@ pub fn apply(
             let _ = writeln!(out, "{line}");
             last_line = line;
         }
-        if update.state == "idle" && update.last_result != before {
-            let result = update
-                .last_result
-                .unwrap_or_else(|| edge_proto::UpdateResult {
-                    result: "unknown".into(),
-                    version: String::new(),
-                    reason: None,
-                });
+        if update.state == edge_proto::UpdateState::Idle && update.last_result != before {
+            let Some(result) = update.last_result else {
+                if !json {
+                    let _ = writeln!(out, "the update ended without a result");
+                }
+                return Ok(false);
+            };
             if !json {
                 let _ = writeln!(
                     out,
@@ -112,7 +111,7 @@ pub fn apply(
                         .unwrap_or_default()
                 );
             }
-            return Ok(result.result == "committed");
+            return Ok(result.result == edge_proto::UpdateOutcome::Committed);
         }
         std::thread::sleep(Duration::from_millis(200));
     }
