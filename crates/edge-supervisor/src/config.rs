@@ -14,6 +14,16 @@ use serde::Deserialize;
 
 pub use ota_agent::{Settings as Ota, SettingsFile as OtaFile};
 
+/// The directory of the running supervisor binary: where the factory release lives (the
+/// default of `ota.factory_bin`). Here, not in `process`, so that configuration imports no
+/// process code (and the pure model, which reads the configuration, cannot reach it).
+fn own_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_owned))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
 /// A configuration that cannot work.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -499,7 +509,7 @@ fn validate(file: File, origin: &str, overrides: &Overrides) -> Result<Settings,
 
     let ota = file
         .ota
-        .validate(&data_dir, crate::process::own_dir())
+        .validate(&data_dir, own_dir())
         .map_err(|e| invalid(&format!("ota.{}", e.key), e.reason))?;
 
     Ok(Settings {

@@ -1,14 +1,18 @@
 //! edge-supervisor: the kubelet and the Service of the device.
+//!
+//! What other crates use is public: the CLI (`cli`, the binary's shim), the configuration
+//! (`config`), the control socket's client (`control::request`) and the supervisor itself
+//! (`supervisor::Bound`). The rest is the supervisor's own business.
 
-pub mod backoff;
+mod backoff;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod limits;
-pub mod metrics;
-pub mod model;
-pub mod probe;
-pub mod process;
-pub mod proxy;
+mod limits;
+mod metrics;
+mod model;
+mod probe;
+mod process;
+mod proxy;
 pub mod supervisor;
-pub mod watchdog;
+mod watchdog;

@@ -692,11 +692,6 @@ impl Model {
         let _ = self.scale(self.replicas, now);
     }
 
-    /// The release new replicas run.
-    pub fn revision(&self) -> u64 {
-        self.revision
-    }
-
     /// No process is left (after [`Model::recreate`], or when shutting down).
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty() && self.retiring.is_empty()

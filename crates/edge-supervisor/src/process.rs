@@ -111,14 +111,6 @@ pub fn resolve_program(command: &Path, values: &Placeholders) -> PathBuf {
     PathBuf::from(values.fill(&command.to_string_lossy()))
 }
 
-/// The directory of the running supervisor binary: where the factory release lives.
-pub fn own_dir() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_owned))
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
 /// A free port on 127.0.0.1 for a new replica, from the kernel's ephemeral range.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?

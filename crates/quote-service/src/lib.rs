@@ -1,7 +1,7 @@
 //! The quote HTTP API over [`quote_store`], as one replica of the quote-edge stack.
 //!
 //! [`app`] builds the router (tests drive it with `oneshot`, no socket); [`serve`] runs it on a
-//! listener until a shutdown signal, then drains. The binary is a thin shim over [`main_impl`]'s
+//! listener until a shutdown signal, then drains. The binary is a thin shim over these
 //! pieces: [`Cli`] → [`Settings`] → [`run`].
 //!
 //! Architecture invariant: every response carries `X-Served-By`, and nothing is written

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use edge_proto::exit;
 
-use crate::{python_replicas, supervisor};
+use crate::{fake_replicas, supervisor};
 
 #[test]
 fn a_configuration_error_exits_with_the_code_systemd_will_not_restart_on() {
@@ -42,7 +42,7 @@ fn control_commands_without_a_supervisor_say_it_is_unreachable() {
 #[test]
 fn status_scale_and_refusals_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
-    let config = python_replicas(dir.path(), 1);
+    let config = fake_replicas(dir.path(), 1);
     let mut child = supervisor()
         .args(["run", "--config", config.to_str().unwrap()])
         .stdout(Stdio::null())

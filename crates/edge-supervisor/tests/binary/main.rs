@@ -11,18 +11,20 @@ pub fn supervisor() -> Command {
     tests::command(Path::new(env!("CARGO_BIN_EXE_edge-supervisor")))
 }
 
-/// A config whose replicas are Python's tiny HTTP server, probed by TCP: enough for the
-/// supervisor's own behaviour, with no dependency on the rest of the workspace.
-pub fn python_replicas(dir: &Path, replicas: u32) -> std::path::PathBuf {
+/// A config whose replicas are the workspace's fake replica (`tests/src/bin/fake-replica.rs`,
+/// healthy and ready), probed by TCP: enough for the supervisor's own behaviour. The same
+/// fake replica the integration tests use, found beside this test executable.
+pub fn fake_replicas(dir: &Path, replicas: u32) -> std::path::PathBuf {
+    let (program, mut args) = tests::service_command(&tests::workspace_binary("fake-replica"));
+    args.extend(["{port}", "{replica}", "ok", "{index}"].map(str::to_owned));
     let config = format!(
         r#"listen = "127.0.0.1:0"
 admin_listen = ""
 data_dir = "{dir}"
 replicas = {replicas}
 [service]
-command = "python3"
-args = ["-m", "http.server", "{{port}}", "--bind", "127.0.0.1", "--directory", "{dir}"]
-env = {{ PYTHONUNBUFFERED = "1" }}
+command = "{program}"
+args = {args}
 stop_grace = "2s"
 [probes.startup]
 tcp = true
@@ -31,7 +33,8 @@ tcp = true
 [probes.readiness]
 tcp = true
 "#,
-        dir = dir.display()
+        dir = dir.display(),
+        args = serde_json::to_string(&args).unwrap(),
     );
     let path = dir.join("supervisor.toml");
     std::fs::write(&path, config).unwrap();

@@ -5,7 +5,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::{python_replicas, supervisor};
+use crate::{fake_replicas, supervisor};
 
 /// Collects notify messages until `done` says so (or fails the test at the deadline).
 fn collect_until(socket: &UnixDatagram, seen: &mut Vec<String>, done: impl Fn(&[String]) -> bool) {
@@ -31,7 +31,7 @@ fn ready_status_watchdog_and_stopping_reach_systemd_and_never_the_replicas() {
     socket
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let config = python_replicas(dir.path(), 2);
+    let config = fake_replicas(dir.path(), 2);
     let mut child = supervisor()
         .args(["run", "--config", config.to_str().unwrap()])
         .env("NOTIFY_SOCKET", &notify_path)
