@@ -1,9 +1,9 @@
 //! Probes against one replica: an HTTP GET, a TCP connect, or a command. Each runs under its
 //! timeout; a probe that cannot finish in time is a failure, like in Kubernetes.
 
-use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::config::{Probe, ProbeAction};
@@ -12,7 +12,10 @@ use crate::config::{Probe, ProbeAction};
 pub async fn run(probe: &Probe, port: u16, fill: impl Fn(&str) -> String) -> Result<(), String> {
     match tokio::time::timeout(probe.timeout, attempt(&probe.action, port, fill)).await {
         Ok(result) => result,
-        Err(_) => Err(format!("no answer within {}", humanize(probe.timeout))),
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(probe.timeout)
+        )),
     }
 }
 
@@ -48,56 +51,34 @@ async fn attempt(
     }
 }
 
-/// A minimal HTTP/1.1 GET: success is a 2xx or 3xx status line, as in Kubernetes.
+/// An HTTP/1.1 GET with the hyper client the router already links: success is a 2xx or 3xx
+/// status, as in Kubernetes. The body is not read; the connection is closed after the head.
 async fn http_get(port: u16, path: &str) -> Result<(), String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))
+    let stream = TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| format!("connect to port {port}: {e}"))?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: edge-supervisor-probe\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("send to port {port}: {e}"))?;
-    // The status line fits in the first read; nothing after it matters.
-    let mut head = [0u8; 64];
-    let mut len = 0;
-    while len < 12 {
-        let n = stream
-            .read(&mut head[len..])
-            .await
-            .map_err(|e| format!("read from port {port}: {e}"))?;
-        if n == 0 {
-            return Err(format!(
-                "port {port} closed the connection without an answer"
-            ));
-        }
-        len += n;
-    }
-    let line = String::from_utf8_lossy(&head[..len]);
-    let status: u16 = line
-        .strip_prefix("HTTP/1.")
-        .and_then(|rest| rest.get(2..5))
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| {
-            format!(
-                "not an HTTP answer: {:?}",
-                line.lines().next().unwrap_or("")
-            )
-        })?;
-    if (200..400).contains(&status) {
+        .map_err(|e| format!("HTTP handshake with port {port}: {e}"))?;
+    // The connection task ends when `sender` is dropped (or the replica closes it).
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, format!("127.0.0.1:{port}"))
+        .header(hyper::header::USER_AGENT, "edge-supervisor-probe")
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("not an HTTP answer from port {port}: {e}"))?;
+    let status = response.status();
+    if status.is_success() || status.is_redirection() {
         Ok(())
     } else {
-        Err(format!("GET {path} answered {status}"))
-    }
-}
-
-fn humanize(d: Duration) -> String {
-    if d < Duration::from_secs(1) {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
+        Err(format!("GET {path} answered {}", status.as_u16()))
     }
 }
 
@@ -105,6 +86,8 @@ fn humanize(d: Duration) -> String {
 mod tests {
     use super::*;
     use std::num::NonZeroU32;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     fn probe(action: ProbeAction) -> Probe {
