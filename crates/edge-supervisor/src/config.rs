@@ -333,11 +333,26 @@ fn default_probe(kind: &str) -> (ProbeAction, Duration, u32) {
     }
 }
 
-fn validate(file: File, origin: &str, overrides: &Overrides) -> Result<Settings, ConfigError> {
-    let invalid = |key: &str, reason: String| ConfigError::Invalid {
-        origin: origin.to_owned(),
+/// A key of the file whose value cannot work, before the file's name is known to it.
+struct Invalid {
+    key: String,
+    reason: String,
+}
+
+fn invalid(key: &str, reason: String) -> Invalid {
+    Invalid {
         key: key.to_owned(),
         reason,
+    }
+}
+
+/// The whole file into `Settings`: each table is checked by its own function below, and the
+/// first error is named with the file (`origin`), the key and the reason.
+fn validate(file: File, origin: &str, overrides: &Overrides) -> Result<Settings, ConfigError> {
+    let named = |e: Invalid| ConfigError::Invalid {
+        origin: origin.to_owned(),
+        key: e.key,
+        reason: e.reason,
     };
     let listen = overrides
         .listen
@@ -347,10 +362,10 @@ fn validate(file: File, origin: &str, overrides: &Overrides) -> Result<Settings,
         None => Some(SocketAddr::from(([127, 0, 0, 1], 9180))),
         Some("") => None,
         Some(text) => Some(text.parse().map_err(|e| {
-            invalid(
+            named(invalid(
                 "admin_listen",
                 format!("is not an address like 127.0.0.1:9180 ({e})"),
-            )
+            ))
         })?),
     };
     let data_dir = overrides
@@ -363,159 +378,30 @@ fn validate(file: File, origin: &str, overrides: &Overrides) -> Result<Settings,
         .unwrap_or_else(|| data_dir.join("supervisor.sock"));
     let max_replicas = file.max_replicas.unwrap_or(16);
     if max_replicas == 0 || max_replicas > 256 {
-        return Err(invalid(
+        return Err(named(invalid(
             "max_replicas",
             format!("must be 1 to 256, got {max_replicas}"),
-        ));
+        )));
     }
     let replicas = overrides.replicas.or(file.replicas).unwrap_or(3);
     if replicas > max_replicas {
-        return Err(invalid(
+        return Err(named(invalid(
             "replicas",
             format!("is {replicas}, above max_replicas ({max_replicas})"),
-        ));
+        )));
     }
-
-    let service = {
-        let s = file.service;
-        let command = s.command.unwrap_or_else(|| PathBuf::from("quote-service"));
-        if command.as_os_str().is_empty() {
-            return Err(invalid("service.command", "must not be empty".into()));
-        }
-        let env = s.env.unwrap_or_else(default_env);
-        for key in env.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(invalid(
-                    &format!("service.env.{key}"),
-                    "is not a valid environment variable name".into(),
-                ));
-            }
-            if key == "NOTIFY_SOCKET" || key.starts_with("WATCHDOG_") {
-                return Err(invalid(
-                    &format!("service.env.{key}"),
-                    "belongs to the supervisor's systemd protocol and is never passed to replicas"
-                        .into(),
-                ));
-            }
-        }
-        let log_lines = s.log_lines.unwrap_or(500);
-        if !(1..=100_000).contains(&log_lines) {
-            return Err(invalid(
-                "service.log_lines",
-                format!("must be 1 to 100000, got {log_lines}"),
-            ));
-        }
-        ServiceSpec {
-            command,
-            args: s.args.unwrap_or_default(),
-            env,
-            stop_grace: s.stop_grace.unwrap_or(Duration::from_secs(5)),
-            hung_grace: s.hung_grace.unwrap_or(Duration::from_millis(500)),
-            log_lines: log_lines as usize,
-        }
-    };
-
     let probes = Probes {
         startup: probe("startup", file.probes.startup, origin)?,
         liveness: probe("liveness", file.probes.liveness, origin)?,
         readiness: probe("readiness", file.probes.readiness, origin)?,
     };
-
-    let restart = {
-        let r = file.restart;
-        let backoff = r.backoff.unwrap_or(Duration::from_millis(250));
-        let max_backoff = r.max_backoff.unwrap_or(Duration::from_secs(30));
-        if max_backoff < backoff {
-            return Err(invalid(
-                "restart.max_backoff",
-                format!("({max_backoff:?}) is shorter than restart.backoff ({backoff:?})"),
-            ));
-        }
-        let jitter = r.jitter.unwrap_or(0.2);
-        if !(0.0..=1.0).contains(&jitter) {
-            return Err(invalid(
-                "restart.jitter",
-                format!("must be between 0 and 1, got {jitter}"),
-            ));
-        }
-        RestartPolicy {
-            backoff,
-            max_backoff,
-            jitter,
-            reset_after: r.reset_after.unwrap_or(Duration::from_secs(60)),
-            budget: r.budget.unwrap_or(5),
-            budget_window: r.budget_window.unwrap_or(Duration::from_secs(60)),
-        }
-    };
-
-    let resources = {
-        let r = file.resources;
-        let memory_max = r.memory_max.map(|b| b.as_u64());
-        let memory_high = r.memory_high.map(|b| b.as_u64());
-        for (key, value) in [
-            ("resources.memory_max", memory_max),
-            ("resources.memory_high", memory_high),
-        ] {
-            if value.is_some_and(|v| v < 1 << 20) {
-                return Err(invalid(key, "must be at least 1 MiB".into()));
-            }
-        }
-        if let (Some(high), Some(max)) = (memory_high, memory_max)
-            && high > max
-        {
-            return Err(invalid(
-                "resources.memory_high",
-                "is above resources.memory_max; it must be lower to throttle before the OOM kill"
-                    .into(),
-            ));
-        }
-        let cpu_max = match r.cpu_max {
-            None => None,
-            Some(cores) if cores > 0.0 && cores <= 1024.0 => {
-                let period = 100_000u64;
-                Some((((cores * period as f64).round() as u64).max(1000), period))
-            }
-            Some(cores) => {
-                return Err(invalid(
-                    "resources.cpu_max",
-                    format!("must be a number of cores above 0, got {cores}"),
-                ));
-            }
-        };
-        if r.pids_max == Some(0) {
-            return Err(invalid("resources.pids_max", "must be at least 1".into()));
-        }
-        Resources {
-            memory_max,
-            memory_high,
-            cpu_max,
-            pids_max: r.pids_max,
-        }
-    };
-
-    let watchdog = match file.watchdog.device {
-        None => None,
-        Some(device) => {
-            let timeout = file.watchdog.timeout.unwrap_or(Duration::from_secs(15));
-            if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&timeout) {
-                return Err(invalid(
-                    "watchdog.timeout",
-                    format!("must be 1s to 1h, got {timeout:?}"),
-                ));
-            }
-            Some(HardwareWatchdog { device, timeout })
-        }
-    };
-
     let ota = file
         .ota
         .validate(&data_dir, own_dir())
-        .map_err(|e| invalid(&format!("ota.{}", e.key), e.reason))?;
-
+        .map_err(|e| named(invalid(&format!("ota.{}", e.key), e.reason)))?;
     Ok(Settings {
         listen,
         admin_listen,
-        data_dir,
         control_socket,
         control_gid: file.control_gid,
         replicas,
@@ -525,13 +411,141 @@ fn validate(file: File, origin: &str, overrides: &Overrides) -> Result<Settings,
             .clone()
             .or(file.trusted_keys)
             .unwrap_or_else(|| PathBuf::from("/etc/quote-edge/keys")),
-        service,
+        service: service(file.service).map_err(named)?,
         probes,
-        restart,
-        resources,
-        watchdog,
+        restart: restart(file.restart).map_err(named)?,
+        resources: resources(file.resources).map_err(named)?,
+        watchdog: watchdog(file.watchdog).map_err(named)?,
         ota,
+        data_dir,
     })
+}
+
+/// `[service]`: the replica's command, environment (never the supervisor's systemd protocol)
+/// and stop graces.
+fn service(s: ServiceFile) -> Result<ServiceSpec, Invalid> {
+    let command = s.command.unwrap_or_else(|| PathBuf::from("quote-service"));
+    if command.as_os_str().is_empty() {
+        return Err(invalid("service.command", "must not be empty".into()));
+    }
+    let env = s.env.unwrap_or_else(default_env);
+    for key in env.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(invalid(
+                &format!("service.env.{key}"),
+                "is not a valid environment variable name".into(),
+            ));
+        }
+        if key == "NOTIFY_SOCKET" || key.starts_with("WATCHDOG_") {
+            return Err(invalid(
+                &format!("service.env.{key}"),
+                "belongs to the supervisor's systemd protocol and is never passed to replicas"
+                    .into(),
+            ));
+        }
+    }
+    let log_lines = s.log_lines.unwrap_or(500);
+    if !(1..=100_000).contains(&log_lines) {
+        return Err(invalid(
+            "service.log_lines",
+            format!("must be 1 to 100000, got {log_lines}"),
+        ));
+    }
+    Ok(ServiceSpec {
+        command,
+        args: s.args.unwrap_or_default(),
+        env,
+        stop_grace: s.stop_grace.unwrap_or(Duration::from_secs(5)),
+        hung_grace: s.hung_grace.unwrap_or(Duration::from_millis(500)),
+        log_lines: log_lines as usize,
+    })
+}
+
+/// `[restart]`: the backoff and the crash-loop budget.
+fn restart(r: RestartFile) -> Result<RestartPolicy, Invalid> {
+    let backoff = r.backoff.unwrap_or(Duration::from_millis(250));
+    let max_backoff = r.max_backoff.unwrap_or(Duration::from_secs(30));
+    if max_backoff < backoff {
+        return Err(invalid(
+            "restart.max_backoff",
+            format!("({max_backoff:?}) is shorter than restart.backoff ({backoff:?})"),
+        ));
+    }
+    let jitter = r.jitter.unwrap_or(0.2);
+    if !(0.0..=1.0).contains(&jitter) {
+        return Err(invalid(
+            "restart.jitter",
+            format!("must be between 0 and 1, got {jitter}"),
+        ));
+    }
+    Ok(RestartPolicy {
+        backoff,
+        max_backoff,
+        jitter,
+        reset_after: r.reset_after.unwrap_or(Duration::from_secs(60)),
+        budget: r.budget.unwrap_or(5),
+        budget_window: r.budget_window.unwrap_or(Duration::from_secs(60)),
+    })
+}
+
+/// `[resources]`: a replica's limits (cgroup v2, or rlimits).
+fn resources(r: ResourcesFile) -> Result<Resources, Invalid> {
+    let memory_max = r.memory_max.map(|b| b.as_u64());
+    let memory_high = r.memory_high.map(|b| b.as_u64());
+    for (key, value) in [
+        ("resources.memory_max", memory_max),
+        ("resources.memory_high", memory_high),
+    ] {
+        if value.is_some_and(|v| v < 1 << 20) {
+            return Err(invalid(key, "must be at least 1 MiB".into()));
+        }
+    }
+    if let (Some(high), Some(max)) = (memory_high, memory_max)
+        && high > max
+    {
+        return Err(invalid(
+            "resources.memory_high",
+            "is above resources.memory_max; it must be lower to throttle before the OOM kill"
+                .into(),
+        ));
+    }
+    let cpu_max = match r.cpu_max {
+        None => None,
+        Some(cores) if cores > 0.0 && cores <= 1024.0 => {
+            let period = 100_000u64;
+            Some((((cores * period as f64).round() as u64).max(1000), period))
+        }
+        Some(cores) => {
+            return Err(invalid(
+                "resources.cpu_max",
+                format!("must be a number of cores above 0, got {cores}"),
+            ));
+        }
+    };
+    if r.pids_max == Some(0) {
+        return Err(invalid("resources.pids_max", "must be at least 1".into()));
+    }
+    Ok(Resources {
+        memory_max,
+        memory_high,
+        cpu_max,
+        pids_max: r.pids_max,
+    })
+}
+
+/// `[watchdog]`: the hardware watchdog, when a device is named.
+fn watchdog(w: WatchdogFile) -> Result<Option<HardwareWatchdog>, Invalid> {
+    let Some(device) = w.device else {
+        return Ok(None);
+    };
+    let timeout = w.timeout.unwrap_or(Duration::from_secs(15));
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&timeout) {
+        return Err(invalid(
+            "watchdog.timeout",
+            format!("must be 1s to 1h, got {timeout:?}"),
+        ));
+    }
+    Ok(Some(HardwareWatchdog { device, timeout }))
 }
 
 fn probe(kind: &str, file: Option<ProbeFile>, origin: &str) -> Result<Option<Probe>, ConfigError> {
