@@ -91,7 +91,7 @@ check_grow() {
     wait_for 120 guest 'systemctl is-active quote-edge-grow-data' || true
     sizes=$(data_sizes)
     if grown "$disk" && [ "$(cut -d' ' -f4 <<<"$sizes")" -gt $((256 << 20)) ]; then
-        pass grow "1 GiB card: data partition now ends at sector $(cut -d' ' -f1 <<<"$sizes") of $disk, ext4 $(($(cut -d' ' -f4 <<<"$sizes") >> 20)) MiB (image: 256 MiB); $(guest 'journalctl -b -u quote-edge-grow-data -o cat | grep -c "^grow-data: growing"') growth steps logged"
+        pass grow "1 GiB card: data partition now ends at sector $(cut -d' ' -f1 <<<"$sizes") of $disk, ext4 $(($(cut -d' ' -f4 <<<"$sizes") >> 20)) MiB (image: 256 MiB); $(guest 'journalctl -b -u quote-edge-grow-data -o cat | grep -c "^growing"') growth steps logged"
     else
         fail grow "data partition end/disk/partition bytes/fs bytes: $sizes; $(guest 'systemctl status --no-pager quote-edge-grow-data' | tail -5)"
     fi
@@ -231,7 +231,7 @@ check_grow_resume() {
     sizes=$(data_sizes)
     local steps
     # What this boot's grow-data did: "partition" and/or "file-system", one per step taken.
-    steps=$(guest 'journalctl -b -u quote-edge-grow-data -o cat' | sed -n -e 's/^grow-data: growing \/dev\/.*/partition/p' -e 's/^grow-data: growing the ext4.*/file-system/p' | paste -sd, -)
+    steps=$(guest 'journalctl -b -u quote-edge-grow-data -o cat' | sed -n -e 's/^growing \/dev\/.*/partition/p' -e 's/^growing the ext4.*/file-system/p' | paste -sd, -)
     if grown "$disk" && [ "$(cut -d' ' -f3 <<<"$sizes")" = $((after * 512)) ] && [ "$steps" = file-system ] && quote_is "$id" "$text"; then
         pass grow-resume "partition grown on the host ($((before / 2048)) -> $((after / 2048)) MiB), file system not: the boot grew only the file system (ext4 now $(($(cut -d' ' -f4 <<<"$sizes") >> 20)) MiB); quote $id intact"
     else
