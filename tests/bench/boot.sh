@@ -7,6 +7,9 @@
 #   tests/bench/boot.sh [RUNS]    RUNS boots of the QEMU image (default 3), then one of the Pi
 #                                 image when image/out/quote-edge-rpi-arm64.img exists
 #
+# CARD_MIB=N boots the image flashed (bmaptool copy of the .zst) onto an N MiB card instead of a
+# copy of the same size, so the first boot also grows the data partition into the rest.
+#
 # Builds nothing (image/build.sh qemu|rpi). Numbers only; the host's load is printed with each.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,12 +23,18 @@ load() { cut -d' ' -f1 /proc/loadavg; }
 times=()
 for i in $(seq "$runs"); do
     l=$(load)
-    t0=$(now)
-    start_qemu
+    if [ -n "${CARD_MIB:-}" ]; then
+        flash_card "$CARD_MIB"
+        t0=$(now)
+        start_qemu keep
+    else
+        t0=$(now)
+        start_qemu
+    fi
     wait_for 300 http_ok || { echo "qemu image: no answer within 300 s (console: $console)" >&2; exit 1; }
     t=$(since "$t0")
     times+=("$t")
-    echo "qemu image, boot $i: first answer after $t s (host load $l)"
+    echo "qemu image${CARD_MIB:+ on a $CARD_MIB MiB card}, boot $i: first answer after $t s (host load $l)"
     stop_qemu
 done
 printf 'qemu image: median of %d boots %s s\n' "$runs" \
