@@ -522,7 +522,8 @@ impl Agent {
 
     /// The snapshot is taken (or failed): switch, and roll out the new release.
     pub fn snapshotted(&mut self, result: Result<(), DatabaseError>, now: Instant) -> Step {
-        let Phase::Snapshotting { installed } = std::mem::replace(&mut self.phase, Phase::Idle)
+        let Some(Phase::Snapshotting { installed }) =
+            self.take_phase("snapshotted", |p| matches!(p, Phase::Snapshotting { .. }))
         else {
             return Step::None;
         };
@@ -631,11 +632,11 @@ impl Agent {
 
     /// Health commands finished: commit, or roll back.
     pub fn health_checked(&mut self, result: Result<(), HealthError>) -> Step {
-        let Phase::Checking {
+        let Some(Phase::Checking {
             version,
             issued_at,
             bundle,
-        } = std::mem::replace(&mut self.phase, Phase::Idle)
+        }) = self.take_phase("health_checked", |p| matches!(p, Phase::Checking { .. }))
         else {
             return Step::None;
         };
@@ -664,6 +665,25 @@ impl Agent {
             }
         }
         Step::None
+    }
+
+    /// Takes the phase out when `expected` holds for it, leaving `Idle` for the caller to
+    /// replace; otherwise the phase stays as it is and the stray event is reported: an event
+    /// that does not belong to the phase never erases it (a trial, a rollback).
+    fn take_phase(
+        &mut self,
+        event: &'static str,
+        expected: impl Fn(&Phase) -> bool,
+    ) -> Option<Phase> {
+        if expected(&self.phase) {
+            return Some(std::mem::replace(&mut self.phase, Phase::Idle));
+        }
+        tracing::warn!(
+            event,
+            phase = %self.phase.state(),
+            "an OTA event that does not belong to this phase: ignored"
+        );
+        None
     }
 
     /// Saves the state a verb produced (temporary file, fsync, rename) and adopts it.
@@ -722,12 +742,20 @@ impl Agent {
     /// The database is restored (or could not be): record the rollback, start the previous
     /// release.
     pub fn restored(&mut self, result: Result<(), DatabaseError>) -> Step {
-        let Phase::RollingBack {
+        let Some(Phase::RollingBack {
             reason,
             version,
             bundle,
             ..
-        } = std::mem::replace(&mut self.phase, Phase::Idle)
+        }) = self.take_phase("restored", |p| {
+            matches!(
+                p,
+                Phase::RollingBack {
+                    draining: false,
+                    ..
+                }
+            )
+        })
         else {
             return Step::None;
         };
@@ -834,4 +862,71 @@ pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent on an empty data directory (factory release, idle), put in `phase`.
+    fn agent_in(dir: &Path, phase: Phase) -> Agent {
+        let settings = crate::SettingsFile::default()
+            .validate(dir, dir.to_owned())
+            .unwrap();
+        let command = ReleaseCommand::new(|_| std::process::Command::new("false"));
+        let mut agent = Agent::open(Layout::new(dir), settings, command).unwrap();
+        agent.phase = phase;
+        agent
+    }
+
+    fn trial() -> Phase {
+        Phase::Trial {
+            revision: 1,
+            version: "2.0.0".into(),
+            issued_at: 0,
+            bundle: None,
+            deadline: Instant::now() + Duration::from_secs(60),
+            healthy_since: None,
+        }
+    }
+
+    #[test]
+    fn an_event_of_another_phase_never_erases_a_trial() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut agent = agent_in(dir.path(), trial());
+        assert_eq!(agent.snapshotted(Ok(()), Instant::now()), Step::None);
+        assert_eq!(agent.health_checked(Ok(())), Step::None);
+        assert_eq!(agent.restored(Ok(())), Step::None);
+        assert_eq!(agent.status().state, UpdateState::RollingOut);
+        assert!(matches!(agent.phase, Phase::Trial { revision: 1, .. }));
+    }
+
+    #[test]
+    fn a_restore_result_before_the_replicas_drained_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let draining = Phase::RollingBack {
+            reason: "test".into(),
+            version: "2.0.0".into(),
+            bundle: None,
+            draining: true,
+        };
+        let mut agent = agent_in(dir.path(), draining);
+        assert_eq!(agent.restored(Ok(())), Step::None);
+        assert!(agent.draining(), "still waiting for the replicas to stop");
+        assert_eq!(agent.status().state, UpdateState::RollingBack);
+    }
+
+    #[test]
+    fn an_install_during_a_trial_is_refused_naming_the_phase() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut agent = agent_in(dir.path(), trial());
+        let refused = agent.start_install(dir.path().join("x.bundle"), dir.path().into(), |_| {});
+        assert_eq!(
+            refused,
+            Err(NotIdle {
+                phase: UpdateState::RollingOut
+            })
+        );
+        assert!(matches!(agent.phase, Phase::Trial { .. }));
+    }
 }
