@@ -1,16 +1,24 @@
-//! The install data path end to end: a packed release is written into a slot only from
-//! verified chunks; a tampered bundle leaves nothing unverified in the slot.
+//! The OTA agent's install data path end to end (`ota-install`, over
+//! `ota_agent::install_once`): a packed release is written into a slot only from verified
+//! chunks; a tampered bundle leaves nothing unverified in either slot.
 
 use std::path::Path;
 use std::process::Output;
 
 use ota_bundle::{PackOptions, SecretKey, pack};
 
-fn install(key: &Path, bundle: &Path, slot: &Path) -> Output {
+/// Installs `bundle` into a device whose data directory is `data_dir`, trusting the keys in
+/// `keys`.
+fn install(keys: &Path, bundle: &Path, data_dir: &Path) -> Output {
     tests::command(Path::new(env!("CARGO_BIN_EXE_ota-install")))
-        .args([key, bundle, slot])
+        .args([keys, bundle, data_dir])
         .output()
         .expect("run ota-install")
+}
+
+/// Both slot directories of a device's data directory.
+fn slots(data_dir: &Path) -> [std::path::PathBuf; 2] {
+    ["a", "b"].map(|s| data_dir.join("ota/slots").join(s))
 }
 
 fn release(dir: &Path) -> Vec<(String, Vec<u8>)> {
@@ -39,8 +47,9 @@ fn packed(
 ) {
     let files = release(&dir.join("release"));
     let key = SecretKey::from_seed([4; 32]);
-    let public = dir.join("k.pub");
-    std::fs::write(&public, key.public().to_line("test")).unwrap();
+    let public = dir.join("keys");
+    std::fs::create_dir_all(&public).unwrap();
+    std::fs::write(public.join("k.pub"), key.public().to_line("test")).unwrap();
     let options = PackOptions {
         product: "quote-edge".into(),
         version: "2.0.0".into(),
@@ -57,12 +66,17 @@ fn packed(
 fn a_verified_bundle_lands_in_the_slot_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let (public, bundle, files) = packed(dir.path());
-    let slot = dir.path().join("slots/a");
-    let out = install(&public, &bundle, &slot);
+    let out = install(&public, &bundle, &dir.path().join("data"));
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let slot = Path::new(stdout.split(' ').next().unwrap());
+    assert!(
+        slot.starts_with(dir.path().join("data/ota/slots")),
+        "{stdout}"
     );
     for (path, content) in &files {
         assert_eq!(&std::fs::read(slot.join(path)).unwrap(), content, "{path}");
@@ -89,16 +103,24 @@ fn a_tampered_payload_never_puts_an_unverified_byte_in_the_slot() {
         tampered[at] ^= 0x20;
         let path = dir.path().join(format!("t{n}.bundle"));
         std::fs::write(&path, &tampered).unwrap();
-        let slot = dir.path().join(format!("slots/t{n}"));
-        let out = install(&public, &path, &slot);
+        let data_dir = dir.path().join(format!("data-t{n}"));
+        let out = install(&public, &path, &data_dir);
         assert_eq!(out.status.code(), Some(1), "tampering at {at} was accepted");
-        // Whatever reached the slot is a verified prefix of the original, never altered bytes.
-        if let Ok(written) = std::fs::read(slot.join("bin/quote-service")) {
-            assert!(
-                original.starts_with(&written),
-                "tampering at {at}: unverified bytes in the slot"
-            );
-            assert_eq!(written.len() % (1 << 20), 0, "only whole verified chunks");
+        // Refused while verifying, naming the chunk and the file (not, say, for a full disk).
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("of bin/quote-service"),
+            "tampering at {at}: {stderr}"
+        );
+        // Whatever reached a slot is a verified prefix of the original, never altered bytes.
+        for slot in slots(&data_dir) {
+            if let Ok(written) = std::fs::read(slot.join("bin/quote-service")) {
+                assert!(
+                    original.starts_with(&written),
+                    "tampering at {at}: unverified bytes in the slot"
+                );
+                assert_eq!(written.len() % (1 << 20), 0, "only whole verified chunks");
+            }
         }
     }
 }

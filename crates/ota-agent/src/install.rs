@@ -19,6 +19,38 @@ use ota_slots::{Journal, Mark, RealFs, Release, SlotWriter, State, StateFile};
 use crate::agent::{Installed, Layout, UpdateError};
 use crate::trust::{load_trust, read_doc};
 
+/// Installs `bundle` into the inactive slot under `data_dir` exactly as the agent does
+/// (admission checks, verification, the slot writer, the journal, the slot marked ready and
+/// the state saved), without the phases around it (no snapshot, no switch): the data path
+/// alone, for the benchmark and the install tests (`tests/src/bin/ota-install.rs`).
+pub fn install_once(
+    data_dir: &Path,
+    trusted_keys: &Path,
+    product: &str,
+    bundle: &Path,
+) -> Result<Installed, UpdateError> {
+    let layout = Layout::new(data_dir);
+    std::fs::create_dir_all(&layout.dir).map_err(|source| {
+        UpdateError::State(ota_slots::StateError::Save {
+            path: layout.dir.clone(),
+            step: "create the OTA directory",
+            source,
+        })
+    })?;
+    let file = StateFile::new(&layout.dir);
+    let state = file.load()?;
+    let job = Install {
+        bundle: bundle.to_owned(),
+        trusted_keys: trusted_keys.to_owned(),
+        product: product.to_owned(),
+        layout,
+        file,
+        state,
+        progress: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
+    };
+    job.run().1
+}
+
 /// One install, run on a blocking task. Owns a copy of the state while it runs.
 pub(crate) struct Install {
     pub(crate) bundle: PathBuf,

@@ -21,5 +21,6 @@ pub use agent::{
     Agent, Installed, Layout, NotIdle, OtaEvent, Phase, Step, UpdateError, release_dir,
 };
 pub use database::{DatabaseError, HealthError, ReleaseCommand, health_commands};
+pub use install::install_once;
 pub use settings::{InvalidSetting, Settings, SettingsFile};
 pub use trust::load_trust;
