@@ -890,6 +890,164 @@ mod tests {
         }
     }
 
+    /// An agent whose inactive slot holds release 2.0.0, switched to and on trial (revision
+    /// 1), as `snapshotted` leaves it; `t0` is when the rollout started.
+    fn on_trial(dir: &Path, t0: Instant) -> (Agent, SlotName) {
+        let mut agent = agent_in(dir, Phase::Idle);
+        let (state, slot) = agent.state.begin_install("d1", "2.0.0", 2).unwrap();
+        let state = state.finish_install(slot).unwrap().switch(slot).unwrap();
+        agent.state = agent.file.save(&mut RealFs, &state).unwrap();
+        agent.releases.insert(1, Release::Slot(slot));
+        agent.next_revision = 2;
+        agent.phase = Phase::Trial {
+            revision: 1,
+            version: "2.0.0".into(),
+            issued_at: 5,
+            bundle: None,
+            deadline: t0 + agent.settings.trial_deadline,
+            healthy_since: None,
+        };
+        (agent, slot)
+    }
+
+    fn last_result(agent: &Agent) -> (UpdateOutcome, String) {
+        let r = agent.status().last_result.expect("a result");
+        (r.result, r.version)
+    }
+
+    /// Runs `drained` on a runtime and returns the event its blocking task reports.
+    fn drain(agent: &mut Agent) -> OtaEvent {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        runtime.block_on(async {
+            agent.drained(move |event| tx.send(event).unwrap());
+            rx.recv_timeout(Duration::from_secs(30)).unwrap()
+        })
+    }
+
+    #[test]
+    fn a_trial_commits_after_every_replica_stayed_ready_for_the_trial_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let (mut agent, slot) = on_trial(dir.path(), t0);
+        let trial = agent.settings.trial;
+        let (ready, none) = (|_| true, |_| None);
+        assert_eq!(agent.watch(ready, none, t0), (Step::None, false));
+        assert_eq!(agent.status().state, UpdateState::Trial);
+        assert_eq!(agent.next_deadline(), Some(t0 + trial));
+        let almost = t0 + trial - Duration::from_millis(1);
+        assert_eq!(agent.watch(ready, none, almost), (Step::None, false));
+        assert_eq!(agent.watch(ready, none, t0 + trial), (Step::None, true));
+        assert_eq!(agent.status().state, UpdateState::Checking);
+        assert_eq!(agent.health_checked(Ok(())), Step::None);
+        assert!(agent.is_idle());
+        assert_eq!(agent.state.active, Release::Slot(slot));
+        assert_eq!(
+            last_result(&agent),
+            (UpdateOutcome::Committed, "2.0.0".into())
+        );
+        assert_eq!(agent.status().security_version, 2);
+        // Committed on disk too: a restart finds no trial to resume.
+        let reopened = agent_in(dir.path(), Phase::Idle);
+        assert_eq!(reopened.running_version(), "2.0.0");
+        assert!(reopened.state.trial.is_none());
+    }
+
+    #[test]
+    fn a_replica_leaving_readiness_restarts_the_trial_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let (mut agent, _) = on_trial(dir.path(), t0);
+        let trial = agent.settings.trial;
+        let none = |_| None;
+        agent.watch(|_| true, none, t0);
+        let dip = t0 + trial / 2;
+        assert_eq!(agent.watch(|_| false, none, dip), (Step::None, false));
+        assert_eq!(agent.status().state, UpdateState::RollingOut);
+        agent.watch(|_| true, none, dip);
+        // The time counts again from the return to readiness, not from t0.
+        assert_eq!(agent.watch(|_| true, none, t0 + trial), (Step::None, false));
+        assert_eq!(agent.watch(|_| true, none, dip + trial), (Step::None, true));
+    }
+
+    #[test]
+    fn a_failing_replica_rolls_back_and_the_previous_release_runs_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let (mut agent, _) = on_trial(dir.path(), t0);
+        let failed = |_| Some("replica-3 exited with code 3".to_owned());
+        // A new model revision for the previous release: every replica is recreated.
+        assert_eq!(
+            agent.watch(|_| false, failed, t0),
+            (Step::Recreate(2), false)
+        );
+        assert!(agent.draining());
+        assert_eq!(agent.status().state, UpdateState::RollingBack);
+        assert_eq!(agent.version_of_revision(2).as_deref(), Some("factory"));
+        // No snapshot was taken in this test: the restore fails, and says so in the result.
+        let OtaEvent::Restored(result) = drain(&mut agent) else {
+            panic!("drained reports Restored")
+        };
+        assert!(
+            matches!(result, Err(DatabaseError::NoSnapshot(_))),
+            "{result:?}"
+        );
+        assert_eq!(agent.restored(result), Step::Resume);
+        assert!(agent.is_idle());
+        assert_eq!(agent.state.active, Release::Factory);
+        let (outcome, version) = last_result(&agent);
+        assert_eq!(
+            (outcome, version.as_str()),
+            (UpdateOutcome::RolledBack, "2.0.0")
+        );
+        let reason = agent.status().last_result.unwrap().reason.unwrap();
+        assert!(reason.contains("replica-3 exited with code 3"), "{reason}");
+        assert!(reason.contains("could not be restored"), "{reason}");
+    }
+
+    #[test]
+    fn a_release_that_never_settles_is_rolled_back_at_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let (mut agent, _) = on_trial(dir.path(), t0);
+        let deadline = t0 + agent.settings.trial_deadline;
+        assert_eq!(agent.next_deadline(), Some(deadline));
+        let before = deadline - Duration::from_millis(1);
+        assert_eq!(
+            agent.watch(|_| false, |_| None, before),
+            (Step::None, false)
+        );
+        assert_eq!(
+            agent.watch(|_| false, |_| None, deadline),
+            (Step::Recreate(2), false)
+        );
+        assert_eq!(agent.status().state, UpdateState::RollingBack);
+    }
+
+    #[test]
+    fn a_failed_health_command_rolls_back_instead_of_committing() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let (mut agent, slot) = on_trial(dir.path(), t0);
+        let trial = agent.settings.trial;
+        agent.watch(|_| true, |_| None, t0);
+        assert_eq!(
+            agent.watch(|_| true, |_| None, t0 + trial),
+            (Step::None, true)
+        );
+        let failed = HealthError::Timeout {
+            command: vec!["check".into()],
+            after: Duration::from_secs(30),
+        };
+        assert_eq!(agent.health_checked(Err(failed)), Step::Recreate(2));
+        assert_eq!(agent.status().state, UpdateState::RollingBack);
+        // Not committed: the slot is still on trial until the rollback is recorded.
+        assert_eq!(agent.state.trial.as_ref().map(|t| t.slot), Some(slot));
+    }
+
     #[test]
     fn an_event_of_another_phase_never_erases_a_trial() {
         let dir = tempfile::tempdir().unwrap();
