@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use ota_bundle::{Bundle, Chunked, ChunksError, TrustedKeys};
-use ota_slots::{Journal, Mark, RealFs, Release, SlotWriter, State, StateFile};
+use ota_slots::{Journal, Mark, RealFs, Release, SlotName, SlotWriter, State, StateFile};
 
 use crate::agent::{Installed, Layout, UpdateError};
 use crate::trust::{load_trust, read_doc};
@@ -62,6 +62,34 @@ pub(crate) struct Install {
     pub(crate) progress: Arc<(AtomicU64, AtomicU64)>,
 }
 
+/// What the admission checks let through.
+struct Admission {
+    /// Where a delta's copied chunks are read from in the running release.
+    copies: HashMap<String, (PathBuf, u64, u64)>,
+    /// The inactive slot the release goes to.
+    target: SlotName,
+    /// Bytes of the release.
+    needed: u64,
+}
+
+/// Why writing the slot stopped.
+enum WriteFailure {
+    /// The bundle itself is bad (a chunk that does not match its signed hash): remembered as
+    /// failed, never offered again.
+    BadBundle(String),
+    /// Anything else (the stick pulled out, a write error): the install is abandoned and the
+    /// bundle offered again.
+    Interrupted(String),
+}
+
+impl WriteFailure {
+    fn into_reason(self) -> String {
+        match self {
+            WriteFailure::BadBundle(reason) | WriteFailure::Interrupted(reason) => reason,
+        }
+    }
+}
+
 impl Install {
     pub(crate) fn run(self) -> (State, Result<Installed, UpdateError>) {
         let mut state = self.state.clone();
@@ -71,6 +99,87 @@ impl Install {
 
     fn install(&self, state: &mut State) -> Result<Installed, UpdateError> {
         let started = Instant::now();
+        let (bundle, trusted) = self.open_verified()?;
+        let manifest = &bundle.manifest;
+        let digest = ota_bundle::manifest_digest(&bundle.manifest_bytes);
+        let admitted = self.admit(manifest, &digest, state, &trusted)?;
+        let slot = admitted.target;
+        self.progress.1.store(admitted.needed, Ordering::Relaxed);
+
+        let mut journal = Journal::new(&self.layout.dir);
+        let resume = journal
+            .read()
+            .filter(|m| {
+                m.digest == digest
+                    && m.slot == slot
+                    && state.slot(slot).status == ota_slots::SlotStatus::Installing
+                    && state.slot(slot).bundle_digest.as_deref() == Some(digest.as_str())
+            })
+            .and_then(|mark| self.check_written(manifest, &mark).map(|kept| (mark, kept)));
+        if resume.is_none() {
+            let _ = journal.clear();
+            let _ = std::fs::remove_file(self.layout.manifest(slot));
+            let (next, _) =
+                state.begin_install(&digest, &manifest.version, manifest.security_version)?;
+            *state = self.file.save(&mut RealFs, &next)?;
+        }
+        let resumed = resume.as_ref().map_or(0, |(_, kept)| kept.total);
+        self.progress.0.store(resumed, Ordering::Relaxed);
+        let (version, issued_at) = (manifest.version.clone(), manifest.issued_at);
+        let manifest_bytes = bundle.manifest_bytes.clone();
+        let written = self
+            .write_slot(
+                bundle,
+                &digest,
+                slot,
+                &admitted.copies,
+                &mut journal,
+                resume,
+            )
+            .and_then(|written| {
+                write_synced(&self.layout.manifest(slot), &manifest_bytes)
+                    .map(|()| written)
+                    .map_err(|e| {
+                        WriteFailure::Interrupted(format!("cannot keep the manifest: {e}"))
+                    })
+            });
+        // The journal is cleared only once the state no longer says `installing`: a cut in
+        // between leaves a mark that the next start ignores, never a slot without its mark.
+        match written {
+            Ok((bytes, unchanged)) => {
+                *state = self.file.save(&mut RealFs, &state.finish_install(slot)?)?;
+                let _ = journal.clear();
+                Ok(Installed {
+                    slot,
+                    resumed,
+                    version,
+                    issued_at,
+                    bundle: self.bundle.clone(),
+                    bytes,
+                    unchanged,
+                    took: started.elapsed(),
+                })
+            }
+            Err(failure) => {
+                let next = match &failure {
+                    WriteFailure::BadBundle(reason) => state.fail_install(slot, reason)?,
+                    WriteFailure::Interrupted(_) => state.abandon_install(slot)?,
+                };
+                *state = self.file.save(&mut RealFs, &next)?;
+                let _ = journal.clear();
+                let _ = std::fs::remove_dir_all(self.layout.slot(slot));
+                Err(UpdateError::Install {
+                    slot: slot.as_str(),
+                    reason: failure.into_reason(),
+                })
+            }
+        }
+    }
+
+    /// The bundle, its signatures verified against the keys trusted now.
+    fn open_verified(
+        &self,
+    ) -> Result<(Bundle<BufReader<std::fs::File>>, TrustedKeys), UpdateError> {
         let (trusted, _) = load_trust(&self.trusted_keys, &self.layout.dir, &self.product)?;
         let file = std::fs::File::open(&self.bundle).map_err(|source| UpdateError::Open {
             path: self.bundle.clone(),
@@ -83,9 +192,20 @@ impl Install {
                     source,
                 }
             })?;
-        let manifest = &bundle.manifest;
-        let manifest_bytes = bundle.manifest_bytes.clone();
-        let digest = ota_bundle::manifest_digest(&bundle.manifest_bytes);
+        Ok((bundle, trusted))
+    }
+
+    /// The admission checks, before the slot is touched: this product, not below the
+    /// anti-rollback floor nor older at the same security version (unless a downgrade permit
+    /// for this device allows it), not the release running now, a delta's base present, and
+    /// room for the release in the slots' file system.
+    fn admit(
+        &self,
+        manifest: &ota_bundle::Manifest,
+        digest: &str,
+        state: &State,
+        trusted: &TrustedKeys,
+    ) -> Result<Admission, UpdateError> {
         if manifest.product != self.product {
             return Err(UpdateError::Incompatible {
                 found: manifest.product.clone(),
@@ -95,7 +215,7 @@ impl Install {
         let below = manifest.security_version < state.highest_security_version;
         let older = manifest.security_version == state.highest_security_version
             && manifest.issued_at < state.highest_issued_at;
-        if (below || older) && !self.permitted(&trusted, &digest) {
+        if (below || older) && !self.permitted(trusted, digest) {
             if below {
                 return Err(UpdateError::Downgrade {
                     found: manifest.security_version,
@@ -110,7 +230,7 @@ impl Install {
             });
         }
         if let Release::Slot(active) = state.active
-            && state.slot(active).bundle_digest.as_deref() == Some(digest.as_str())
+            && state.slot(active).bundle_digest.as_deref() == Some(digest)
         {
             return Err(UpdateError::AlreadyRunning(manifest.version.clone()));
         }
@@ -137,169 +257,137 @@ impl Install {
                 free,
             });
         }
-        self.progress.1.store(needed, Ordering::Relaxed);
 
-        let mut journal = Journal::new(&self.layout.dir);
-        let resume = journal
-            .read()
-            .filter(|m| {
-                m.digest == digest
-                    && m.slot == target
-                    && state.slot(target).status == ota_slots::SlotStatus::Installing
-                    && state.slot(target).bundle_digest.as_deref() == Some(digest.as_str())
-            })
-            .and_then(|mark| self.check_written(manifest, &mark).map(|kept| (mark, kept)));
-        let slot = target;
-        if resume.is_none() {
-            let _ = journal.clear();
-            let _ = std::fs::remove_file(self.layout.manifest(target));
-            let (next, _) =
-                state.begin_install(&digest, &manifest.version, manifest.security_version)?;
-            *state = self.file.save(&mut RealFs, &next)?;
-        }
-        let version = manifest.version.clone();
-        let issued_at = manifest.issued_at;
-        let files: Vec<(String, u32, usize)> = manifest
+        Ok(Admission {
+            copies,
+            target,
+            needed,
+        })
+    }
+
+    /// Writes the release into `slot` from verified chunks (from the resume point when there
+    /// is one), with a journal mark every `JOURNAL_EVERY` bytes; returns the bytes written and
+    /// the bytes found unchanged.
+    fn write_slot(
+        &self,
+        bundle: Bundle<BufReader<std::fs::File>>,
+        digest: &str,
+        slot: SlotName,
+        copies: &HashMap<String, (PathBuf, u64, u64)>,
+        journal: &mut Journal,
+        resume: Option<(Mark, Kept)>,
+    ) -> Result<(u64, u64), WriteFailure> {
+        let files: Vec<(String, u32, usize)> = bundle
+            .manifest
             .files
             .iter()
             .map(|f| (f.path.clone(), f.mode, f.chunks.len()))
             .collect();
-        let resumed = resume.as_ref().map_or(0, |(_, kept)| kept.total);
-        self.progress.0.store(resumed, Ordering::Relaxed);
-        // Err((blame, reason)): `blame` when the bundle itself is bad (remembered as failed);
-        // a failed read of the bundle (the stick pulled out) only abandons the install.
-        let written = (|| -> Result<(u64, u64), (bool, String)> {
-            let local = |e: ota_slots::WriteError| (false, e.to_string());
-            let slot_dir = self.layout.slot(slot);
-            let (mut writer, from, prefix) = match resume {
-                Some((mark, kept)) => {
-                    let (path, mode, _) = &files[mark.file as usize];
-                    let later: Vec<&str> = files[mark.file as usize + 1..]
-                        .iter()
-                        .map(|(p, _, _)| p.as_str())
-                        .collect();
-                    tracing::info!(path = %path, chunk = mark.chunk, resumed, "resuming an interrupted install");
-                    let writer = SlotWriter::resume(
-                        &slot_dir,
-                        path,
-                        *mode,
-                        mark.chunk as usize,
-                        kept.in_file,
-                        &later,
-                    )
-                    .map_err(local)?;
-                    let from = ota_bundle::Position {
-                        file: mark.file as usize,
-                        chunk: mark.chunk as usize,
-                        offset: mark.offset,
-                    };
-                    // The chunk before the mark, as re-hashed by `check_written`: the next
-                    // frame may be compressed with it (the reader checks it once more).
-                    (writer, from, kept.last_chunk)
-                }
-                None => {
-                    let paths: Vec<&str> = files.iter().map(|(p, _, _)| p.as_str()).collect();
-                    (
-                        SlotWriter::update(&slot_dir, &paths).map_err(local)?,
-                        bundle.start(),
-                        Vec::new(),
-                    )
-                }
-            };
-            let mut unsynced = 0u64;
-            bundle
-                .chunks_from(from, &prefix, |file, index, chunk, next| {
-                    let copied;
-                    let bytes = match chunk {
-                        Chunked::Data(bytes) => bytes,
-                        Chunked::Copy { hash } => {
-                            copied = copy_chunk(&copies, hash)?;
-                            &copied[..]
-                        }
-                    };
-                    writer.chunk(&file.path, file.mode, index, bytes)?;
-                    if index + 1 == file.chunks.len() {
-                        // Length, mode and fsync now: a mark at the next file's start must
-                        // cover a finished file, since a resume never comes back to it.
-                        writer.finish_file()?;
+        let local = |e: ota_slots::WriteError| WriteFailure::Interrupted(e.to_string());
+        let (mut writer, from, prefix) = self.start_writer(&files, slot, resume).map_err(local)?;
+        let from = from.unwrap_or_else(|| bundle.start());
+        let mut unsynced = 0u64;
+        bundle
+            .chunks_from(from, &prefix, |file, index, chunk, next| {
+                let copied;
+                let bytes = match chunk {
+                    Chunked::Data(bytes) => bytes,
+                    Chunked::Copy { hash } => {
+                        copied = copy_chunk(copies, hash)?;
+                        &copied[..]
                     }
-                    self.progress
-                        .0
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    unsynced += bytes.len() as u64;
-                    // No mark after the last chunk: nothing would be left to resume.
-                    let at_end = next.file + 1 == files.len() && next.chunk == files[next.file].2;
-                    if unsynced >= JOURNAL_EVERY && !at_end {
-                        writer.sync()?;
-                        journal
-                            .record(&Mark {
-                                digest: digest.clone(),
-                                slot,
-                                file: next.file as u32,
-                                chunk: next.chunk as u32,
-                                offset: next.offset,
-                            })
-                            .map_err(|source| ota_slots::WriteError::Io {
-                                path: self.layout.dir.join("install.journal"),
-                                source,
-                            })?;
-                        unsynced = 0;
-                    }
-                    Ok(())
-                })
-                .map_err(|e: ChunksError<ota_slots::WriteError>| match e {
-                    ChunksError::Bundle(ota_bundle::BundleError::Read { .. }) => {
-                        (false, e.to_string())
-                    }
-                    ChunksError::Bundle(_) => (true, e.to_string()),
-                    ChunksError::Sink(_) => (false, e.to_string()),
-                })?;
-            for (path, mode, chunks) in &files {
-                if *chunks == 0 {
-                    writer.empty_file(path, *mode).map_err(local)?;
-                }
-            }
-            let unchanged = writer.unchanged();
-            writer
-                .finish()
-                .map(|bytes| (bytes, unchanged))
-                .map_err(local)
-        })();
-        let written = written.and_then(|written| {
-            write_synced(&self.layout.manifest(slot), &manifest_bytes)
-                .map(|()| written)
-                .map_err(|e| (false, format!("cannot keep the manifest: {e}")))
-        });
-        match written {
-            Ok((bytes, unchanged)) => {
-                *state = self.file.save(&mut RealFs, &state.finish_install(slot)?)?;
-                let _ = journal.clear();
-                Ok(Installed {
-                    slot,
-                    resumed,
-                    version,
-                    issued_at,
-                    bundle: self.bundle.clone(),
-                    bytes,
-                    unchanged,
-                    took: started.elapsed(),
-                })
-            }
-            Err((blame, reason)) => {
-                let next = if blame {
-                    state.fail_install(slot, &reason)?
-                } else {
-                    state.abandon_install(slot)?
                 };
-                *state = self.file.save(&mut RealFs, &next)?;
-                let _ = journal.clear();
-                let _ = std::fs::remove_dir_all(self.layout.slot(slot));
-                Err(UpdateError::Install {
-                    slot: slot.as_str(),
-                    reason,
-                })
+                writer.chunk(&file.path, file.mode, index, bytes)?;
+                if index + 1 == file.chunks.len() {
+                    // Length, mode and fsync now: a mark at the next file's start must
+                    // cover a finished file, since a resume never comes back to it.
+                    writer.finish_file()?;
+                }
+                self.progress
+                    .0
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                unsynced += bytes.len() as u64;
+                // No mark after the last chunk: nothing would be left to resume.
+                let at_end = next.file + 1 == files.len() && next.chunk == files[next.file].2;
+                if unsynced >= JOURNAL_EVERY && !at_end {
+                    writer.sync()?;
+                    journal
+                        .record(&Mark {
+                            digest: digest.to_owned(),
+                            slot,
+                            file: next.file as u32,
+                            chunk: next.chunk as u32,
+                            offset: next.offset,
+                        })
+                        .map_err(|source| ota_slots::WriteError::Io {
+                            path: self.layout.dir.join("install.journal"),
+                            source,
+                        })?;
+                    unsynced = 0;
+                }
+                Ok(())
+            })
+            .map_err(|e: ChunksError<ota_slots::WriteError>| match e {
+                // A failed read of the bundle (the stick pulled out) is not its fault.
+                ChunksError::Bundle(ota_bundle::BundleError::Read { .. }) => {
+                    WriteFailure::Interrupted(e.to_string())
+                }
+                ChunksError::Bundle(_) => WriteFailure::BadBundle(e.to_string()),
+                ChunksError::Sink(_) => WriteFailure::Interrupted(e.to_string()),
+            })?;
+        for (path, mode, chunks) in &files {
+            if *chunks == 0 {
+                writer.empty_file(path, *mode).map_err(local)?;
             }
         }
+        let unchanged = writer.unchanged();
+        writer
+            .finish()
+            .map(|bytes| (bytes, unchanged))
+            .map_err(local)
+    }
+
+    /// The slot writer, and where in the bundle to start: after the journal's mark with the
+    /// chunk before it (the next frame's zstd prefix), or at the start (`None`) over whatever
+    /// the slot holds.
+    fn start_writer(
+        &self,
+        files: &[(String, u32, usize)],
+        slot: SlotName,
+        resume: Option<(Mark, Kept)>,
+    ) -> Result<(SlotWriter, Option<ota_bundle::Position>, Vec<u8>), ota_slots::WriteError> {
+        let slot_dir = self.layout.slot(slot);
+        let started = match resume {
+            Some((mark, kept)) => {
+                let (path, mode, _) = &files[mark.file as usize];
+                let later: Vec<&str> = files[mark.file as usize + 1..]
+                    .iter()
+                    .map(|(p, _, _)| p.as_str())
+                    .collect();
+                tracing::info!(path = %path, chunk = mark.chunk, resumed = kept.total, "resuming an interrupted install");
+                let writer = SlotWriter::resume(
+                    &slot_dir,
+                    path,
+                    *mode,
+                    mark.chunk as usize,
+                    kept.in_file,
+                    &later,
+                )?;
+                let from = ota_bundle::Position {
+                    file: mark.file as usize,
+                    chunk: mark.chunk as usize,
+                    offset: mark.offset,
+                };
+                // The chunk before the mark, as re-hashed by `check_written`: the next
+                // frame may be compressed with it (the reader checks it once more).
+                (writer, Some(from), kept.last_chunk)
+            }
+            None => {
+                let paths: Vec<&str> = files.iter().map(|(p, _, _)| p.as_str()).collect();
+                (SlotWriter::update(&slot_dir, &paths)?, None, Vec::new())
+            }
+        };
+        Ok(started)
     }
 
     /// A downgrade permit (`*.permit` beside the bundle) for this device and this bundle,
