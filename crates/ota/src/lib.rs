@@ -229,7 +229,9 @@ pub struct InspectedFile {
     pub chunks: usize,
 }
 
-/// Runs one command, writing its report to `out`.
+/// Runs one command, writing its report to `out`. One arm per subcommand, as a dispatch
+/// table: the arms that do more than a few lines call a function below (pack, verify,
+/// status, inspect).
 pub fn run(command: Command, out: &mut dyn Write) -> Result<(), OtaError> {
     match command {
         Command::Keygen {
@@ -251,7 +253,6 @@ pub fn run(command: Command, out: &mut dyn Write) -> Result<(), OtaError> {
                     "--level must be 1 to 22, got {level}"
                 )));
             }
-            let key = SecretKey::load(&key)?;
             let options = PackOptions {
                 product: compatible,
                 version,
@@ -261,38 +262,7 @@ pub fn run(command: Command, out: &mut dyn Write) -> Result<(), OtaError> {
                     .map_or(0, |d| d.as_secs()),
                 level,
             };
-            let terminal = std::io::stderr().is_terminal();
-            let mut shown = u64::MAX;
-            let show = |done: u64, total: u64| {
-                let percent = (done * 100).checked_div(total).unwrap_or(100);
-                if terminal && percent != shown {
-                    shown = percent;
-                    let _ = write!(std::io::stderr(), "\rpacking {percent:3}%");
-                }
-            };
-            let report = match &delta_from {
-                None => ota_bundle::pack(&dir, &file, &options, &key, show)?,
-                Some(old) => {
-                    let reader =
-                        std::io::BufReader::new(std::fs::File::open(old).map_err(|e| io(old, e))?);
-                    let (base, _) = ota_bundle::read_manifest_unverified(reader)?;
-                    ota_bundle::pack_delta(&dir, &file, &options, &key, &base, show)?
-                }
-            };
-            if terminal {
-                let _ = writeln!(std::io::stderr());
-            }
-            let ratio = report.bundle_bytes as f64 / report.input_bytes.max(1) as f64 * 100.0;
-            writeln!(
-                out,
-                "{}: {} files, {} bytes -> {} bytes ({ratio:.1}%), signed by {}",
-                file.display(),
-                report.files,
-                report.input_bytes,
-                report.bundle_bytes,
-                key.public().id()
-            )
-            .map_err(|e| io(&file, e))
+            pack_command(&key, &dir, &file, delta_from.as_deref(), &options, out)
         }
         Command::Sign { key, file } => {
             let key = SecretKey::load(&key)?;
@@ -305,39 +275,7 @@ pub fn run(command: Command, out: &mut dyn Write) -> Result<(), OtaError> {
             )
             .map_err(|e| io(&file, e))
         }
-        Command::Verify { key, keys, file } => {
-            let trusted = match (key, keys) {
-                (Some(key), _) => TrustedKeys::new([PublicKey::load(&key)?], 1),
-                (None, Some(dir)) => TrustedKeys::load_dir(&dir)?,
-                (None, None) => return Err(OtaError::Usage("--key or --keys is required".into())),
-            };
-            let reader = std::io::BufReader::with_capacity(
-                1 << 20,
-                std::fs::File::open(&file).map_err(|e| io(&file, e))?,
-            );
-            let bundle = Bundle::open(reader, &trusted)?;
-            let summary = format!(
-                "{}: OK: {} {} (security version {}), {} files, signed by {}",
-                file.display(),
-                bundle.manifest.product,
-                bundle.manifest.version,
-                bundle.manifest.security_version,
-                bundle.manifest.files.len(),
-                bundle
-                    .signed_by
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            bundle
-                .chunks(|_, _, _| Ok::<(), std::convert::Infallible>(()))
-                .map_err(|e| match e {
-                    ChunksError::Bundle(e) => OtaError::Bundle(e),
-                    ChunksError::Sink(never) => match never {},
-                })?;
-            writeln!(out, "{summary}").map_err(|e| io(&file, e))
-        }
+        Command::Verify { key, keys, file } => verify(key, keys, &file, out),
         Command::Keyset {
             serial,
             threshold,
@@ -398,61 +336,149 @@ pub fn run(command: Command, out: &mut dyn Write) -> Result<(), OtaError> {
                 Err(OtaError::NotCommitted)
             }
         }
-        Command::Status { device, json } => {
-            let socket = device.socket();
-            let update = device::status(&socket)?;
-            let text = if json {
-                serde_json::to_string_pretty(&update).unwrap_or_default()
-            } else {
-                format!(
-                    "running {} (slot {}), security version {}; agent {}{}",
-                    update.version,
-                    update.slot.as_deref().unwrap_or("factory"),
-                    update.security_version,
-                    update.state,
-                    update
-                        .last_result
-                        .as_ref()
-                        .map(|r| format!(
-                            "; last update: {} {}{}",
-                            r.result,
-                            r.version,
-                            r.reason
-                                .as_deref()
-                                .map(|x| format!(" ({x})"))
-                                .unwrap_or_default()
-                        ))
-                        .unwrap_or_default()
-                )
-            };
-            writeln!(out, "{text}").map_err(|e| io(&socket, e))
-        }
-        Command::Inspect { json, file } => {
-            let inspection = inspect(&file)?;
-            let text = if json {
-                serde_json::to_string_pretty(&inspection).unwrap_or_default()
-            } else {
-                let mut text = format!(
-                    "{} {} (security version {}, issued at {}), NOT verified: use `ota verify`\n",
-                    inspection.product,
-                    inspection.version,
-                    inspection.security_version,
-                    inspection.issued_at
-                );
-                for f in &inspection.files {
-                    text.push_str(&format!("  {} {:>10}  {}\n", f.mode, f.size, f.path));
-                }
-                text.push_str(&format!(
-                    "signatures by: {}\npayload {} bytes, bundle {} bytes",
-                    inspection.signatures.join(", "),
-                    inspection.payload_bytes,
-                    inspection.bundle_bytes
-                ));
-                text
-            };
-            writeln!(out, "{text}").map_err(|e| io(&file, e))
-        }
+        Command::Status { device, json } => status(&device.socket(), json, out),
+        Command::Inspect { json, file } => inspect_command(&file, json, out),
     }
+}
+
+/// `ota pack`: a release directory into a signed bundle, full or a delta against `delta_from`.
+fn pack_command(
+    key: &Path,
+    dir: &Path,
+    file: &Path,
+    delta_from: Option<&Path>,
+    options: &PackOptions,
+    out: &mut dyn Write,
+) -> Result<(), OtaError> {
+    let key = SecretKey::load(key)?;
+    let terminal = std::io::stderr().is_terminal();
+    let mut shown = u64::MAX;
+    let show = |done: u64, total: u64| {
+        let percent = (done * 100).checked_div(total).unwrap_or(100);
+        if terminal && percent != shown {
+            shown = percent;
+            let _ = write!(std::io::stderr(), "\rpacking {percent:3}%");
+        }
+    };
+    let report = match delta_from {
+        None => ota_bundle::pack(dir, file, options, &key, show)?,
+        Some(old) => {
+            let reader = std::io::BufReader::new(std::fs::File::open(old).map_err(|e| io(old, e))?);
+            let (base, _) = ota_bundle::read_manifest_unverified(reader)?;
+            ota_bundle::pack_delta(dir, file, options, &key, &base, show)?
+        }
+    };
+    if terminal {
+        let _ = writeln!(std::io::stderr());
+    }
+    let ratio = report.bundle_bytes as f64 / report.input_bytes.max(1) as f64 * 100.0;
+    writeln!(
+        out,
+        "{}: {} files, {} bytes -> {} bytes ({ratio:.1}%), signed by {}",
+        file.display(),
+        report.files,
+        report.input_bytes,
+        report.bundle_bytes,
+        key.public().id()
+    )
+    .map_err(|e| io(file, e))
+}
+
+/// `ota verify`: the signatures, then every chunk against its signed hash.
+fn verify(
+    key: Option<PathBuf>,
+    keys: Option<PathBuf>,
+    file: &Path,
+    out: &mut dyn Write,
+) -> Result<(), OtaError> {
+    let trusted = match (key, keys) {
+        (Some(key), _) => TrustedKeys::new([PublicKey::load(&key)?], 1),
+        (None, Some(dir)) => TrustedKeys::load_dir(&dir)?,
+        (None, None) => return Err(OtaError::Usage("--key or --keys is required".into())),
+    };
+    let reader = std::io::BufReader::with_capacity(
+        1 << 20,
+        std::fs::File::open(file).map_err(|e| io(file, e))?,
+    );
+    let bundle = Bundle::open(reader, &trusted)?;
+    let summary = format!(
+        "{}: OK: {} {} (security version {}), {} files, signed by {}",
+        file.display(),
+        bundle.manifest.product,
+        bundle.manifest.version,
+        bundle.manifest.security_version,
+        bundle.manifest.files.len(),
+        bundle
+            .signed_by
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    bundle
+        .chunks(|_, _, _| Ok::<(), std::convert::Infallible>(()))
+        .map_err(|e| match e {
+            ChunksError::Bundle(e) => OtaError::Bundle(e),
+            ChunksError::Sink(never) => match never {},
+        })?;
+    writeln!(out, "{summary}").map_err(|e| io(file, e))
+}
+
+/// `ota status`: the device's release and its agent, through the control socket.
+fn status(socket: &Path, json: bool, out: &mut dyn Write) -> Result<(), OtaError> {
+    let update = device::status(socket)?;
+    let text = if json {
+        serde_json::to_string_pretty(&update).unwrap_or_default()
+    } else {
+        format!(
+            "running {} (slot {}), security version {}; agent {}{}",
+            update.version,
+            update.slot.as_deref().unwrap_or("factory"),
+            update.security_version,
+            update.state,
+            update
+                .last_result
+                .as_ref()
+                .map(|r| format!(
+                    "; last update: {} {}{}",
+                    r.result,
+                    r.version,
+                    r.reason
+                        .as_deref()
+                        .map(|x| format!(" ({x})"))
+                        .unwrap_or_default()
+                ))
+                .unwrap_or_default()
+        )
+    };
+    writeln!(out, "{text}").map_err(|e| io(socket, e))
+}
+
+/// `ota inspect`: what a bundle says about itself, before any verification.
+fn inspect_command(file: &Path, json: bool, out: &mut dyn Write) -> Result<(), OtaError> {
+    let inspection = inspect(file)?;
+    let text = if json {
+        serde_json::to_string_pretty(&inspection).unwrap_or_default()
+    } else {
+        let mut text = format!(
+            "{} {} (security version {}, issued at {}), NOT verified: use `ota verify`\n",
+            inspection.product,
+            inspection.version,
+            inspection.security_version,
+            inspection.issued_at
+        );
+        for f in &inspection.files {
+            text.push_str(&format!("  {} {:>10}  {}\n", f.mode, f.size, f.path));
+        }
+        text.push_str(&format!(
+            "signatures by: {}\npayload {} bytes, bundle {} bytes",
+            inspection.signatures.join(", "),
+            inspection.payload_bytes,
+            inspection.bundle_bytes
+        ));
+        text
+    };
+    writeln!(out, "{text}").map_err(|e| io(file, e))
 }
 
 fn write_doc(
