@@ -57,6 +57,20 @@ impl Layout {
     pub fn snapshot(&self) -> PathBuf {
         self.dir.join("snapshot").join("quotes.db")
     }
+
+    /// The slot state file, created with its directory on first use, and the state in it.
+    pub(crate) fn open_state(&self) -> Result<(StateFile, State), UpdateError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| {
+            UpdateError::State(ota_slots::StateError::Save {
+                path: self.dir.clone(),
+                step: "create the OTA directory",
+                source,
+            })
+        })?;
+        let file = StateFile::new(&self.dir);
+        let state = file.load()?;
+        Ok((file, state))
+    }
 }
 
 /// Where a release's programs are: the factory's in `factory_bin` (by default next to the
@@ -256,15 +270,7 @@ impl Agent {
         settings: Settings,
         release_command: ReleaseCommand,
     ) -> Result<Agent, UpdateError> {
-        let file = StateFile::new(&layout.dir);
-        std::fs::create_dir_all(&layout.dir).map_err(|source| {
-            UpdateError::State(ota_slots::StateError::Save {
-                path: layout.dir.clone(),
-                step: "create the OTA directory",
-                source,
-            })
-        })?;
-        let mut state = file.load()?;
+        let (file, mut state) = layout.open_state()?;
         let mut journal = Journal::new(&layout.dir);
         let resumable = journal.read().filter(|mark| {
             let info = state.slot(mark.slot);

@@ -30,15 +30,7 @@ pub fn install_once(
     bundle: &Path,
 ) -> Result<Installed, UpdateError> {
     let layout = Layout::new(data_dir);
-    std::fs::create_dir_all(&layout.dir).map_err(|source| {
-        UpdateError::State(ota_slots::StateError::Save {
-            path: layout.dir.clone(),
-            step: "create the OTA directory",
-            source,
-        })
-    })?;
-    let file = StateFile::new(&layout.dir);
-    let state = file.load()?;
+    let (file, state) = layout.open_state()?;
     let job = Install {
         bundle: bundle.to_owned(),
         trusted_keys: trusted_keys.to_owned(),
