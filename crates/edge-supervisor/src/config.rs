@@ -13,6 +13,7 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 
 pub use ota_agent::{Settings as Ota, SettingsFile as OtaFile};
+pub use replica_model::{Probe, ProbeAction, Probes, RestartPolicy};
 
 /// The directory of the running supervisor binary: where the factory release lives (the
 /// default of `ota.factory_bin`). Here, not in `process`, so that configuration imports no
@@ -172,42 +173,6 @@ pub struct WatchdogFile {
     /// Timeout programmed into the device (default 15s).
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
-}
-
-/// What a probe does.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProbeAction {
-    Http { path: String },
-    Tcp,
-    Exec { command: Vec<String> },
-}
-
-/// A validated probe.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Probe {
-    pub action: ProbeAction,
-    pub initial_delay: Duration,
-    pub period: Duration,
-    pub timeout: Duration,
-    pub success_threshold: NonZeroU32,
-    pub failure_threshold: NonZeroU32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Probes {
-    pub startup: Option<Probe>,
-    pub liveness: Option<Probe>,
-    pub readiness: Option<Probe>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct RestartPolicy {
-    pub backoff: Duration,
-    pub max_backoff: Duration,
-    pub jitter: f64,
-    pub reset_after: Duration,
-    pub budget: u32,
-    pub budget_window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -4,13 +4,11 @@
 //! (`config`), the control socket's client (`control::request`) and the supervisor itself
 //! (`supervisor::Bound`). The rest is the supervisor's own business.
 
-mod backoff;
 pub mod cli;
 pub mod config;
 pub mod control;
 mod limits;
 mod metrics;
-mod model;
 mod probe;
 mod process;
 mod proxy;

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use edge_proto::{LogLine, LogStream};
+use replica_model::Signal;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 
 use crate::config::ServiceSpec;
-use crate::model::Signal;
 
 /// Environment variables of the supervisor's own systemd protocol, never passed on: a replica
 /// that inherited them could send READY or WATCHDOG in the supervisor's name.
@@ -54,7 +54,7 @@ impl Placeholders {
     pub fn new(data_dir: &Path, index: usize, port: u16, release: &Path) -> Self {
         Placeholders {
             port: port.to_string(),
-            replica: crate::model::replica_id(index),
+            replica: replica_model::replica_id(index),
             index: index.to_string(),
             data_dir: data_dir.display().to_string(),
             release: release.to_owned(),

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use edge_proto::{
     ErrorKind, Limits, PROTOCOL_VERSION, Reply, Request, Status, SupervisorState, UpdateState,
 };
+use ota_agent::{Agent, Layout, OtaEvent, Step};
+use replica_model::{Action, Cause, Model, ProbeKind, Timing, replica_id};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -21,11 +23,9 @@ use crate::config::Settings;
 use crate::control::{self, ControlRequest};
 use crate::limits::{CgroupHandle, Limiter};
 use crate::metrics::{KindLabels, Metrics, RestartLabels};
-use crate::model::{Action, Cause, Model, ProbeKind, Timing, replica_id};
 use crate::process::{self, LogRing};
 use crate::proxy::{self, Backend, Router};
 use crate::watchdog::{HardwareWatchdog, Systemd, WatchdogError};
-use ota_agent::{Agent, Layout, OtaEvent, Step};
 
 /// The supervisor's version, as reported in `status`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -487,7 +487,7 @@ impl Dispatcher {
                 Ok(()) => Reply::Accepted {
                     message: format!("{replica} is being replaced"),
                 },
-                Err(crate::model::Refused::UnknownReplica(_)) => control::error(
+                Err(replica_model::Refused::UnknownReplica(_)) => control::error(
                     ErrorKind::UnknownReplica,
                     &format!("there is no replica {replica}"),
                 ),
@@ -640,7 +640,7 @@ impl Dispatcher {
                     Err(error) => {
                         // Never run a replica without the limits it was promised.
                         tracing::error!(%error, "killing a replica that could not be limited");
-                        let _ = process::signal_group(pid, crate::model::Signal::Kill);
+                        let _ = process::signal_group(pid, replica_model::Signal::Kill);
                     }
                 }
                 tracing::info!(%replica, pid, port, "replica started");

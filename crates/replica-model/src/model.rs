@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use edge_proto::{ExitInfo, ExitReason, ReplicaState, ReplicaStatus};
 
 use crate::backoff::Backoff;
-use crate::config::{Probe, Probes, RestartPolicy};
+use crate::policy::{Probe, Probes, RestartPolicy};
 
 /// Which probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

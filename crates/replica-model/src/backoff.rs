@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::config::RestartPolicy;
+use crate::policy::RestartPolicy;
 
 #[derive(Debug)]
 pub struct Backoff {

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use edge_proto::{ExitReason, ReplicaState};
 
-use crate::config::{Probe, ProbeAction, Probes, RestartPolicy};
 use crate::model::{Action, Cause, Model, ProbeKind, Signal, Timing};
+use crate::policy::{Probe, ProbeAction, Probes, RestartPolicy};
 
 const MS: Duration = Duration::from_millis(1);
 
