@@ -16,7 +16,7 @@ use edge_proto::{
 };
 use ota_agent::{Agent, Layout, OtaEvent, Step};
 use replica_model::{Action, Cause, Model, ProbeKind, Timing, replica_id};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::Settings;
@@ -122,7 +122,7 @@ pub struct Bound {
     settings: Arc<Settings>,
     public: TcpListener,
     admin: Option<TcpListener>,
-    control: tokio::net::UnixListener,
+    control: UnixListener,
     hardware: Option<HardwareWatchdog>,
 }
 
@@ -198,42 +198,13 @@ impl Bound {
 
         let metrics = Arc::new(Metrics::default());
         let (routes, backends) = watch::channel::<Arc<[Backend]>>(Arc::from(Vec::new()));
-        let (events, mut inbox) = mpsc::channel::<Event>(1024);
-        let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(64);
-
-        let stop_router = Arc::new(Notify::new());
-        let router = Arc::new(Router::new(backends, Arc::clone(&metrics)));
-        {
-            let stop = Arc::clone(&stop_router);
-            let events = events.clone();
-            let grace = settings.service.stop_grace;
-            tokio::spawn(async move {
-                proxy::serve(public, router, async move { stop.notified().await }, grace).await;
-                let _ = events.send(Event::RouterDrained).await;
-            });
-        }
-        tokio::spawn(control::serve(
-            control_socket,
-            settings.control_gid,
-            control_tx.clone(),
-        ));
-        {
-            let events = events.clone();
-            tokio::spawn(async move {
-                while let Some(request) = control_rx.recv().await {
-                    if events.send(Event::Control(request)).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        if let Some(admin) = admin {
-            tokio::spawn(crate::metrics::serve_admin(
-                admin,
-                Arc::clone(&metrics),
-                control_tx,
-            ));
-        }
+        let (events, inbox) = mpsc::channel::<Event>(1024);
+        let servers = Servers {
+            public,
+            admin,
+            control: control_socket,
+        };
+        let stop_router = servers.spawn(&settings, backends, &metrics, &events);
 
         let agent = Agent::open(
             Layout::new(&settings.data_dir),
@@ -248,7 +219,7 @@ impl Bound {
             stop_grace: settings.service.stop_grace,
             hung_grace: settings.service.hung_grace,
         };
-        let mut dispatcher = Dispatcher {
+        let dispatcher = Dispatcher {
             model: Model::new(settings.replicas, timing, now, fastrand::u64(..)),
             logs: LogRing::new(settings.service.log_lines),
             settings: Arc::clone(&settings),
@@ -267,6 +238,80 @@ impl Bound {
             agent,
         };
 
+        dispatcher.run(inbox, stop, &stop_router).await;
+        let _ = std::fs::remove_file(&settings.control_socket);
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// The listeners bound before the supervisor runs.
+struct Servers {
+    public: TcpListener,
+    admin: Option<TcpListener>,
+    control: UnixListener,
+}
+
+impl Servers {
+    /// Starts the router (its drain reported as `Event::RouterDrained`), the control socket
+    /// and the admin endpoint, all talking to the dispatcher by message. Returns what stops
+    /// the router.
+    fn spawn(
+        self,
+        settings: &Settings,
+        backends: watch::Receiver<Arc<[Backend]>>,
+        metrics: &Arc<Metrics>,
+        events: &mpsc::Sender<Event>,
+    ) -> Arc<Notify> {
+        let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(64);
+        let stop_router = Arc::new(Notify::new());
+        let router = Arc::new(Router::new(backends, Arc::clone(metrics)));
+        {
+            let stop = Arc::clone(&stop_router);
+            let events = events.clone();
+            let grace = settings.service.stop_grace;
+            let public = self.public;
+            tokio::spawn(async move {
+                proxy::serve(public, router, async move { stop.notified().await }, grace).await;
+                let _ = events.send(Event::RouterDrained).await;
+            });
+        }
+        tokio::spawn(control::serve(
+            self.control,
+            settings.control_gid,
+            control_tx.clone(),
+        ));
+        {
+            let events = events.clone();
+            tokio::spawn(async move {
+                while let Some(request) = control_rx.recv().await {
+                    if events.send(Event::Control(request)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        if let Some(admin) = self.admin {
+            tokio::spawn(crate::metrics::serve_admin(
+                admin,
+                Arc::clone(metrics),
+                control_tx,
+            ));
+        }
+        stop_router
+    }
+}
+
+impl Dispatcher {
+    /// The loop: one event, timer or tick at a time, until the model has stopped everything
+    /// after `stop` (or a fatal error). Watchdogs are fed only from here.
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Event>,
+        stop: impl Future<Output = ()>,
+        stop_router: &Notify,
+    ) {
+        let settings = Arc::clone(&self.settings);
         let watchdog_every = [
             Systemd::watchdog_interval(),
             settings.watchdog.as_ref().map(|w| w.timeout / 3),
@@ -282,42 +327,36 @@ impl Bound {
         tokio::pin!(stop);
 
         loop {
-            dispatcher.ota_step(Instant::now());
-            dispatcher.execute();
-            dispatcher.publish();
-            if dispatcher.model.is_finished() {
+            self.ota_step(Instant::now());
+            self.execute();
+            self.publish();
+            if self.model.is_finished() {
                 break;
             }
-            let deadline = [
-                dispatcher.model.next_deadline(),
-                dispatcher.agent.next_deadline(),
-            ]
-            .into_iter()
-            .flatten()
-            .min()
-            .map_or_else(
-                || tokio::time::Instant::now() + Duration::from_secs(3600),
-                tokio::time::Instant::from_std,
-            );
+            let deadline = [self.model.next_deadline(), self.agent.next_deadline()]
+                .into_iter()
+                .flatten()
+                .min()
+                .map_or_else(
+                    || tokio::time::Instant::now() + Duration::from_secs(3600),
+                    tokio::time::Instant::from_std,
+                );
             tokio::select! {
-                Some(event) = inbox.recv() => dispatcher.handle(event),
-                () = tokio::time::sleep_until(deadline) => dispatcher.model.tick(Instant::now()),
-                _ = feed.tick() => dispatcher.feed_watchdogs(),
-                _ = scan.tick(), if !dispatcher.stopping => dispatcher.scan(),
-                () = &mut stop, if !dispatcher.stopping => {
+                Some(event) = inbox.recv() => self.handle(event),
+                () = tokio::time::sleep_until(deadline) => self.model.tick(Instant::now()),
+                _ = feed.tick() => self.feed_watchdogs(),
+                _ = scan.tick(), if !self.stopping => self.scan(),
+                () = &mut stop, if !self.stopping => {
                     tracing::info!("stopping: draining the router, then the replicas");
-                    dispatcher.stopping = true;
+                    self.stopping = true;
                     Systemd::stopping();
                     stop_router.notify_one();
                 }
             }
         }
-        if let Some(hardware) = dispatcher.hardware.take() {
+        if let Some(hardware) = self.hardware.take() {
             hardware.close();
         }
-        let _ = std::fs::remove_file(&settings.control_socket);
-        tracing::info!("stopped");
-        Ok(())
     }
 }
 
