@@ -120,6 +120,20 @@ impl Manifest {
 
     /// Every rule of FORMAT.md that does not need the device's state.
     pub fn validate(&self) -> Result<(), BundleError> {
+        self.validate_fields()?;
+        let mut payload: u64 = 0;
+        for (i, file) in self.files.iter().enumerate() {
+            let previous = i.checked_sub(1).map(|p| &self.files[p]);
+            payload += self.validate_file(i, file, previous)?;
+        }
+        if payload > crate::header::MAX_PAYLOAD_LEN {
+            return Err(field("files", "the payload would exceed 16 GiB"));
+        }
+        Ok(())
+    }
+
+    /// The manifest's own fields: format, product, version, hash, chunk size, base, file count.
+    fn validate_fields(&self) -> Result<(), BundleError> {
         if self.format != FORMAT_INDEPENDENT && self.format != FORMAT_PREFIXED {
             return Err(field(
                 "format",
@@ -171,87 +185,93 @@ impl Manifest {
                 ),
             ));
         }
-        let mut payload: u64 = 0;
-        for (i, file) in self.files.iter().enumerate() {
-            let at = |key: &str| format!("files[{i}].{key} ({})", file.path);
-            check_path(&file.path).map_err(|reason| field(format!("files[{i}].path"), reason))?;
-            if i > 0 && self.files[i - 1].path >= file.path {
-                return Err(field(
-                    format!("files[{i}].path"),
-                    "paths must be sorted and unique",
-                ));
-            }
-            if file.mode & !0o755 != 0 {
-                return Err(field(
-                    at("mode"),
-                    format!(
-                        "{:o} has bits beyond 0755 (setuid, setgid, sticky or group/other write)",
-                        file.mode
-                    ),
-                ));
-            }
-            if file.size > MAX_FILE_SIZE {
-                return Err(field(at("size"), "is larger than 4 GiB"));
-            }
-            check_hex(&at("digest"), &file.digest)?;
-            let expected_chunks = file.size.div_ceil(CHUNK_SIZE);
-            if file.chunks.len() as u64 != expected_chunks {
-                return Err(field(
-                    at("chunks"),
-                    format!(
-                        "has {} entries, a file of {} bytes needs {expected_chunks}",
-                        file.chunks.len(),
-                        file.size
-                    ),
-                ));
-            }
-            let mut total = 0u64;
-            for (n, chunk) in file.chunks.iter().enumerate() {
-                let at = |key: &str| format!("files[{i}].chunks[{n}].{key} ({})", file.path);
-                check_hex(&at("hash"), &chunk.hash)?;
-                let full = n + 1 < file.chunks.len();
-                if chunk.size == 0 || chunk.size > CHUNK_SIZE || (full && chunk.size != CHUNK_SIZE)
-                {
-                    return Err(field(
-                        at("size"),
-                        format!(
-                            "is {}, must be {CHUNK_SIZE} (or 1 to {CHUNK_SIZE} for a file's last chunk)",
-                            chunk.size
-                        ),
-                    ));
-                }
-                match (chunk.copy, chunk.csize) {
-                    (false, Some(csize)) if (1..=max_frame(chunk.size)).contains(&csize) => {
-                        payload += csize
-                    }
-                    (false, Some(csize)) => {
-                        return Err(field(
-                            at("csize"),
-                            format!("is {csize}, must be 1 to {}", max_frame(chunk.size)),
-                        ));
-                    }
-                    (false, None) => return Err(field(at("csize"), "is missing")),
-                    (true, None) if self.base.is_some() => {}
-                    (true, None) => {
-                        return Err(field(at("copy"), "appears in a full bundle (no `base`)"));
-                    }
-                    (true, Some(_)) => {
-                        return Err(field(at("csize"), "a copied chunk has no frame"));
-                    }
-                }
-                total += chunk.size;
-            }
-            if total != file.size {
-                return Err(field(
-                    at("size"),
-                    format!("is {}, its chunks add up to {total}", file.size),
-                ));
-            }
-        }
-        if payload > crate::header::MAX_PAYLOAD_LEN {
-            return Err(field("files", "the payload would exceed 16 GiB"));
-        }
         Ok(())
+    }
+
+    /// One file entry (sorted after `previous`); returns the bytes of its frames.
+    fn validate_file(
+        &self,
+        i: usize,
+        file: &FileEntry,
+        previous: Option<&FileEntry>,
+    ) -> Result<u64, BundleError> {
+        let at = |key: &str| format!("files[{i}].{key} ({})", file.path);
+        check_path(&file.path).map_err(|reason| field(format!("files[{i}].path"), reason))?;
+        if previous.is_some_and(|p| p.path >= file.path) {
+            return Err(field(
+                format!("files[{i}].path"),
+                "paths must be sorted and unique",
+            ));
+        }
+        if file.mode & !0o755 != 0 {
+            return Err(field(
+                at("mode"),
+                format!(
+                    "{:o} has bits beyond 0755 (setuid, setgid, sticky or group/other write)",
+                    file.mode
+                ),
+            ));
+        }
+        if file.size > MAX_FILE_SIZE {
+            return Err(field(at("size"), "is larger than 4 GiB"));
+        }
+        check_hex(&at("digest"), &file.digest)?;
+        let expected_chunks = file.size.div_ceil(CHUNK_SIZE);
+        if file.chunks.len() as u64 != expected_chunks {
+            return Err(field(
+                at("chunks"),
+                format!(
+                    "has {} entries, a file of {} bytes needs {expected_chunks}",
+                    file.chunks.len(),
+                    file.size
+                ),
+            ));
+        }
+        let (mut total, mut payload) = (0u64, 0u64);
+        for (n, chunk) in file.chunks.iter().enumerate() {
+            payload += self.validate_chunk(i, file, n, chunk)?;
+            total += chunk.size;
+        }
+        if total != file.size {
+            return Err(field(
+                at("size"),
+                format!("is {}, its chunks add up to {total}", file.size),
+            ));
+        }
+        Ok(payload)
+    }
+
+    /// One chunk of a file; returns the bytes of its frame (0 for a chunk copied from the base).
+    fn validate_chunk(
+        &self,
+        i: usize,
+        file: &FileEntry,
+        n: usize,
+        chunk: &Chunk,
+    ) -> Result<u64, BundleError> {
+        let at = |key: &str| format!("files[{i}].chunks[{n}].{key} ({})", file.path);
+        check_hex(&at("hash"), &chunk.hash)?;
+        let full = n + 1 < file.chunks.len();
+        if chunk.size == 0 || chunk.size > CHUNK_SIZE || (full && chunk.size != CHUNK_SIZE) {
+            return Err(field(
+                at("size"),
+                format!(
+                    "is {}, must be {CHUNK_SIZE} (or 1 to {CHUNK_SIZE} for a file's last chunk)",
+                    chunk.size
+                ),
+            ));
+        }
+        match (chunk.copy, chunk.csize) {
+            (false, Some(csize)) if (1..=max_frame(chunk.size)).contains(&csize) => Ok(csize),
+            (false, Some(csize)) => Err(field(
+                at("csize"),
+                format!("is {csize}, must be 1 to {}", max_frame(chunk.size)),
+            )),
+            (false, None) => Err(field(at("csize"), "is missing")),
+            (true, None) if self.base.is_some() => Ok(0),
+            (true, None) => Err(field(at("copy"), "appears in a full bundle (no `base`)")),
+            (true, Some(_)) => Err(field(at("csize"), "a copied chunk has no frame")),
+        }
     }
 }
 
