@@ -201,47 +201,9 @@ impl<R: Read> Bundle<R> {
         prefix: &[u8],
         mut sink: impl FnMut(&FileEntry, usize, Chunked<'_>, Position) -> Result<(), E>,
     ) -> Result<(), ChunksError<E>> {
-        let mut at = self.offset;
-        let mut valid = false;
-        'find: for (f, file) in self.manifest.files.iter().enumerate() {
-            for c in 0..=file.chunks.len() {
-                if (f, c) == (from.file, from.chunk) {
-                    valid = at == from.offset;
-                    break 'find;
-                }
-                if let Some(chunk) = file.chunks.get(c) {
-                    at += chunk.csize.unwrap_or(0);
-                }
-            }
-        }
-        if from.file == self.manifest.files.len() && from.chunk == 0 {
-            valid = at == from.offset;
-        }
-        if !valid {
-            return Err(ChunksError::Bundle(BundleError::field(
-                "resume position",
-                format!(
-                    "file {} chunk {} at offset {} is not a chunk of this bundle",
-                    from.file, from.chunk, from.offset
-                ),
-            )));
-        }
-        let skip = from.offset - self.offset;
-        let skipped = std::io::copy(&mut (&mut self.reader).take(skip), &mut std::io::sink())
-            .map_err(|source| {
-                ChunksError::Bundle(BundleError::Read {
-                    offset: self.offset,
-                    source,
-                })
-            })?;
-        if skipped != skip {
-            return Err(ChunksError::Bundle(BundleError::Truncated {
-                what: "payload",
-                offset: self.offset + skipped,
-                needed: skip - skipped,
-            }));
-        }
-        self.offset = from.offset;
+        self.seek_to(from).map_err(ChunksError::Bundle)?;
+        // The walk itself stays one piece: the frame, plain and prefix buffers thread through
+        // every chunk (read the frame, decompress with the previous chunk, hash, hand it on).
         let mut frame = Vec::new();
         let mut plain = vec![0u8; CHUNK_SIZE as usize];
         // The content of the previous carried chunk of the current file (the next frame's
@@ -344,17 +306,67 @@ impl<R: Read> Bundle<R> {
                 prev.extend_from_slice(&plain[..size]);
             }
         }
+        self.expect_end().map_err(ChunksError::Bundle)
+    }
+
+    /// Checks that `from` is a chunk boundary of this bundle (a position a walk handed out)
+    /// and reads past the payload before it.
+    fn seek_to(&mut self, from: Position) -> Result<(), BundleError> {
+        let mut at = self.offset;
+        let mut valid = false;
+        'find: for (f, file) in self.manifest.files.iter().enumerate() {
+            for c in 0..=file.chunks.len() {
+                if (f, c) == (from.file, from.chunk) {
+                    valid = at == from.offset;
+                    break 'find;
+                }
+                if let Some(chunk) = file.chunks.get(c) {
+                    at += chunk.csize.unwrap_or(0);
+                }
+            }
+        }
+        if from.file == self.manifest.files.len() && from.chunk == 0 {
+            valid = at == from.offset;
+        }
+        if !valid {
+            return Err(BundleError::field(
+                "resume position",
+                format!(
+                    "file {} chunk {} at offset {} is not a chunk of this bundle",
+                    from.file, from.chunk, from.offset
+                ),
+            ));
+        }
+        let skip = from.offset - self.offset;
+        let skipped = std::io::copy(&mut (&mut self.reader).take(skip), &mut std::io::sink())
+            .map_err(|source| BundleError::Read {
+                offset: self.offset,
+                source,
+            })?;
+        if skipped != skip {
+            return Err(BundleError::Truncated {
+                what: "payload",
+                offset: self.offset + skipped,
+                needed: skip - skipped,
+            });
+        }
+        self.offset = from.offset;
+        Ok(())
+    }
+
+    /// Nothing may follow the last frame.
+    fn expect_end(&mut self) -> Result<(), BundleError> {
         let mut extra = [0u8; 1];
         match self.reader.read(&mut extra) {
             Ok(0) => Ok(()),
-            Ok(_) => Err(ChunksError::Bundle(BundleError::TrailingData {
+            Ok(_) => Err(BundleError::TrailingData {
                 offset: self.offset,
                 extra: 1,
-            })),
-            Err(source) => Err(ChunksError::Bundle(BundleError::Read {
+            }),
+            Err(source) => Err(BundleError::Read {
                 offset: self.offset,
                 source,
-            })),
+            }),
         }
     }
 }
