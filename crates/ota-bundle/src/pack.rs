@@ -82,6 +82,88 @@ fn compress_chunk(
     Ok(())
 }
 
+/// The chunking that runs through a release's files: each file's chunks hashed, a chunk the
+/// base already has marked `copy`, the others compressed (format 2: with the previous carried
+/// chunk of the same file as the zstd prefix) and appended to the payload.
+struct Chunker<'a, W: Write> {
+    in_base: std::collections::HashSet<&'a str>,
+    level: i32,
+    /// The bundle being written, named in errors.
+    out: &'a Path,
+    payload: W,
+    buf: Vec<u8>,
+    /// The previous chunk of the same file, when it was carried; empty when there is none.
+    prev: Vec<u8>,
+    frame: Vec<u8>,
+    /// Bytes of the release chunked so far.
+    done: u64,
+}
+
+impl<W: Write> Chunker<'_, W> {
+    /// One file of the release, `relative` in the bundle, read from `full`.
+    fn file(
+        &mut self,
+        relative: &str,
+        full: &Path,
+        size: u64,
+        mut progress: impl FnMut(u64),
+    ) -> Result<FileEntry, BundleError> {
+        let write_err = |source| BundleError::Write {
+            path: self.out.to_owned(),
+            source,
+        };
+        let read_err = |source| BundleError::Release {
+            path: full.to_owned(),
+            reason: format!("cannot read: {source}"),
+        };
+        self.prev.clear();
+        let file = File::open(full).map_err(read_err)?;
+        let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o755;
+        let mut reader = BufReader::new(file);
+        let mut whole = blake3::Hasher::new();
+        let mut chunks = Vec::new();
+        let mut remaining = size;
+        while remaining > 0 {
+            let n = remaining.min(CHUNK_SIZE) as usize;
+            let chunk = &mut self.buf[..n];
+            reader.read_exact(chunk).map_err(read_err)?;
+            whole.update(chunk);
+            let hash = blake3::hash(chunk).to_hex().to_string();
+            if self.in_base.contains(hash.as_str()) {
+                chunks.push(Chunk {
+                    hash,
+                    size: n as u64,
+                    csize: None,
+                    copy: true,
+                });
+                self.prev.clear();
+            } else {
+                compress_chunk(self.level, &self.prev, chunk, &mut self.frame)
+                    .map_err(write_err)?;
+                self.payload.write_all(&self.frame).map_err(write_err)?;
+                chunks.push(Chunk {
+                    hash,
+                    size: n as u64,
+                    csize: Some(self.frame.len() as u64),
+                    copy: false,
+                });
+                self.prev.clear();
+                self.prev.extend_from_slice(chunk);
+            }
+            remaining -= n as u64;
+            self.done += n as u64;
+            progress(self.done);
+        }
+        Ok(FileEntry {
+            path: relative.to_owned(),
+            mode,
+            size,
+            digest: whole.finalize().to_hex().to_string(),
+            chunks,
+        })
+    }
+}
+
 fn pack_against(
     dir: &Path,
     out: &Path,
@@ -107,66 +189,22 @@ fn pack_against(
     };
     // Frames go to a temporary file beside the output, then after the header and manifest.
     let mut payload = tempfile::tempfile_in(out_dir).map_err(write_err(out_dir))?;
-    let mut payload_writer = BufWriter::new(&mut payload);
+    let mut chunker = Chunker {
+        in_base,
+        level: options.level,
+        out,
+        payload: BufWriter::new(&mut payload),
+        buf: vec![0u8; CHUNK_SIZE as usize],
+        prev: Vec::with_capacity(CHUNK_SIZE as usize),
+        frame: Vec::new(),
+        done: 0,
+    };
     let mut entries = Vec::with_capacity(files.len());
-    let mut done = 0u64;
-    let mut buf = vec![0u8; CHUNK_SIZE as usize];
-    // The previous chunk of the same file, when it was carried (format 2: the next frame is
-    // compressed with it as a prefix); empty when there is none.
-    let mut prev: Vec<u8> = Vec::with_capacity(CHUNK_SIZE as usize);
-    let mut frame = Vec::new();
     for (relative, full, size) in &files {
-        prev.clear();
-        let read_err = |source| BundleError::Release {
-            path: full.clone(),
-            reason: format!("cannot read: {source}"),
-        };
-        let file = File::open(full).map_err(read_err)?;
-        let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o755;
-        let mut reader = BufReader::new(file);
-        let mut whole = blake3::Hasher::new();
-        let mut chunks = Vec::new();
-        let mut remaining = *size;
-        while remaining > 0 {
-            let n = remaining.min(CHUNK_SIZE) as usize;
-            reader.read_exact(&mut buf[..n]).map_err(read_err)?;
-            whole.update(&buf[..n]);
-            let hash = blake3::hash(&buf[..n]).to_hex().to_string();
-            if in_base.contains(hash.as_str()) {
-                chunks.push(Chunk {
-                    hash,
-                    size: n as u64,
-                    csize: None,
-                    copy: true,
-                });
-                prev.clear();
-            } else {
-                compress_chunk(options.level, &prev, &buf[..n], &mut frame)
-                    .map_err(write_err(out))?;
-                payload_writer.write_all(&frame).map_err(write_err(out))?;
-                chunks.push(Chunk {
-                    hash,
-                    size: n as u64,
-                    csize: Some(frame.len() as u64),
-                    copy: false,
-                });
-                prev.clear();
-                prev.extend_from_slice(&buf[..n]);
-            }
-            remaining -= n as u64;
-            done += n as u64;
-            progress(done, total);
-        }
-        entries.push(FileEntry {
-            path: relative.clone(),
-            mode,
-            size: *size,
-            digest: whole.finalize().to_hex().to_string(),
-            chunks,
-        });
+        entries.push(chunker.file(relative, full, *size, |done| progress(done, total))?);
     }
-    payload_writer.flush().map_err(write_err(out))?;
-    drop(payload_writer);
+    chunker.payload.flush().map_err(write_err(out))?;
+    drop(chunker);
     let manifest = Manifest {
         format: crate::manifest::FORMAT_PREFIXED,
         product: options.product.clone(),
