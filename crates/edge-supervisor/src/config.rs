@@ -17,7 +17,7 @@ pub use replica_model::{Probe, ProbeAction, Probes, RestartPolicy};
 
 /// The directory of the running supervisor binary: where the factory release lives (the
 /// default of `ota.factory_bin`). Here, not in `process`, so that configuration imports no
-/// process code (and the pure model, which reads the configuration, cannot reach it).
+/// process code.
 fn own_dir() -> PathBuf {
     std::env::current_exe()
         .ok()
