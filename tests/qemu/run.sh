@@ -85,15 +85,21 @@ grown() {
     read -r end disk part fs <<<"$(data_sizes)"
     [ "$disk" = "$1" ] && [ $((disk - end)) -le 2048 ] && [ $((part - fs)) -le 2097152 ]
 }
+# grow_steps: what this boot's grow-data did, "partition" and/or "file-system", in order.
+grow_steps() {
+    guest 'journalctl -b -u quote-edge-grow-data -o cat' |
+        sed -n -e 's/^growing \/dev\/.*/partition/p' -e 's/^growing the ext4.*/file-system/p' | paste -sd, -
+}
 check_grow() {
-    local disk sizes
+    local disk sizes steps
     disk=$(($(stat -c %s "$work/disk.img") / 512))
     wait_for 120 guest 'systemctl is-active quote-edge-grow-data' || true
     sizes=$(data_sizes)
-    if grown "$disk" && [ "$(cut -d' ' -f4 <<<"$sizes")" -gt $((256 << 20)) ]; then
-        pass grow "1 GiB card: data partition now ends at sector $(cut -d' ' -f1 <<<"$sizes") of $disk, ext4 $(($(cut -d' ' -f4 <<<"$sizes") >> 20)) MiB (image: 256 MiB); $(guest 'journalctl -b -u quote-edge-grow-data -o cat | grep -c "^growing"') growth steps logged"
+    steps=$(grow_steps)
+    if grown "$disk" && [ "$(cut -d' ' -f4 <<<"$sizes")" -gt $((256 << 20)) ] && [ "$steps" = partition,file-system ]; then
+        pass grow "1 GiB card: data partition now ends at sector $(cut -d' ' -f1 <<<"$sizes") of $disk, ext4 $(($(cut -d' ' -f4 <<<"$sizes") >> 20)) MiB (image: 256 MiB); steps: $steps"
     else
-        fail grow "data partition end/disk/partition bytes/fs bytes: $sizes; $(guest 'systemctl status --no-pager quote-edge-grow-data' | tail -5)"
+        fail grow "data partition end/disk/partition bytes/fs bytes: $sizes; steps: '$steps'; $(guest 'systemctl status --no-pager quote-edge-grow-data' | tail -5)"
     fi
 }
 
@@ -230,8 +236,7 @@ check_grow_resume() {
     wait_for 120 guest 'systemctl is-active quote-edge-grow-data' || true
     sizes=$(data_sizes)
     local steps
-    # What this boot's grow-data did: "partition" and/or "file-system", one per step taken.
-    steps=$(guest 'journalctl -b -u quote-edge-grow-data -o cat' | sed -n -e 's/^growing \/dev\/.*/partition/p' -e 's/^growing the ext4.*/file-system/p' | paste -sd, -)
+    steps=$(grow_steps)
     if grown "$disk" && [ "$(cut -d' ' -f3 <<<"$sizes")" = $((after * 512)) ] && [ "$steps" = file-system ] && quote_is "$id" "$text"; then
         pass grow-resume "partition grown on the host ($((before / 2048)) -> $((after / 2048)) MiB), file system not: the boot grew only the file system (ext4 now $(($(cut -d' ' -f4 <<<"$sizes") >> 20)) MiB); quote $id intact"
     else
