@@ -372,11 +372,6 @@ impl Agent {
         release_dir(release, &self.layout, &self.settings.factory_bin)
     }
 
-    /// The `[ota]` settings.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     /// The version of a release, `factory` for the one shipped with the device.
     fn version_of(&self, release: Release) -> String {
         match release {
