@@ -206,10 +206,18 @@ impl Bound {
         };
         let stop_router = servers.spawn(&settings, backends, &metrics, &events);
 
+        let notify = {
+            let events = events.clone();
+            Arc::new(move |event| {
+                let _ = events.blocking_send(Event::Ota(event));
+            })
+        };
         let agent = Agent::open(
             Layout::new(&settings.data_dir),
             settings.ota.clone(),
+            settings.trusted_keys.clone(),
             process::release_command(&settings.service, &settings.data_dir),
+            notify,
         )?;
         tracing::info!(release = %agent.running_version(), "release");
         let now = Instant::now();
@@ -427,17 +435,8 @@ impl Dispatcher {
         }
     }
 
-    /// Sends an OTA agent's result back into the loop (from a blocking task).
-    fn ota_sender(&self) -> impl FnOnce(OtaEvent) + Send + 'static {
-        let events = self.events.clone();
-        move |event| {
-            let _ = events.blocking_send(Event::Ota(event));
-        }
-    }
-
     fn scan(&mut self) {
-        let done = self.ota_sender();
-        self.agent.scan(&self.settings.trusted_keys, done);
+        self.agent.scan();
     }
 
     fn ota_event(&mut self, event: OtaEvent, now: Instant) {
@@ -448,23 +447,13 @@ impl Dispatcher {
                     && !self.stopping
                 {
                     tracing::info!(bundle = %bundle.display(), "inbox: installing");
-                    let done = self.ota_sender();
-                    let keys = self.settings.trusted_keys.clone();
-                    if let Err(error) = self.agent.start_install(bundle, keys, done) {
+                    if let Err(error) = self.agent.start_install(bundle) {
                         tracing::debug!(%error, "inbox: not now");
                     }
                 }
                 Step::None
             }
-            OtaEvent::Installed(result) => {
-                let (state, result) = *result;
-                let done = self.ota_sender();
-                self.agent.installed(state, result, done);
-                Step::None
-            }
-            OtaEvent::Snapshotted(result) => self.agent.snapshotted(result, now),
-            OtaEvent::HealthChecked(result) => self.agent.health_checked(result),
-            OtaEvent::Restored(result) => self.agent.restored(result),
+            other => self.agent.on_event(other, now),
         };
         self.ota_apply(step, now);
     }
@@ -475,26 +464,16 @@ impl Dispatcher {
             return;
         }
         if self.agent.draining() && self.model.is_empty() {
-            let done = self.ota_sender();
-            self.agent.drained(done);
+            let step = self.agent.drained(now);
+            self.ota_apply(step, now);
         }
         let model = &self.model;
-        let (step, check) = self.agent.watch(
+        let step = self.agent.watch(
             |revision| model.settled_on(revision),
             |revision| model.failures(revision).map(|(_, last)| last.clone()),
             now,
         );
         self.ota_apply(step, now);
-        if check {
-            let commands = self.settings.ota.health_commands.clone();
-            let events = self.events.clone();
-            tokio::spawn(async move {
-                let result = ota_agent::health_commands(commands).await;
-                let _ = events
-                    .send(Event::Ota(OtaEvent::HealthChecked(result)))
-                    .await;
-            });
-        }
     }
 
     fn ota_apply(&mut self, step: Step, now: Instant) {
@@ -559,9 +538,7 @@ impl Dispatcher {
                         &format!("cannot read the bundle {bundle}: {error}"),
                     );
                 }
-                let done = self.ota_sender();
-                let keys = self.settings.trusted_keys.clone();
-                match self.agent.start_install(path, keys, done) {
+                match self.agent.start_install(path) {
                     Ok(()) => Reply::Accepted {
                         message: format!(
                             "installing {bundle}; `status` shows the progress and the result"

@@ -1,14 +1,15 @@
 //! The OTA agent, linked into the supervisor: verify a bundle, install it in the inactive slot,
 //! snapshot the database, switch, roll the replicas over one at a time, try the new release,
 //! then commit, or roll back with the database restored and the trial's quotes exported.
-//! (`agent.md` has the diagram.)
 //!
-//! The dispatcher owns the [`Agent`] and calls it on every step; slow work (verifying and
-//! writing a bundle, the database snapshot and restore, health commands, inbox scans) runs on
-//! blocking tasks that report back as [`OtaEvent`]s. The slot state (`ota-slots`) is saved
-//! before each step that depends on it, so that after a power cut at any instant the agent
-//! starts from a consistent slot: an interrupted install is abandoned (the bundle is offered
-//! again), an interrupted trial is tried again, up to `max_trial_boots`, then rolled back.
+//! [`Agent`] is the I/O driver around the pure [`Machine`] (`machine.rs`, diagram in
+//! `agent.md`): it owns the slot state (`ota-slots`), carries out the machine's actions, and
+//! runs the slow ones (verifying and writing a bundle, the database snapshot and restore,
+//! health commands, inbox scans) on tasks that report back as [`OtaEvent`]s through the
+//! dispatcher. The slot state is saved before each step that depends on it, so that after a
+//! power cut at any instant the agent starts from a consistent slot: an interrupted install
+//! resumes or is abandoned (the bundle is offered again), an interrupted trial is tried again,
+//! up to `max_trial_boots`, then rolled back.
 //!
 //! Architecture invariant: the agent never writes a byte to a slot that `ota_bundle` has not
 //! verified against the signed manifest; it checks the product, the anti-rollback floor and
@@ -24,10 +25,14 @@ use edge_proto::{Progress, UpdateOutcome, UpdateResult, UpdateState, UpdateStatu
 use ota_slots::{Journal, Outcome, RealFs, Release, SlotName, State, StateFile, failpoint};
 
 use crate::database::{
-    DatabaseError, HealthError, ReleaseCommand, restore_database, snapshot_database,
+    DatabaseError, HealthError, ReleaseCommand, health_commands, restore_database,
+    snapshot_database,
 };
 use crate::inbox::{expand_inboxes, scan_inboxes};
 use crate::install::Install;
+use crate::machine::{
+    Action, Event, Machine, OutOfPhase, Phase, Refusal, Restart, Target, Timings, after_restart,
+};
 use crate::settings::Settings;
 use crate::trust::accept_keysets;
 
@@ -158,7 +163,8 @@ pub struct Installed {
     pub took: Duration,
 }
 
-/// Results of the agent's blocking tasks, delivered to the dispatcher.
+/// Results of the agent's blocking tasks, delivered to the dispatcher, which hands them back
+/// with [`Agent::on_event`] (all but `Found`, which it acts on itself).
 #[derive(Debug)]
 pub enum OtaEvent {
     /// An inbox scan found bundles worth offering, best first.
@@ -169,73 +175,27 @@ pub enum OtaEvent {
     Restored(Result<(), DatabaseError>),
 }
 
-/// What the agent is doing.
-#[derive(Debug)]
-pub enum Phase {
-    Idle,
-    Installing {
-        bundle: PathBuf,
-    },
-    Snapshotting {
-        installed: Installed,
-    },
-    /// Replicas are being replaced by the new release (`revision`); the trial clock starts
-    /// when all of them are ready.
-    Trial {
-        revision: u64,
-        version: String,
-        issued_at: u64,
-        bundle: Option<PathBuf>,
-        deadline: Instant,
-        healthy_since: Option<Instant>,
-    },
-    Checking {
-        version: String,
-        issued_at: u64,
-        bundle: Option<PathBuf>,
-    },
-    /// Every replica is being stopped (`draining`), then the database restored, then the
-    /// previous release started.
-    RollingBack {
-        reason: String,
-        version: String,
-        bundle: Option<PathBuf>,
-        draining: bool,
-    },
-}
+/// Where the agent's tasks report their [`OtaEvent`]s (the dispatcher's queue); always called
+/// from a blocking thread, so it may block.
+pub type Notify = Arc<dyn Fn(OtaEvent) + Send + Sync>;
 
-impl Phase {
-    /// The phase as `status` shows it.
-    fn state(&self) -> UpdateState {
-        match self {
-            Phase::Idle => UpdateState::Idle,
-            Phase::Installing { .. } => UpdateState::Installing,
-            Phase::Snapshotting { .. } => UpdateState::Snapshotting,
-            Phase::Trial {
-                healthy_since: None,
-                ..
-            } => UpdateState::RollingOut,
-            Phase::Trial { .. } => UpdateState::Trial,
-            Phase::Checking { .. } => UpdateState::Checking,
-            Phase::RollingBack { .. } => UpdateState::RollingBack,
-        }
-    }
-}
-
-/// The agent's state, owned by the dispatcher.
-#[derive(Debug)]
+/// The agent: the I/O driver around the pure [`Machine`]. It owns the slot state, runs what the
+/// machine's actions name (blocking work on tasks that report through [`Notify`]) and turns
+/// the results into the machine's events. Owned by the dispatcher.
 pub struct Agent {
     layout: Layout,
     settings: Settings,
+    /// The directory of the factory's trusted keys (`--trusted-keys`).
+    trusted_keys: PathBuf,
     state: State,
-    phase: Phase,
+    machine: Machine,
     /// Runs a release's database tool the way the supervisor runs the release.
     release_command: ReleaseCommand,
+    notify: Notify,
     file: StateFile,
     progress: Arc<(AtomicU64, AtomicU64)>,
     /// Release of each model revision (revision 0 is what ran at start).
     releases: HashMap<u64, Release>,
-    next_revision: u64,
     /// Bundles already taken (by path, size and mtime): an inbox scan does not offer an
     /// unchanged file again, so a refused bundle is not refused every scan.
     judged: HashMap<PathBuf, (u64, SystemTime)>,
@@ -248,6 +208,16 @@ pub struct Agent {
     resumed: u64,
     /// Bytes the last install found already in the slot (for its receipt).
     unchanged: u64,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("dir", &self.layout.dir)
+            .field("phase", self.machine.phase())
+            .field("active", &self.state.active)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the dispatcher must do for the agent.
@@ -263,81 +233,36 @@ pub enum Step {
 
 impl Agent {
     /// Loads the slot state and settles what a power cut or crash interrupted: an install is
-    /// abandoned; a trial is counted, and rolled back when it has taken too many starts (the
-    /// database is restored before the previous release runs again).
+    /// abandoned unless its journal lets it resume; a trial is counted, and rolled back when it
+    /// has taken too many starts (the database is restored before the previous release runs
+    /// again).
     pub fn open(
         layout: Layout,
         settings: Settings,
+        trusted_keys: PathBuf,
         release_command: ReleaseCommand,
+        notify: Notify,
     ) -> Result<Agent, UpdateError> {
-        let (file, mut state) = layout.open_state()?;
-        let mut journal = Journal::new(&layout.dir);
-        let resumable = journal.read().filter(|mark| {
-            let info = state.slot(mark.slot);
-            info.status == ota_slots::SlotStatus::Installing
-                && info.bundle_digest.as_deref() == Some(mark.digest.as_str())
-        });
-        for slot in [SlotName::A, SlotName::B] {
-            if let Some(mark) = resumable.as_ref().filter(|m| m.slot == slot) {
-                tracing::warn!(
-                    slot = slot.as_str(),
-                    file = mark.file,
-                    chunk = mark.chunk,
-                    "an install was interrupted; it resumes when its bundle is offered again"
-                );
-                continue;
-            }
-            if state.slot(slot).status == ota_slots::SlotStatus::Installing {
-                tracing::warn!(
-                    slot = slot.as_str(),
-                    "an install was interrupted; the slot is emptied and the bundle will be offered again"
-                );
-                state = file.save(&mut RealFs, &state.abandon_install(slot)?)?;
-            }
-        }
-        if resumable.is_none() {
-            let _ = journal.clear();
-        }
-        let mut phase = Phase::Idle;
-        if let Some(trial) = state.trial.clone() {
-            let next = state.restart_trial()?;
-            state = file.save(&mut RealFs, &next)?;
-            let version = state.slot(trial.slot).version.clone().unwrap_or_default();
-            if trial.attempts + 1 >= settings.max_trial_boots {
-                let reason = format!(
-                    "release {version} was on trial through {} supervisor starts",
-                    trial.attempts + 1
-                );
-                tracing::error!(%reason, "rolling back at start");
-                let previous = state.previous.unwrap_or(Release::Factory);
-                let dir = release_dir(previous, &layout, &settings.factory_bin);
-                if let Err(error) = restore_database(&layout, &release_command, &dir) {
-                    tracing::error!(%error, "the database could not be restored from the snapshot");
-                }
-                state = file.save(&mut RealFs, &state.rollback(&reason)?)?;
-            } else {
-                tracing::warn!(%version, attempt = trial.attempts + 1, "the supervisor restarted during a trial: trying again");
-                phase = Phase::Trial {
-                    revision: 0,
-                    version,
-                    issued_at: 0,
-                    bundle: None,
-                    deadline: Instant::now() + settings.trial_deadline,
-                    healthy_since: None,
-                };
-            }
-        }
+        let (file, state) = layout.open_state()?;
+        let state = settle_installs(&layout, &file, state)?;
+        let timings = Timings {
+            trial: settings.trial,
+            trial_deadline: settings.trial_deadline,
+        };
+        let (state, machine) =
+            settle_trial(&layout, &settings, &release_command, &file, state, timings)?;
         let releases = HashMap::from([(0, state.active)]);
         Ok(Agent {
             layout,
             settings,
+            trusted_keys,
             state,
-            phase,
+            machine,
             release_command,
+            notify,
             file,
             progress: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
             releases,
-            next_revision: 1,
             judged: HashMap::new(),
             scanning: false,
             started_at: unix_now(),
@@ -348,7 +273,7 @@ impl Agent {
     }
 
     pub fn is_idle(&self) -> bool {
-        matches!(self.phase, Phase::Idle)
+        matches!(self.machine.phase(), Phase::Idle)
     }
 
     /// The version of the release running now (`factory` for the one shipped with the device).
@@ -387,15 +312,17 @@ impl Agent {
 
     /// `status --json`'s `update`.
     pub fn status(&self) -> UpdateStatus {
-        let target = match &self.phase {
+        let phase = self.machine.phase();
+        let target = match phase {
             Phase::Idle => None,
             Phase::Installing { bundle } => Some(bundle.display().to_string()),
-            Phase::Snapshotting { installed } => Some(installed.version.clone()),
-            Phase::Trial { version, .. }
-            | Phase::Checking { version, .. }
-            | Phase::RollingBack { version, .. } => Some(version.clone()),
+            Phase::Snapshotting { target }
+            | Phase::Switching { target }
+            | Phase::Trial { target, .. }
+            | Phase::Checking { target }
+            | Phase::RollingBack { target, .. } => Some(target.version.clone()),
         };
-        let progress = matches!(self.phase, Phase::Installing { .. }).then(|| Progress {
+        let progress = matches!(phase, Phase::Installing { .. }).then(|| Progress {
             done: self.progress.0.load(Ordering::Relaxed),
             total: self.progress.1.load(Ordering::Relaxed),
         });
@@ -405,44 +332,224 @@ impl Agent {
                 Release::Factory => None,
                 Release::Slot(slot) => Some(slot.as_str().to_owned()),
             },
-            state: self.phase.state(),
+            state: phase.state(),
             target,
             progress,
-            last_result: self.refusal.clone().or_else(|| {
-                self.state.last_result.as_ref().map(|o| match o {
-                    Outcome::Committed { version } => UpdateResult {
-                        result: UpdateOutcome::Committed,
-                        version: version.clone(),
-                        reason: None,
-                    },
-                    Outcome::RolledBack { version, reason } => UpdateResult {
-                        result: UpdateOutcome::RolledBack,
-                        version: version.clone(),
-                        reason: Some(reason.clone()),
-                    },
-                    Outcome::InstallFailed { version, reason } => UpdateResult {
-                        result: UpdateOutcome::InstallFailed,
-                        version: version.clone(),
-                        reason: Some(reason.clone()),
-                    },
-                })
-            }),
+            last_result: self
+                .refusal
+                .clone()
+                .or_else(|| self.state.last_result.as_ref().map(update_result)),
             security_version: self.state.highest_security_version,
         }
     }
 
     /// Starts installing `bundle` on a blocking task; refused unless idle.
-    pub fn start_install(
+    pub fn start_install(&mut self, bundle: PathBuf) -> Result<(), NotIdle> {
+        self.drive(Event::Install { bundle }, Instant::now())
+            .map(|_| ())
+            .map_err(|refused| NotIdle {
+                phase: refused.phase,
+            })
+    }
+
+    /// Takes a blocking task's result (not `Found`, which the dispatcher acts on).
+    pub fn on_event(&mut self, event: OtaEvent, now: Instant) -> Step {
+        let event = match event {
+            OtaEvent::Found(_) => {
+                tracing::warn!("an inbox scan's result was handed to the agent: ignored");
+                return Step::None;
+            }
+            OtaEvent::Installed(done) => self.installed(*done),
+            OtaEvent::Snapshotted(result) => Event::Snapshotted(result.map_err(|error| {
+                tracing::error!(%error, "no database snapshot, so no update: the slot stays installed but unused");
+                error.to_string()
+            })),
+            OtaEvent::HealthChecked(result) => Event::HealthChecked(result.map_err(|e| e.to_string())),
+            OtaEvent::Restored(result) => Event::Restored(result.map_err(|error| {
+                tracing::error!(%error, "the database could not be restored from the snapshot");
+                error.to_string()
+            })),
+        };
+        self.drive(event, now).unwrap_or(Step::None)
+    }
+
+    /// The install finished: adopts the state it saved and reports it to the machine.
+    fn installed(&mut self, (state, result): (State, Result<Installed, UpdateError>)) -> Event {
+        self.state = state;
+        Event::Installed(match result {
+            Ok(installed) => {
+                self.resumed = installed.resumed;
+                self.unchanged = installed.unchanged;
+                tracing::info!(version = %installed.version, slot = installed.slot.as_str(), bytes = installed.bytes, unchanged = installed.unchanged, resumed = installed.resumed, took_ms = installed.took.as_millis() as u64, "release installed; taking a database snapshot");
+                Ok(Target {
+                    slot: installed.slot,
+                    version: installed.version,
+                    issued_at: installed.issued_at,
+                    bundle: Some(installed.bundle),
+                })
+            }
+            Err(error) => {
+                tracing::error!(%error, "update refused");
+                Err(Refusal {
+                    reason: error.to_string(),
+                    slot_touched: matches!(error, UpdateError::Install { .. }),
+                })
+            }
+        })
+    }
+
+    /// Judges the trial from the model's view: `settled` (every replica of the revision on
+    /// trial ready), and that revision's failures.
+    pub fn watch(
         &mut self,
-        bundle: PathBuf,
-        trusted_keys: PathBuf,
-        done: impl FnOnce(OtaEvent) + Send + 'static,
-    ) -> Result<(), NotIdle> {
-        if !self.is_idle() {
-            return Err(NotIdle {
-                phase: self.phase.state(),
-            });
+        settled: impl Fn(u64) -> bool,
+        failures: impl Fn(u64) -> Option<String>,
+        now: Instant,
+    ) -> Step {
+        let Some(revision) = self.machine.trial_revision() else {
+            return Step::None;
+        };
+        let event = Event::Watched {
+            settled: settled(revision),
+            failure: failures(revision),
+        };
+        self.drive(event, now).unwrap_or(Step::None)
+    }
+
+    /// When [`Agent::watch`] needs to look again (the trial time running out, the deadline).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.machine.next_deadline()
+    }
+
+    /// Whether the agent waits for every replica to stop.
+    pub fn draining(&self) -> bool {
+        matches!(
+            self.machine.phase(),
+            Phase::RollingBack { draining: true, .. }
+        )
+    }
+
+    /// Every replica has stopped: the database is restored next (on a blocking task).
+    pub fn drained(&mut self, now: Instant) -> Step {
+        self.drive(Event::Drained, now).unwrap_or(Step::None)
+    }
+
+    /// Hands `event` to the machine and carries out its actions, feeding back the events of
+    /// the actions done on the spot (the switch). An event out of phase is reported and changes
+    /// nothing.
+    fn drive(&mut self, event: Event, now: Instant) -> Result<Step, OutOfPhase> {
+        let mut step = Step::None;
+        let mut next = Some(event);
+        let mut first = true;
+        while let Some(event) = next.take() {
+            let before = self.machine.phase().state();
+            let actions = match self.machine.handle(event, now) {
+                Ok(actions) => actions,
+                Err(refused) if first => {
+                    tracing::warn!(%refused, "ignored");
+                    return Err(refused);
+                }
+                Err(refused) => {
+                    tracing::error!(%refused, "the agent fed itself an event out of phase");
+                    break;
+                }
+            };
+            first = false;
+            if before == UpdateState::RollingOut
+                && self.machine.phase().state() == UpdateState::Trial
+            {
+                failpoint::hit("agent.rolled_out");
+            }
+            for action in actions {
+                if let Some(event) = self.act(action, &mut step) {
+                    next = Some(event);
+                }
+            }
         }
+        Ok(step)
+    }
+
+    /// Carries out one action; returns the event it produced on the spot, if any.
+    fn act(&mut self, action: Action, step: &mut Step) -> Option<Event> {
+        match action {
+            Action::Install { bundle } => self.spawn_install(bundle),
+            Action::Refused { bundle, refusal } => self.record_refusal(&bundle, refusal),
+            Action::Snapshot => {
+                let dir = release_dir(self.state.active, &self.layout, &self.settings.factory_bin);
+                let (layout, command) = (self.layout.clone(), self.release_command.clone());
+                let notify = Arc::clone(&self.notify);
+                tokio::task::spawn_blocking(move || {
+                    notify(OtaEvent::Snapshotted(snapshot_database(
+                        &layout, &command, &dir,
+                    )));
+                });
+            }
+            Action::Switch { slot } => {
+                failpoint::hit("agent.snapshotted");
+                let switched = self.persist(self.state.switch(slot)).map_err(|error| {
+                    tracing::error!(%error, "cannot record the switch; the update is not started");
+                    error.to_string()
+                });
+                return Some(Event::Switched(switched));
+            }
+            Action::RollOut { revision, slot } => {
+                self.releases.insert(revision, Release::Slot(slot));
+                tracing::info!(
+                    slot = slot.as_str(),
+                    "switched; replacing the replicas one at a time"
+                );
+                *step = Step::RollOut(revision);
+            }
+            Action::CheckHealth => {
+                let commands = self.settings.health_commands.clone();
+                let notify = Arc::clone(&self.notify);
+                // On a blocking thread like every other task, so that `notify` may block.
+                tokio::task::spawn_blocking(move || {
+                    let runtime = tokio::runtime::Handle::current();
+                    let result = runtime.block_on(health_commands(commands));
+                    notify(OtaEvent::HealthChecked(result));
+                });
+            }
+            Action::Commit { target } => self.commit(target),
+            Action::Recreate { revision } => {
+                let previous = self.state.previous.unwrap_or(Release::Factory);
+                self.releases.insert(revision, previous);
+                if let Phase::RollingBack { target, reason, .. } = self.machine.phase() {
+                    tracing::error!(version = %target.version, %reason, "rolling back: stopping the new release, restoring the database");
+                }
+                *step = Step::Recreate(revision);
+            }
+            Action::Restore => {
+                failpoint::hit("agent.drained");
+                let previous = self.state.previous.unwrap_or(Release::Factory);
+                let dir = release_dir(previous, &self.layout, &self.settings.factory_bin);
+                let (layout, command) = (self.layout.clone(), self.release_command.clone());
+                let notify = Arc::clone(&self.notify);
+                tokio::task::spawn_blocking(move || {
+                    notify(OtaEvent::Restored(restore_database(
+                        &layout, &command, &dir,
+                    )));
+                });
+            }
+            Action::RecordRollback { target, reason } => {
+                failpoint::hit("agent.restored");
+                if let Err(error) = self.persist(self.state.rollback(&reason)) {
+                    tracing::error!(%error, "cannot record the rollback");
+                }
+                self.write_receipt(
+                    target.bundle.as_deref(),
+                    "rolled_back",
+                    Some(&target.version),
+                    &reason,
+                );
+            }
+            Action::Resume => *step = Step::Resume,
+        }
+        None
+    }
+
+    /// Runs the install on a blocking task; it reports [`OtaEvent::Installed`].
+    fn spawn_install(&mut self, bundle: PathBuf) {
         // Only the bundle taken is judged: the other candidates of the same scan stay on offer.
         if let Ok(meta) = std::fs::metadata(&bundle) {
             self.judged.insert(
@@ -450,9 +557,6 @@ impl Agent {
                 (meta.len(), meta.modified().unwrap_or(UNIX_EPOCH)),
             );
         }
-        self.phase = Phase::Installing {
-            bundle: bundle.clone(),
-        };
         self.refusal = None;
         self.resumed = 0;
         self.unchanged = 0;
@@ -461,230 +565,60 @@ impl Agent {
         self.progress.1.store(0, Ordering::Relaxed);
         let job = Install {
             bundle,
-            trusted_keys,
+            trusted_keys: self.trusted_keys.clone(),
             product: self.settings.product.clone(),
             layout: self.layout.clone(),
             file: self.file.clone(),
             state: self.state.clone(),
             progress: Arc::clone(&self.progress),
         };
+        let notify = Arc::clone(&self.notify);
         tokio::task::spawn_blocking(move || {
             let (state, result) = job.run();
-            done(OtaEvent::Installed(Box::new((state, result))));
+            notify(OtaEvent::Installed(Box::new((state, result))));
         });
-        Ok(())
     }
 
-    /// The install finished: on success the database snapshot comes next, by the running
-    /// release, on a blocking task that reports [`OtaEvent::Snapshotted`] to `done`.
-    pub fn installed(
-        &mut self,
-        state: State,
-        result: Result<Installed, UpdateError>,
-        done: impl FnOnce(OtaEvent) + Send + 'static,
-    ) {
-        self.state = state;
-        match result {
-            Ok(installed) => {
-                self.resumed = installed.resumed;
-                self.unchanged = installed.unchanged;
-                tracing::info!(version = %installed.version, slot = installed.slot.as_str(), bytes = installed.bytes, unchanged = installed.unchanged, resumed = installed.resumed, took_ms = installed.took.as_millis() as u64, "release installed; taking a database snapshot");
-                self.phase = Phase::Snapshotting { installed };
-                let layout = self.layout.clone();
-                let command = self.release_command.clone();
-                let dir = release_dir(self.state.active, &self.layout, &self.settings.factory_bin);
-                tokio::task::spawn_blocking(move || {
-                    done(OtaEvent::Snapshotted(snapshot_database(
-                        &layout, &command, &dir,
-                    )));
-                });
-            }
-            Err(error) => {
-                tracing::error!(%error, "update refused");
-                if let Phase::Installing { bundle } = &self.phase {
-                    if matches!(error, UpdateError::Install { .. }) {
-                        // Stopped while writing: a bundle to blame is in failed_bundles (never
-                        // offered again); one that is not (the stick was pulled) is offered again.
-                        self.judged.remove(bundle);
-                    }
-                    self.write_receipt(Some(bundle), "refused", None, &error.to_string());
-                    if !matches!(error, UpdateError::Install { .. }) {
-                        self.refusal = Some(UpdateResult {
-                            result: UpdateOutcome::Refused,
-                            version: bundle.display().to_string(),
-                            reason: Some(error.to_string()),
-                        });
-                    }
-                }
-                self.phase = Phase::Idle;
-            }
+    fn record_refusal(&mut self, bundle: &Path, refusal: Refusal) {
+        if refusal.slot_touched {
+            // Stopped while writing: a bundle to blame is in failed_bundles (never offered
+            // again); one that is not (the stick was pulled) is offered again.
+            self.judged.remove(bundle);
+        }
+        self.write_receipt(Some(bundle), "refused", None, &refusal.reason);
+        if !refusal.slot_touched {
+            self.refusal = Some(UpdateResult {
+                result: UpdateOutcome::Refused,
+                version: bundle.display().to_string(),
+                reason: Some(refusal.reason),
+            });
         }
     }
 
-    /// The snapshot is taken (or failed): switch, and roll out the new release.
-    pub fn snapshotted(&mut self, result: Result<(), DatabaseError>, now: Instant) -> Step {
-        let Some(Phase::Snapshotting { installed }) =
-            self.take_phase("snapshotted", |p| matches!(p, Phase::Snapshotting { .. }))
-        else {
-            return Step::None;
-        };
-        failpoint::hit("agent.snapshotted");
-        if let Err(error) = result {
-            tracing::error!(%error, "no database snapshot, so no update: the slot stays installed but unused");
-            return Step::None;
-        }
-        let next = match self.state.switch(installed.slot) {
-            Ok(next) => next,
-            Err(error) => {
-                tracing::error!(%error, "cannot switch");
-                return Step::None;
-            }
-        };
-        match self.file.save(&mut RealFs, &next) {
-            Ok(saved) => self.state = saved,
-            Err(error) => {
-                tracing::error!(%error, "cannot record the switch; the update is not started");
-                return Step::None;
-            }
-        }
-        let revision = self.next_revision;
-        self.next_revision += 1;
-        self.releases
-            .insert(revision, Release::Slot(installed.slot));
-        tracing::info!(version = %installed.version, slot = installed.slot.as_str(), "switched; replacing the replicas one at a time");
-        self.phase = Phase::Trial {
-            revision,
-            version: installed.version,
-            issued_at: installed.issued_at,
-            bundle: Some(installed.bundle),
-            deadline: now + self.settings.trial_deadline,
-            healthy_since: None,
-        };
-        Step::RollOut(revision)
-    }
-
-    /// Judges the trial from the model's view: `settled` (every replica of the new release
-    /// ready), and the new release's failures. Returns the health commands to run when the
-    /// trial time has passed.
-    pub fn watch(
-        &mut self,
-        settled: impl Fn(u64) -> bool,
-        failures: impl Fn(u64) -> Option<String>,
-        now: Instant,
-    ) -> (Step, bool) {
-        let Phase::Trial {
-            revision,
-            version,
-            deadline,
-            healthy_since,
-            issued_at,
-            bundle,
-        } = &mut self.phase
-        else {
-            return (Step::None, false);
-        };
-        let revision = *revision;
-        let reason = if let Some(failure) = failures(revision) {
-            Some(format!("a replica of the new release failed: {failure}"))
-        } else if now >= *deadline {
-            Some(format!(
-                "the new release was not ready and stable within {:?}",
-                self.settings.trial_deadline
-            ))
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
-            let (version, bundle) = (version.clone(), bundle.clone());
-            return (self.roll_back(reason, version, bundle), false);
-        }
-        if !settled(revision) {
-            *healthy_since = None;
-            return (Step::None, false);
-        }
-        if healthy_since.is_none() {
-            failpoint::hit("agent.rolled_out");
-        }
-        let since = *healthy_since.get_or_insert(now);
-        if now.saturating_duration_since(since) < self.settings.trial {
-            return (Step::None, false);
-        }
-        self.phase = Phase::Checking {
-            version: version.clone(),
-            issued_at: *issued_at,
-            bundle: bundle.clone(),
-        };
-        (Step::None, true)
-    }
-
-    /// When [`Agent::watch`] needs to look again (the trial time running out, the deadline).
-    pub fn next_deadline(&self) -> Option<Instant> {
-        match &self.phase {
-            Phase::Trial {
-                deadline,
-                healthy_since,
-                ..
-            } => Some(healthy_since.map_or(*deadline, |since| {
-                (since + self.settings.trial).min(*deadline)
-            })),
-            _ => None,
-        }
-    }
-
-    /// Health commands finished: commit, or roll back.
-    pub fn health_checked(&mut self, result: Result<(), HealthError>) -> Step {
-        let Some(Phase::Checking {
-            version,
-            issued_at,
-            bundle,
-        }) = self.take_phase("health_checked", |p| matches!(p, Phase::Checking { .. }))
-        else {
-            return Step::None;
-        };
-        if let Err(reason) = result {
-            return self.roll_back(
-                format!("a health command failed: {reason}"),
-                version,
-                bundle,
-            );
-        }
+    /// The health commands passed: save the commit (the new anti-rollback floor).
+    fn commit(&mut self, target: Target) {
         failpoint::hit("agent.checked");
-        let issued_at = if issued_at == 0 {
-            self.trial_issued_at()
+        let issued_at = if target.issued_at == 0 {
+            // After a restart the trial's issue time is not in memory; it is not needed for
+            // the floor unless it equals the committed security version, and then the
+            // committed issue time keeps the floor.
+            self.state.highest_issued_at
         } else {
-            issued_at
+            target.issued_at
         };
-        let next = self.state.commit(issued_at);
-        match self.persist(next) {
+        match self.persist(self.state.commit(issued_at)) {
             Ok(()) => {
-                tracing::info!(%version, "update committed");
-                self.write_receipt(bundle.as_deref(), "committed", Some(&version), "");
+                tracing::info!(version = %target.version, "update committed");
+                self.write_receipt(
+                    target.bundle.as_deref(),
+                    "committed",
+                    Some(&target.version),
+                    "",
+                );
             }
-            Err(error) => {
-                // Not committed: the next start retries the trial, as after a power cut.
-                tracing::error!(%error, "cannot record the commit");
-            }
+            // Not committed: the next start retries the trial, as after a power cut.
+            Err(error) => tracing::error!(%error, "cannot record the commit"),
         }
-        Step::None
-    }
-
-    /// Takes the phase out when `expected` holds for it, leaving `Idle` for the caller to
-    /// replace; otherwise the phase stays as it is and the stray event is reported: an event
-    /// that does not belong to the phase never erases it (a trial, a rollback).
-    fn take_phase(
-        &mut self,
-        event: &'static str,
-        expected: impl Fn(&Phase) -> bool,
-    ) -> Option<Phase> {
-        if expected(&self.phase) {
-            return Some(std::mem::replace(&mut self.phase, Phase::Idle));
-        }
-        tracing::warn!(
-            event,
-            phase = %self.phase.state(),
-            "an OTA event that does not belong to this phase: ignored"
-        );
-        None
     }
 
     /// Saves the state a verb produced (temporary file, fsync, rename) and adopts it.
@@ -693,91 +627,8 @@ impl Agent {
         Ok(())
     }
 
-    fn trial_issued_at(&self) -> u64 {
-        // After a restart the trial's issue time is not in memory; it is not needed for the
-        // floor unless it equals the committed security version, and then 0 keeps the floor.
-        self.state.highest_issued_at
-    }
-
-    fn roll_back(&mut self, reason: String, version: String, bundle: Option<PathBuf>) -> Step {
-        tracing::error!(%version, %reason, "rolling back: stopping the new release, restoring the database");
-        self.phase = Phase::RollingBack {
-            reason,
-            version,
-            bundle,
-            draining: true,
-        };
-        let previous = self.state.previous.unwrap_or(Release::Factory);
-        let revision = self.next_revision;
-        self.next_revision += 1;
-        self.releases.insert(revision, previous);
-        Step::Recreate(revision)
-    }
-
-    /// Every replica has stopped: restore the database (on a blocking task).
-    pub fn drained(&mut self, done: impl FnOnce(OtaEvent) + Send + 'static) {
-        let Phase::RollingBack { draining, .. } = &mut self.phase else {
-            return;
-        };
-        if !*draining {
-            return;
-        }
-        *draining = false;
-        failpoint::hit("agent.drained");
-        let previous = self.state.previous.unwrap_or(Release::Factory);
-        let layout = self.layout.clone();
-        let command = self.release_command.clone();
-        let dir = release_dir(previous, &self.layout, &self.settings.factory_bin);
-        tokio::task::spawn_blocking(move || {
-            done(OtaEvent::Restored(restore_database(
-                &layout, &command, &dir,
-            )));
-        });
-    }
-
-    /// Whether the agent waits for every replica to stop.
-    pub fn draining(&self) -> bool {
-        matches!(self.phase, Phase::RollingBack { draining: true, .. })
-    }
-
-    /// The database is restored (or could not be): record the rollback, start the previous
-    /// release.
-    pub fn restored(&mut self, result: Result<(), DatabaseError>) -> Step {
-        let Some(Phase::RollingBack {
-            reason,
-            version,
-            bundle,
-            ..
-        }) = self.take_phase("restored", |p| {
-            matches!(
-                p,
-                Phase::RollingBack {
-                    draining: false,
-                    ..
-                }
-            )
-        })
-        else {
-            return Step::None;
-        };
-        failpoint::hit("agent.restored");
-        let reason = match result {
-            Ok(()) => reason,
-            Err(error) => {
-                tracing::error!(%error, "the database could not be restored from the snapshot");
-                format!("{reason}; the database could not be restored: {error}")
-            }
-        };
-        let next = self.state.rollback(&reason);
-        if let Err(error) = self.persist(next) {
-            tracing::error!(%error, "cannot record the rollback");
-        }
-        self.write_receipt(bundle.as_deref(), "rolled_back", Some(&version), &reason);
-        Step::Resume
-    }
-
     /// Starts an inbox scan on a blocking task unless one runs or an update is in progress.
-    pub fn scan(&mut self, keys_dir: &Path, done: impl FnOnce(OtaEvent) + Send + 'static) {
+    pub fn scan(&mut self) {
         if self.scanning || !self.is_idle() {
             return;
         }
@@ -798,11 +649,12 @@ impl Agent {
             .collect();
         let product = self.settings.product.clone();
         let floor = self.state.highest_security_version;
-        let keys_dir = keys_dir.to_owned();
+        let keys_dir = self.trusted_keys.clone();
         let ota_dir = self.layout.dir.clone();
+        let notify = Arc::clone(&self.notify);
         tokio::task::spawn_blocking(move || {
             accept_keysets(&dirs, &keys_dir, &ota_dir, &product);
-            done(OtaEvent::Found(scan_inboxes(
+            notify(OtaEvent::Found(scan_inboxes(
                 &dirs, &judged, &skip, &product, floor,
             )));
         });
@@ -859,6 +711,100 @@ impl Agent {
     }
 }
 
+/// An interrupted install is kept when the journal lets it resume, else abandoned (the slot
+/// emptied, the bundle offered again).
+fn settle_installs(
+    layout: &Layout,
+    file: &StateFile,
+    mut state: State,
+) -> Result<State, UpdateError> {
+    let mut journal = Journal::new(&layout.dir);
+    let resumable = journal.read().filter(|mark| {
+        let info = state.slot(mark.slot);
+        info.status == ota_slots::SlotStatus::Installing
+            && info.bundle_digest.as_deref() == Some(mark.digest.as_str())
+    });
+    for slot in [SlotName::A, SlotName::B] {
+        if let Some(mark) = resumable.as_ref().filter(|m| m.slot == slot) {
+            tracing::warn!(
+                slot = slot.as_str(),
+                file = mark.file,
+                chunk = mark.chunk,
+                "an install was interrupted; it resumes when its bundle is offered again"
+            );
+            continue;
+        }
+        if state.slot(slot).status == ota_slots::SlotStatus::Installing {
+            tracing::warn!(
+                slot = slot.as_str(),
+                "an install was interrupted; the slot is emptied and the bundle will be offered again"
+            );
+            state = file.save(&mut RealFs, &state.abandon_install(slot)?)?;
+        }
+    }
+    if resumable.is_none() {
+        let _ = journal.clear();
+    }
+    Ok(state)
+}
+
+/// A trial found at start is counted, then tried again or, after `max_trial_boots` starts,
+/// rolled back at once (the database restored by the previous release first).
+fn settle_trial(
+    layout: &Layout,
+    settings: &Settings,
+    release_command: &ReleaseCommand,
+    file: &StateFile,
+    mut state: State,
+    timings: Timings,
+) -> Result<(State, Machine), UpdateError> {
+    let Some(trial) = state.trial.clone() else {
+        return Ok((state, Machine::new(timings)));
+    };
+    state = file.save(&mut RealFs, &state.restart_trial()?)?;
+    let version = state.slot(trial.slot).version.clone().unwrap_or_default();
+    match after_restart(&version, trial.attempts + 1, settings.max_trial_boots) {
+        Restart::RollBack(reason) => {
+            tracing::error!(%reason, "rolling back at start");
+            let previous = state.previous.unwrap_or(Release::Factory);
+            let dir = release_dir(previous, layout, &settings.factory_bin);
+            if let Err(error) = restore_database(layout, release_command, &dir) {
+                tracing::error!(%error, "the database could not be restored from the snapshot");
+            }
+            state = file.save(&mut RealFs, &state.rollback(&reason)?)?;
+            Ok((state, Machine::new(timings)))
+        }
+        Restart::Retry => {
+            tracing::warn!(%version, attempt = trial.attempts + 1, "the supervisor restarted during a trial: trying again");
+            let target = Target {
+                slot: trial.slot,
+                version,
+                issued_at: 0,
+                bundle: None,
+            };
+            Ok((state, Machine::resuming(timings, target, Instant::now())))
+        }
+    }
+}
+
+/// The slot state's last outcome as `status` shows it.
+fn update_result(outcome: &Outcome) -> UpdateResult {
+    let (result, version, reason) = match outcome {
+        Outcome::Committed { version } => (UpdateOutcome::Committed, version, None),
+        Outcome::RolledBack { version, reason } => {
+            (UpdateOutcome::RolledBack, version, Some(reason.clone()))
+        }
+        Outcome::InstallFailed { version, reason } => {
+            (UpdateOutcome::InstallFailed, version, Some(reason.clone()))
+        }
+    };
+    UpdateResult {
+        result,
+        version: version.clone(),
+        reason,
+    }
+}
+
 pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -867,48 +813,67 @@ pub(crate) fn unix_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    //! The driver on a real data directory: what the machine decides is saved, shown and
+    //! carried out. (The transitions themselves are tested in `machine_tests.rs`.)
+
+    use std::sync::mpsc;
+
     use super::*;
 
-    /// An agent on an empty data directory (factory release, idle), put in `phase`.
-    fn agent_in(dir: &Path, phase: Phase) -> Agent {
+    /// An agent on an empty data directory (factory release, idle), and where its tasks report.
+    fn open(dir: &Path) -> (Agent, mpsc::Receiver<OtaEvent>) {
         let settings = crate::SettingsFile::default()
             .validate(dir, dir.to_owned())
             .unwrap();
         let command = ReleaseCommand::new(|_| std::process::Command::new("false"));
-        let mut agent = Agent::open(Layout::new(dir), settings, command).unwrap();
-        agent.phase = phase;
-        agent
-    }
-
-    fn trial() -> Phase {
-        Phase::Trial {
-            revision: 1,
-            version: "2.0.0".into(),
-            issued_at: 0,
-            bundle: None,
-            deadline: Instant::now() + Duration::from_secs(60),
-            healthy_since: None,
-        }
+        let (tx, rx) = mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let notify: Notify = Arc::new(move |event| {
+            let _ = tx.lock().unwrap().send(event);
+        });
+        let agent = Agent::open(
+            Layout::new(dir),
+            settings,
+            dir.join("keys"),
+            command,
+            notify,
+        );
+        (agent.unwrap(), rx)
     }
 
     /// An agent whose inactive slot holds release 2.0.0, switched to and on trial (revision
-    /// 1), as `snapshotted` leaves it; `t0` is when the rollout started.
-    fn on_trial(dir: &Path, t0: Instant) -> (Agent, SlotName) {
-        let mut agent = agent_in(dir, Phase::Idle);
+    /// 1), as the switch leaves it; `t0` is when the rollout started.
+    fn on_trial(dir: &Path, t0: Instant) -> (Agent, mpsc::Receiver<OtaEvent>, SlotName) {
+        let (mut agent, rx) = open(dir);
         let (state, slot) = agent.state.begin_install("d1", "2.0.0", 2).unwrap();
-        let state = state.finish_install(slot).unwrap().switch(slot).unwrap();
+        let state = state.finish_install(slot).unwrap();
         agent.state = agent.file.save(&mut RealFs, &state).unwrap();
-        agent.releases.insert(1, Release::Slot(slot));
-        agent.next_revision = 2;
-        agent.phase = Phase::Trial {
-            revision: 1,
+        let target = Target {
+            slot,
             version: "2.0.0".into(),
             issued_at: 5,
             bundle: None,
-            deadline: t0 + agent.settings.trial_deadline,
-            healthy_since: None,
         };
-        (agent, slot)
+        agent
+            .machine
+            .handle(
+                Event::Install {
+                    bundle: "/b".into(),
+                },
+                t0,
+            )
+            .unwrap();
+        agent
+            .machine
+            .handle(Event::Installed(Ok(target)), t0)
+            .unwrap();
+        // The switch is the driver's: saved before the rollout starts.
+        assert_eq!(
+            agent.drive(Event::Snapshotted(Ok(())), t0),
+            Ok(Step::RollOut(1))
+        );
+        assert_eq!(agent.state.active, Release::Slot(slot));
+        (agent, rx, slot)
     }
 
     fn last_result(agent: &Agent) -> (UpdateOutcome, String) {
@@ -916,34 +881,36 @@ mod tests {
         (r.result, r.version)
     }
 
-    /// Runs `drained` on a runtime and returns the event its blocking task reports.
-    fn drain(agent: &mut Agent) -> OtaEvent {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        runtime.block_on(async {
-            agent.drained(move |event| tx.send(event).unwrap());
-            rx.recv_timeout(Duration::from_secs(30)).unwrap()
-        })
+            .unwrap()
     }
 
     #[test]
-    fn a_trial_commits_after_every_replica_stayed_ready_for_the_trial_time() {
+    fn a_committed_trial_is_saved_and_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let t0 = Instant::now();
-        let (mut agent, slot) = on_trial(dir.path(), t0);
+        let (mut agent, _rx, slot) = on_trial(dir.path(), t0);
+        assert_eq!(agent.version_of_revision(1).as_deref(), Some("2.0.0"));
         let trial = agent.settings.trial;
         let (ready, none) = (|_| true, |_| None);
-        assert_eq!(agent.watch(ready, none, t0), (Step::None, false));
+        assert_eq!(agent.watch(ready, none, t0), Step::None);
         assert_eq!(agent.status().state, UpdateState::Trial);
-        assert_eq!(agent.next_deadline(), Some(t0 + trial));
-        let almost = t0 + trial - Duration::from_millis(1);
-        assert_eq!(agent.watch(ready, none, almost), (Step::None, false));
-        assert_eq!(agent.watch(ready, none, t0 + trial), (Step::None, true));
-        assert_eq!(agent.status().state, UpdateState::Checking);
-        assert_eq!(agent.health_checked(Ok(())), Step::None);
+        // The health commands run on the runtime; none are configured, so they pass.
+        let rt = runtime();
+        let event = rt.block_on(async {
+            assert_eq!(agent.watch(ready, none, t0 + trial), Step::None);
+            assert_eq!(agent.status().state, UpdateState::Checking);
+            tokio::task::yield_now().await;
+            _rx.recv_timeout(Duration::from_secs(30)).unwrap()
+        });
+        assert!(
+            matches!(event, OtaEvent::HealthChecked(Ok(()))),
+            "{event:?}"
+        );
+        assert_eq!(agent.on_event(event, t0 + trial), Step::None);
         assert!(agent.is_idle());
         assert_eq!(agent.state.active, Release::Slot(slot));
         assert_eq!(
@@ -952,51 +919,36 @@ mod tests {
         );
         assert_eq!(agent.status().security_version, 2);
         // Committed on disk too: a restart finds no trial to resume.
-        let reopened = agent_in(dir.path(), Phase::Idle);
+        let (reopened, _) = open(dir.path());
         assert_eq!(reopened.running_version(), "2.0.0");
         assert!(reopened.state.trial.is_none());
-    }
-
-    #[test]
-    fn a_replica_leaving_readiness_restarts_the_trial_clock() {
-        let dir = tempfile::tempdir().unwrap();
-        let t0 = Instant::now();
-        let (mut agent, _) = on_trial(dir.path(), t0);
-        let trial = agent.settings.trial;
-        let none = |_| None;
-        agent.watch(|_| true, none, t0);
-        let dip = t0 + trial / 2;
-        assert_eq!(agent.watch(|_| false, none, dip), (Step::None, false));
-        assert_eq!(agent.status().state, UpdateState::RollingOut);
-        agent.watch(|_| true, none, dip);
-        // The time counts again from the return to readiness, not from t0.
-        assert_eq!(agent.watch(|_| true, none, t0 + trial), (Step::None, false));
-        assert_eq!(agent.watch(|_| true, none, dip + trial), (Step::None, true));
+        assert!(reopened.is_idle());
     }
 
     #[test]
     fn a_failing_replica_rolls_back_and_the_previous_release_runs_again() {
         let dir = tempfile::tempdir().unwrap();
         let t0 = Instant::now();
-        let (mut agent, _) = on_trial(dir.path(), t0);
+        let (mut agent, rx, _) = on_trial(dir.path(), t0);
         let failed = |_| Some("replica-3 exited with code 3".to_owned());
         // A new model revision for the previous release: every replica is recreated.
-        assert_eq!(
-            agent.watch(|_| false, failed, t0),
-            (Step::Recreate(2), false)
-        );
+        assert_eq!(agent.watch(|_| false, failed, t0), Step::Recreate(2));
         assert!(agent.draining());
         assert_eq!(agent.status().state, UpdateState::RollingBack);
         assert_eq!(agent.version_of_revision(2).as_deref(), Some("factory"));
         // No snapshot was taken in this test: the restore fails, and says so in the result.
-        let OtaEvent::Restored(result) = drain(&mut agent) else {
-            panic!("drained reports Restored")
+        let event = runtime().block_on(async {
+            assert_eq!(agent.drained(t0), Step::None);
+            rx.recv_timeout(Duration::from_secs(30)).unwrap()
+        });
+        let OtaEvent::Restored(result) = event else {
+            panic!("the restore reports Restored: {event:?}")
         };
         assert!(
             matches!(result, Err(DatabaseError::NoSnapshot(_))),
             "{result:?}"
         );
-        assert_eq!(agent.restored(result), Step::Resume);
+        assert_eq!(agent.on_event(OtaEvent::Restored(result), t0), Step::Resume);
         assert!(agent.is_idle());
         assert_eq!(agent.state.active, Release::Factory);
         let (outcome, version) = last_result(&agent);
@@ -1010,82 +962,85 @@ mod tests {
     }
 
     #[test]
-    fn a_release_that_never_settles_is_rolled_back_at_the_deadline() {
+    fn a_trial_found_at_start_is_retried_then_rolled_back_after_max_trial_boots() {
         let dir = tempfile::tempdir().unwrap();
-        let t0 = Instant::now();
-        let (mut agent, _) = on_trial(dir.path(), t0);
-        let deadline = t0 + agent.settings.trial_deadline;
-        assert_eq!(agent.next_deadline(), Some(deadline));
-        let before = deadline - Duration::from_millis(1);
-        assert_eq!(
-            agent.watch(|_| false, |_| None, before),
-            (Step::None, false)
+        let (agent, _rx, slot) = on_trial(dir.path(), Instant::now());
+        let max = agent.settings.max_trial_boots;
+        drop(agent);
+        for start in 1..max {
+            let (agent, _) = open(dir.path());
+            assert_eq!(
+                agent.status().state,
+                UpdateState::RollingOut,
+                "start {start}"
+            );
+            assert_eq!(agent.state.active, Release::Slot(slot));
+            assert_eq!(agent.version_of_revision(0).as_deref(), Some("2.0.0"));
+        }
+        let (agent, _) = open(dir.path());
+        assert!(agent.is_idle());
+        assert_eq!(agent.state.active, Release::Factory);
+        let reason = agent.status().last_result.unwrap().reason.unwrap();
+        assert!(
+            reason.contains(&format!("on trial through {max} supervisor starts")),
+            "{reason}"
         );
-        assert_eq!(
-            agent.watch(|_| false, |_| None, deadline),
-            (Step::Recreate(2), false)
-        );
-        assert_eq!(agent.status().state, UpdateState::RollingBack);
-    }
-
-    #[test]
-    fn a_failed_health_command_rolls_back_instead_of_committing() {
-        let dir = tempfile::tempdir().unwrap();
-        let t0 = Instant::now();
-        let (mut agent, slot) = on_trial(dir.path(), t0);
-        let trial = agent.settings.trial;
-        agent.watch(|_| true, |_| None, t0);
-        assert_eq!(
-            agent.watch(|_| true, |_| None, t0 + trial),
-            (Step::None, true)
-        );
-        let failed = HealthError::Timeout {
-            command: vec!["check".into()],
-            after: Duration::from_secs(30),
-        };
-        assert_eq!(agent.health_checked(Err(failed)), Step::Recreate(2));
-        assert_eq!(agent.status().state, UpdateState::RollingBack);
-        // Not committed: the slot is still on trial until the rollback is recorded.
-        assert_eq!(agent.state.trial.as_ref().map(|t| t.slot), Some(slot));
     }
 
     #[test]
     fn an_event_of_another_phase_never_erases_a_trial() {
         let dir = tempfile::tempdir().unwrap();
-        let mut agent = agent_in(dir.path(), trial());
-        assert_eq!(agent.snapshotted(Ok(()), Instant::now()), Step::None);
-        assert_eq!(agent.health_checked(Ok(())), Step::None);
-        assert_eq!(agent.restored(Ok(())), Step::None);
+        let t0 = Instant::now();
+        let (mut agent, _rx, _) = on_trial(dir.path(), t0);
+        assert_eq!(
+            agent.on_event(OtaEvent::Snapshotted(Ok(())), t0),
+            Step::None
+        );
+        assert_eq!(
+            agent.on_event(OtaEvent::HealthChecked(Ok(())), t0),
+            Step::None
+        );
+        assert_eq!(agent.on_event(OtaEvent::Restored(Ok(())), t0), Step::None);
+        assert_eq!(agent.drained(t0), Step::None);
         assert_eq!(agent.status().state, UpdateState::RollingOut);
-        assert!(matches!(agent.phase, Phase::Trial { revision: 1, .. }));
-    }
-
-    #[test]
-    fn a_restore_result_before_the_replicas_drained_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let draining = Phase::RollingBack {
-            reason: "test".into(),
-            version: "2.0.0".into(),
-            bundle: None,
-            draining: true,
-        };
-        let mut agent = agent_in(dir.path(), draining);
-        assert_eq!(agent.restored(Ok(())), Step::None);
-        assert!(agent.draining(), "still waiting for the replicas to stop");
-        assert_eq!(agent.status().state, UpdateState::RollingBack);
+        assert_eq!(agent.machine.trial_revision(), Some(1));
+        assert!(agent.state.trial.is_some());
     }
 
     #[test]
     fn an_install_during_a_trial_is_refused_naming_the_phase() {
         let dir = tempfile::tempdir().unwrap();
-        let mut agent = agent_in(dir.path(), trial());
-        let refused = agent.start_install(dir.path().join("x.bundle"), dir.path().into(), |_| {});
+        let (mut agent, _rx, _) = on_trial(dir.path(), Instant::now());
+        let refused = agent.start_install(dir.path().join("x.bundle"));
         assert_eq!(
             refused,
             Err(NotIdle {
                 phase: UpdateState::RollingOut
             })
         );
-        assert!(matches!(agent.phase, Phase::Trial { .. }));
+        assert_eq!(agent.machine.trial_revision(), Some(1));
+    }
+
+    #[test]
+    fn a_bundle_refused_at_the_door_is_shown_and_offered_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut agent, rx) = open(dir.path());
+        let bundle = dir.path().join("x.bundle");
+        std::fs::write(&bundle, b"not a bundle").unwrap();
+        let event = runtime().block_on(async {
+            agent.start_install(bundle.clone()).unwrap();
+            assert_eq!(agent.status().state, UpdateState::Installing);
+            rx.recv_timeout(Duration::from_secs(30)).unwrap()
+        });
+        assert_eq!(agent.on_event(event, Instant::now()), Step::None);
+        assert!(agent.is_idle());
+        let result = agent.status().last_result.expect("a result");
+        assert_eq!(result.result, UpdateOutcome::Refused);
+        assert_eq!(result.version, bundle.display().to_string());
+        assert!(
+            agent.judged.contains_key(&bundle),
+            "judged, not offered again"
+        );
+        assert_eq!(agent.state.active, Release::Factory);
     }
 }

@@ -3,8 +3,10 @@
 //! database, switches, asks the supervisor to roll the replicas over, tries the new release,
 //! then commits, or rolls back with the database restored. `agent.md` has the diagram.
 //!
-//! The supervisor drives it with events in and [`Step`]s out; it hands in a [`ReleaseCommand`]
-//! (how a release's program runs), so this crate imports no process code.
+//! The decisions are a pure state machine ([`machine`]: phases, events, actions, clock
+//! injected); [`Agent`] is its I/O driver. The supervisor drives the agent with events in and
+//! [`Step`]s out; it hands in a [`ReleaseCommand`] (how a release's program runs), so this
+//! crate imports no process code.
 //!
 //! Architecture invariant: this crate never parses bundle bytes itself (`ota-bundle` does) and
 //! never writes a slot but through `ota_slots::SlotWriter`.
@@ -13,14 +15,15 @@ mod agent;
 mod database;
 mod inbox;
 mod install;
+pub mod machine;
 pub mod receipt;
 mod settings;
 mod trust;
 
 pub use agent::{
-    Agent, Installed, Layout, NotIdle, OtaEvent, Phase, Step, UpdateError, release_dir,
+    Agent, Installed, Layout, NotIdle, Notify, OtaEvent, Step, UpdateError, release_dir,
 };
-pub use database::{DatabaseError, HealthError, ReleaseCommand, health_commands};
+pub use database::{DatabaseError, HealthError, ReleaseCommand};
 pub use install::install_once;
 pub use settings::{InvalidSetting, Settings, SettingsFile};
 pub use trust::load_trust;
