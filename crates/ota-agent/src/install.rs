@@ -16,6 +16,7 @@ use std::time::Instant;
 use ota_bundle::{Bundle, Chunked, ChunksError, TrustedKeys};
 use ota_slots::{Journal, Mark, RealFs, Release, SlotName, SlotWriter, State, StateFile};
 
+use crate::admission::{self, Decision, Device};
 use crate::agent::{Installed, Layout, UpdateError};
 use crate::trust::{load_trust, read_doc};
 
@@ -187,10 +188,8 @@ impl Install {
         Ok((bundle, trusted))
     }
 
-    /// The admission checks, before the slot is touched: this product, not below the
-    /// anti-rollback floor nor older at the same security version (unless a downgrade permit
-    /// for this device allows it), not the release running now, a delta's base present, and
-    /// room for the release in the slots' file system.
+    /// The admission checks ([`admission::admit`]) on what this device knows, before the slot
+    /// is touched; for a delta, where its copied chunks are in the running release.
     fn admit(
         &self,
         manifest: &ota_bundle::Manifest,
@@ -198,63 +197,52 @@ impl Install {
         state: &State,
         trusted: &TrustedKeys,
     ) -> Result<Admission, UpdateError> {
-        if manifest.product != self.product {
-            return Err(UpdateError::Incompatible {
-                found: manifest.product.clone(),
-                expected: self.product.clone(),
-            });
-        }
-        let below = manifest.security_version < state.highest_security_version;
-        let older = manifest.security_version == state.highest_security_version
-            && manifest.issued_at < state.highest_issued_at;
-        if (below || older) && !self.permitted(trusted, digest) {
-            if below {
-                return Err(UpdateError::Downgrade {
-                    found: manifest.security_version,
-                    floor: state.highest_security_version,
-                    device: crate::receipt::device_id(&self.layout.dir.join("device.key"))
-                        .unwrap_or_else(|e| e.to_string()),
-                });
-            }
-            return Err(UpdateError::Replay {
-                found: manifest.issued_at,
-                floor: state.highest_issued_at,
-            });
-        }
-        if let Release::Slot(active) = state.active
-            && state.slot(active).bundle_digest.as_deref() == Some(digest)
-        {
-            return Err(UpdateError::AlreadyRunning(manifest.version.clone()));
-        }
-        let copies = match &manifest.base {
-            None => HashMap::new(),
-            Some(base) => self.copy_index(state, base)?,
+        let kept = match state.active {
+            Release::Slot(active) if manifest.base.is_some() => Some(self.kept_manifest(active)),
+            _ => None,
         };
-        let needed: u64 = manifest.files.iter().map(|f| f.size).sum();
         let slots_dir = self.layout.dir.join("slots");
         std::fs::create_dir_all(&slots_dir).map_err(|e| UpdateError::Install {
             slot: "-",
             reason: format!("cannot create {}: {e}", slots_dir.display()),
         })?;
-        let target = state.inactive();
         // The inactive slot's old content is freed before writing, so it counts as free.
-        let reclaimable = dir_size(&self.layout.slot(target));
-        let free = free_bytes(&slots_dir).saturating_add(reclaimable);
-        // Headroom for directories, the state file and the file system's own blocks.
-        let needed_with_margin = needed + needed / 32 + (1 << 20);
-        if free < needed_with_margin {
-            return Err(UpdateError::NoSpace {
-                path: slots_dir,
-                needed: needed_with_margin,
-                free,
-            });
-        }
-
+        let reclaimable = dir_size(&self.layout.slot(state.inactive()));
+        let device = Device {
+            product: &self.product,
+            state,
+            id: crate::receipt::device_id(&self.layout.dir.join("device.key"))
+                .unwrap_or_else(|e| e.to_string()),
+            permitted: admission::needs_permit(manifest, state) && self.permitted(trusted, digest),
+            running_digest: match &kept {
+                Some(Ok(kept)) => Ok(kept.release_digest()),
+                Some(Err(why)) => Err(*why),
+                None => Err("no kept manifest"),
+            },
+            free: free_bytes(&slots_dir).saturating_add(reclaimable),
+            slots_dir,
+        };
+        let admitted = match admission::admit(manifest, digest, &device) {
+            Decision::Admit(admitted) => admitted,
+            Decision::Refuse(refused) => return Err(refused),
+        };
+        let copies = match (state.active, kept) {
+            (Release::Slot(active), Some(Ok(kept))) => copy_index(&self.layout.slot(active), &kept),
+            _ => HashMap::new(),
+        };
         Ok(Admission {
             copies,
-            target,
-            needed,
+            target: admitted.target,
+            needed: admitted.needed,
         })
+    }
+
+    /// The verified manifest kept beside the running release's slot, or why there is none.
+    fn kept_manifest(&self, slot: SlotName) -> Result<ota_bundle::Manifest, &'static str> {
+        let bytes =
+            std::fs::read(self.layout.manifest(slot)).map_err(|_| "whose manifest is not kept")?;
+        ota_bundle::Manifest::parse_canonical(&bytes)
+            .map_err(|_| "whose kept manifest is unreadable")
     }
 
     /// Writes the release into `slot` from verified chunks (from the resume point when there
@@ -412,42 +400,6 @@ impl Install {
         false
     }
 
-    /// Where each chunk of the running release is, for a delta against `base`; refused unless
-    /// the running release is exactly `base` (by its release digest).
-    fn copy_index(
-        &self,
-        state: &State,
-        base: &ota_bundle::Base,
-    ) -> Result<HashMap<String, (PathBuf, u64, u64)>, UpdateError> {
-        let refused = |running: String| UpdateError::Delta {
-            base: base.version.clone(),
-            running,
-        };
-        let Release::Slot(active) = state.active else {
-            return Err(refused("the factory release".into()));
-        };
-        let running = state.slot(active).version.clone().unwrap_or_default();
-        let bytes = std::fs::read(self.layout.manifest(active))
-            .map_err(|_| refused(format!("{running} (whose manifest is not kept)")))?;
-        let manifest = ota_bundle::Manifest::parse_canonical(&bytes)
-            .map_err(|_| refused(format!("{running} (whose kept manifest is unreadable)")))?;
-        if manifest.release_digest() != base.digest {
-            return Err(refused(running));
-        }
-        let dir = self.layout.slot(active);
-        let mut index = HashMap::new();
-        for file in &manifest.files {
-            for (i, chunk) in file.chunks.iter().enumerate() {
-                index.entry(chunk.hash.clone()).or_insert((
-                    dir.join(&file.path),
-                    i as u64 * ota_bundle::CHUNK_SIZE,
-                    chunk.size,
-                ));
-            }
-        }
-        Ok(index)
-    }
-
     /// Re-hashes what an interrupted install wrote before `mark`: every file before it whole,
     /// and the chunks of its file before its chunk. What is kept, or None (start over).
     fn check_written(&self, manifest: &ota_bundle::Manifest, mark: &Mark) -> Option<Kept> {
@@ -539,6 +491,22 @@ fn copy_chunk(
         ));
     }
     Ok(bytes)
+}
+
+/// Where each chunk of the running release (in `dir`, described by `manifest`) is: the file,
+/// the offset and the size, by chunk hash; what a delta's copied chunks are read from.
+fn copy_index(dir: &Path, manifest: &ota_bundle::Manifest) -> HashMap<String, (PathBuf, u64, u64)> {
+    let mut index = HashMap::new();
+    for file in &manifest.files {
+        for (i, chunk) in file.chunks.iter().enumerate() {
+            index.entry(chunk.hash.clone()).or_insert((
+                dir.join(&file.path),
+                i as u64 * ota_bundle::CHUNK_SIZE,
+                chunk.size,
+            ));
+        }
+    }
+    index
 }
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename).

@@ -11,6 +11,7 @@
 //! Architecture invariant: this crate never parses bundle bytes itself (`ota-bundle` does) and
 //! never writes a slot but through `ota_slots::SlotWriter`.
 
+pub mod admission;
 mod agent;
 mod database;
 mod inbox;
