@@ -28,13 +28,12 @@ use crate::database::{
     DatabaseError, HealthError, ReleaseCommand, health_commands, restore_database,
     snapshot_database,
 };
-use crate::inbox::{expand_inboxes, scan_inboxes};
 use crate::install::Install;
 use crate::machine::{
     Action, Event, Machine, OutOfPhase, Phase, Refusal, Restart, Target, Timings, after_restart,
 };
 use crate::settings::Settings;
-use crate::trust::accept_keysets;
+use crate::source::{Inbox, Source, Wanted};
 
 /// The agent's files under the data directory.
 #[derive(Debug, Clone)]
@@ -192,6 +191,8 @@ pub struct Agent {
     /// Runs a release's database tool the way the supervisor runs the release.
     release_command: ReleaseCommand,
     notify: Notify,
+    /// Where bundles are offered from: the inboxes, then any source added.
+    sources: Vec<Arc<dyn Source>>,
     file: StateFile,
     progress: Arc<(AtomicU64, AtomicU64)>,
     /// Release of each model revision (revision 0 is what ran at start).
@@ -252,7 +253,13 @@ impl Agent {
         let (state, machine) =
             settle_trial(&layout, &settings, &release_command, &file, state, timings)?;
         let releases = HashMap::from([(0, state.active)]);
+        let inbox = Inbox {
+            dirs: settings.inbox.clone(),
+            keys_dir: trusted_keys.clone(),
+            ota_dir: layout.dir.clone(),
+        };
         Ok(Agent {
+            sources: vec![Arc::new(inbox)],
             layout,
             settings,
             trusted_keys,
@@ -627,36 +634,40 @@ impl Agent {
         Ok(())
     }
 
-    /// Starts an inbox scan on a blocking task unless one runs or an update is in progress.
+    /// Offers from `source` too, after those of the sources before it.
+    pub fn add_source(&mut self, source: Arc<dyn Source>) {
+        self.sources.push(source);
+    }
+
+    /// Asks every source for offers on a blocking task (reported as [`OtaEvent::Found`])
+    /// unless a scan runs or an update is in progress.
     pub fn scan(&mut self) {
         if self.scanning || !self.is_idle() {
             return;
         }
         self.scanning = true;
-        let dirs = expand_inboxes(&self.settings.inbox);
-        let judged = self.judged.clone();
-        let skip: Vec<String> = self
-            .state
-            .failed_bundles
-            .iter()
-            .cloned()
-            // The running release is not offered again; a ready slot that was never switched
-            // to (a power cut between install and switch) is, and is installed again.
-            .chain(match self.state.active {
-                Release::Slot(slot) => self.state.slot(slot).bundle_digest.clone(),
-                Release::Factory => None,
-            })
-            .collect();
-        let product = self.settings.product.clone();
-        let floor = self.state.highest_security_version;
-        let keys_dir = self.trusted_keys.clone();
-        let ota_dir = self.layout.dir.clone();
+        let wanted = Wanted {
+            product: self.settings.product.clone(),
+            floor: self.state.highest_security_version,
+            skip: self
+                .state
+                .failed_bundles
+                .iter()
+                .cloned()
+                // The running release is not offered again; a ready slot that was never
+                // switched to (a power cut between install and switch) is, and is installed
+                // again.
+                .chain(match self.state.active {
+                    Release::Slot(slot) => self.state.slot(slot).bundle_digest.clone(),
+                    Release::Factory => None,
+                })
+                .collect(),
+            judged: self.judged.clone(),
+        };
+        let sources = self.sources.clone();
         let notify = Arc::clone(&self.notify);
         tokio::task::spawn_blocking(move || {
-            accept_keysets(&dirs, &keys_dir, &ota_dir, &product);
-            notify(OtaEvent::Found(scan_inboxes(
-                &dirs, &judged, &skip, &product, floor,
-            )));
+            notify(OtaEvent::Found(crate::source::offers(&sources, &wanted)));
         });
     }
 
@@ -1019,6 +1030,47 @@ mod tests {
             })
         );
         assert_eq!(agent.machine.trial_revision(), Some(1));
+    }
+
+    /// A source that offers what it is given, and records what it was asked for.
+    #[derive(Debug, Default)]
+    struct Depot {
+        offer: Vec<PathBuf>,
+        asked: std::sync::Mutex<Vec<Wanted>>,
+    }
+
+    impl Source for Depot {
+        fn offers(&self, wanted: &Wanted) -> Vec<PathBuf> {
+            self.asked.lock().unwrap().push(wanted.clone());
+            self.offer.clone()
+        }
+    }
+
+    #[test]
+    fn a_scan_passes_on_an_added_sources_offers_and_tells_it_what_the_device_wants() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut agent, rx) = open(dir.path());
+        // A file in the inbox that is no bundle: the inbox, asked first, offers nothing.
+        let inbox = dir.path().join("ota").join("inbox");
+        std::fs::create_dir_all(&inbox).unwrap();
+        std::fs::write(inbox.join("a.bundle"), b"not a bundle").unwrap();
+        let depot = Arc::new(Depot {
+            offer: vec![PathBuf::from("/var/cache/depot/b.bundle")],
+            ..Depot::default()
+        });
+        agent.add_source(depot.clone());
+        let event = runtime().block_on(async {
+            agent.scan();
+            rx.recv_timeout(Duration::from_secs(30)).unwrap()
+        });
+        let OtaEvent::Found(found) = event else {
+            panic!("a scan reports Found: {event:?}");
+        };
+        assert_eq!(found, vec![PathBuf::from("/var/cache/depot/b.bundle")]);
+        let asked = depot.asked.lock().unwrap();
+        assert_eq!(asked.len(), 1);
+        assert_eq!(asked[0].product, agent.settings.product);
+        assert_eq!(asked[0].floor, 0);
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod install;
 pub mod machine;
 pub mod receipt;
 mod settings;
+pub mod source;
 mod trust;
 
 pub use agent::{
