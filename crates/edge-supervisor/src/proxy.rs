@@ -97,28 +97,34 @@ impl Router {
         response
     }
 
-    async fn forward(&self, request: Request<Incoming>) -> Response<Body> {
-        let (parts, body) = request.into_parts();
-        let body = match Limited::new(body, MAX_BODY).collect().await {
-            Ok(collected) => collected.to_bytes(),
+    /// The request's body, read whole (a retry sends it again), or the refusal to send back.
+    async fn read_body(&self, body: Incoming) -> Result<bytes::Bytes, Response<Body>> {
+        match Limited::new(body, MAX_BODY).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
             Err(error)
                 if error
                     .downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some() =>
             {
-                return self.refuse(
+                Err(self.refuse(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body",
                     &format!("the body is larger than {MAX_BODY} bytes"),
-                );
+                ))
             }
-            Err(error) => {
-                return self.refuse(
-                    StatusCode::BAD_REQUEST,
-                    "body",
-                    &format!("could not read the request body: {error}"),
-                );
-            }
+            Err(error) => Err(self.refuse(
+                StatusCode::BAD_REQUEST,
+                "body",
+                &format!("could not read the request body: {error}"),
+            )),
+        }
+    }
+
+    async fn forward(&self, request: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = request.into_parts();
+        let body = match self.read_body(body).await {
+            Ok(body) => body,
+            Err(refused) => return refused,
         };
         let backends = self.backends.borrow().clone();
         if backends.is_empty() {

@@ -273,7 +273,8 @@ impl Machine {
     }
 
     /// The transition table: `(phase, event)` to the next phase and its actions; any pair not
-    /// listed gives the phase back untouched.
+    /// listed gives the phase back untouched. One piece on purpose: the whole table in one
+    /// `match` is what `agent.md`'s diagram and the tests are checked against.
     fn step(
         &mut self,
         phase: Phase,

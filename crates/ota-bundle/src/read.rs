@@ -195,6 +195,9 @@ impl<R: Read> Bundle<R> {
     /// before it ([`Manifest::prefixed`]), `prefix` must be that chunk's content (the caller
     /// read it back from what it wrote; it is checked against the signed hash); otherwise it
     /// is ignored.
+    ///
+    /// One piece: the loop keeps the running position, the journal's prefix and the bounded
+    /// reads in one place, so that no path reads a frame without its length checked first.
     pub fn chunks_from<E>(
         mut self,
         from: Position,

@@ -247,7 +247,8 @@ impl Model {
         std::mem::take(&mut self.actions)
     }
 
-    /// Starts what is due, schedules due probes, escalates overdue stops to SIGKILL.
+    /// Starts what is due, schedules due probes, escalates overdue stops to SIGKILL. One
+    /// piece: one pass over the slots, one arm per phase, each a few lines.
     pub fn tick(&mut self, now: Instant) {
         self.roll(now);
         let timing = &self.timing;
@@ -419,7 +420,8 @@ impl Model {
         self.tick(now);
     }
 
-    /// A probe finished: `Ok` for success, `Err` with what went wrong.
+    /// A probe finished: `Ok` for success, `Err` with what went wrong. One piece: the
+    /// (phase, probe) table, one arm per probe kind, and its two consequences after it.
     pub fn probe_result(
         &mut self,
         slot: usize,
