@@ -33,7 +33,9 @@ work=$out/work-$variant
 rootfs=$work/rootfs
 cache=${QUOTE_EDGE_DEB_CACHE:-$here/cache/debs}
 bins=${QUOTE_EDGE_BIN_DIR:-$out/bin/aarch64-unknown-linux-musl}
-trusted_keys=${QUOTE_EDGE_TRUSTED_KEYS:-$repo/ota/keys/test-signing.pub}
+test_key=$repo/ota/keys/test-signing.pub
+trusted_keys=${QUOTE_EDGE_TRUSTED_KEYS:-}
+dev_keys=${QUOTE_EDGE_DEV_KEYS:-0}
 t0=$(date +%s)
 
 step() { printf '[build %4ds] %s\n' $(($(date +%s) - t0)) "$*"; }
@@ -42,6 +44,26 @@ die() { echo "build.sh: $*" >&2; exit 1; }
 read_list() { sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e 's/^[[:space:]]*//' "$@" | grep -v '^$' || true; }
 
 # --- preconditions -------------------------------------------------------------------------
+# The trusted OTA keys, first (before root, tools or binaries): an image must never trust the
+# repository's test key by accident, since its secret is public. The Pi image needs release keys;
+# the QEMU image takes the test key only when asked (QUOTE_EDGE_DEV_KEYS=1), and then its
+# supervisor is told it may start with it (allow_test_key) and its console says so at boot.
+is_test_key() { [ "$(awk '{print $2; exit}' "$1")" = "$(awk '{print $2; exit}' "$test_key")" ]; }
+keygen_hint="make release keys with \`ota keygen --out release\` and set QUOTE_EDGE_TRUSTED_KEYS=release.pub"
+if [ -z "$trusted_keys" ]; then
+    if [ "$variant" = qemu ] && [ "$dev_keys" = 1 ]; then
+        trusted_keys=$test_key
+    elif [ "$variant" = qemu ]; then
+        die "no trusted OTA key: $keygen_hint, or set QUOTE_EDGE_DEV_KEYS=1 to trust the repository's test key (development only: its secret is public)"
+    else
+        die "no trusted OTA key for the Pi image: $keygen_hint (the repository's test key is never trusted on a Pi image)"
+    fi
+fi
+[ -f "$trusted_keys" ] || die "missing trusted OTA key $trusted_keys (QUOTE_EDGE_TRUSTED_KEYS)"
+if is_test_key "$trusted_keys"; then
+    [ "$variant" = rpi ] && die "$trusted_keys is the repository's test key, whose secret is public: a Pi image never trusts it; $keygen_hint"
+    [ "$dev_keys" = 1 ] || die "$trusted_keys is the repository's test key, whose secret is public: set QUOTE_EDGE_DEV_KEYS=1 to build a development image with it"
+fi
 [ "$(id -u)" = 0 ] || die "must run as root (mmdebstrap --mode=root chroots into the new root)"
 # shellcheck source=image/lib/need.sh
 source "$here/lib/need.sh"
@@ -73,8 +95,6 @@ else
         fi
     fi
 fi
-[ -f "$trusted_keys" ] || die "missing trusted OTA key $trusted_keys"
-
 # Maintainer scripts of arm64 packages run under qemu-user: register it with binfmt_misc if
 # nothing handles aarch64 ELF yet (a fresh CI machine). F: the kernel opens the interpreter
 # now, so it works inside the chroot too.
@@ -141,6 +161,12 @@ cp -a "$here/overlay/." "$rootfs/"
 device_config=$recipe/supervisor.toml
 [ -f "$vrecipe/supervisor.toml" ] && device_config=$vrecipe/supervisor.toml
 install -m 0644 "$device_config" "$rootfs/etc/quote-edge/supervisor.toml"
+if is_test_key "$trusted_keys"; then
+    # Only reached with QUOTE_EDGE_DEV_KEYS=1 on the QEMU image (checked above).
+    grep -q '^\[ota\]' "$rootfs/etc/quote-edge/supervisor.toml" || printf '\n[ota]\n' >>"$rootfs/etc/quote-edge/supervisor.toml"
+    sed -i '/^\[ota\]/a allow_test_key = true  # QUOTE_EDGE_DEV_KEYS=1: development image' "$rootfs/etc/quote-edge/supervisor.toml"
+    grep -q '^allow_test_key = true' "$rootfs/etc/quote-edge/supervisor.toml" || die "could not allow the test key in the device configuration"
+fi
 install -m 0755 "$bins/edge-supervisor" "$bins/quote-service" "$rootfs/usr/bin/"
 install -d -m 0755 "$rootfs/etc/quote-edge/keys" "$rootfs/usr/share/doc/quote-edge"
 install -m 0644 "$trusted_keys" "$rootfs/etc/quote-edge/keys/"

@@ -58,6 +58,8 @@ impl RunError {
     pub fn exit_code(&self) -> i32 {
         use edge_proto::exit;
         match self {
+            // Fixing it takes an operator: restarting cannot help.
+            RunError::Ota(ota_agent::UpdateError::TestKeyTrusted { .. }) => exit::CONFIG,
             RunError::Bind { .. }
             | RunError::DataDir { .. }
             | RunError::Control(_)

@@ -136,6 +136,12 @@ pub enum UpdateError {
     Refused(#[from] ota_slots::Refused),
     #[error("installing into slot {slot} failed: {reason}")]
     Install { slot: &'static str, reason: String },
+    #[error(
+        "the trusted keys in {dir} include the repository's test key {key}, whose secret is public: \
+         anyone could sign updates for this device. Trust your release keys instead; for \
+         development only, set `allow_test_key = true` in [ota]"
+    )]
+    TestKeyTrusted { dir: PathBuf, key: &'static str },
 }
 
 /// An install asked for while an update is in progress.
@@ -244,6 +250,15 @@ impl Agent {
         release_command: ReleaseCommand,
         notify: Notify,
     ) -> Result<Agent, UpdateError> {
+        if crate::trust::trusts_test_key(&trusted_keys, &layout.dir, &settings.product) {
+            if !settings.allow_test_key {
+                return Err(UpdateError::TestKeyTrusted {
+                    dir: trusted_keys,
+                    key: crate::trust::REPOSITORY_TEST_KEY,
+                });
+            }
+            tracing::warn!(keys = %trusted_keys.display(), "DEVELOPMENT ONLY: the repository's test key is trusted (allow_test_key); anyone can sign updates for this device");
+        }
         let (file, state) = layout.open_state()?;
         let state = settle_installs(&layout, &file, state)?;
         let timings = Timings {
@@ -897,6 +912,71 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
+    }
+
+    #[test]
+    fn the_repository_test_key_constant_is_the_committed_public_key() {
+        let line = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../ota/keys/test-signing.pub"
+        ))
+        .unwrap();
+        assert_eq!(
+            line.split_whitespace().nth(1),
+            Some(crate::trust::REPOSITORY_TEST_KEY)
+        );
+        // The device's console warns by the same key.
+        let welcome = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../image/overlay/usr/lib/quote-edge/welcome"
+        ))
+        .unwrap();
+        assert!(welcome.contains(crate::trust::REPOSITORY_TEST_KEY));
+    }
+
+    #[test]
+    fn the_agent_refuses_to_start_trusting_the_test_key_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::create_dir(&keys).unwrap();
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../ota/keys/test-signing.pub"
+            ),
+            keys.join("vendor.pub"),
+        )
+        .unwrap();
+        let command = || ReleaseCommand::new(|_| std::process::Command::new("false"));
+        let notify: Notify = Arc::new(|_| {});
+        let settings = |allow: bool| {
+            crate::SettingsFile {
+                allow_test_key: Some(allow),
+                ..Default::default()
+            }
+            .validate(dir.path(), dir.path().to_owned())
+            .unwrap()
+        };
+        let layout = Layout::new(dir.path());
+        let refused = Agent::open(
+            layout.clone(),
+            settings(false),
+            keys.clone(),
+            command(),
+            notify.clone(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&refused, UpdateError::TestKeyTrusted { dir, .. } if *dir == keys),
+            "{refused}"
+        );
+        assert!(
+            refused.to_string().contains("allow_test_key = true"),
+            "{refused}"
+        );
+        assert!(!layout.dir.exists(), "nothing written before the refusal");
+        let allowed = Agent::open(layout, settings(true), keys, command(), notify);
+        assert!(allowed.is_ok());
     }
 
     #[test]

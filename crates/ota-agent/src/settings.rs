@@ -33,6 +33,9 @@ pub struct SettingsFile {
     /// Remount a read-only stick read-write just long enough to write the install receipt
     /// next to its bundle, then read-only again (default false; needs root).
     pub remount_sticks: Option<bool>,
+    /// Start even though the trusted keys include the repository's test key, whose secret is
+    /// public (default false: the supervisor refuses to start). Development images only.
+    pub allow_test_key: Option<bool>,
 }
 
 /// The OTA agent's settings, validated.
@@ -47,6 +50,7 @@ pub struct Settings {
     pub max_trial_boots: u32,
     pub factory_bin: PathBuf,
     pub remount_sticks: bool,
+    pub allow_test_key: bool,
 }
 
 /// A key of `[ota]` whose value cannot work, and why.
@@ -103,6 +107,7 @@ impl SettingsFile {
             max_trial_boots,
             factory_bin: self.factory_bin.unwrap_or(own_dir),
             remount_sticks: self.remount_sticks.unwrap_or(false),
+            allow_test_key: self.allow_test_key.unwrap_or(false),
         })
     }
 }

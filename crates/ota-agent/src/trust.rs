@@ -8,6 +8,20 @@ use ota_bundle::TrustedKeys;
 use crate::agent::UpdateError;
 use crate::install::write_synced;
 
+/// The public half of `ota/keys/test-signing.key`, the repository's throwaway key: its secret
+/// is public, so a device that trusts it runs whatever anyone signs.
+pub const REPOSITORY_TEST_KEY: &str =
+    "276372dbe336c2e087e1bf4e68011065e37fa00a0dd60e79a39c41d1e94ac72c";
+
+/// Whether the keys trusted now (the factory set and the key sets accepted since) include the
+/// repository's test key. Keys that cannot be loaded trust nothing, so they do not.
+pub fn trusts_test_key(keys_dir: &Path, ota_dir: &Path, product: &str) -> bool {
+    let test_key = ota_bundle::PublicKey::from_hex(REPOSITORY_TEST_KEY)
+        .expect("the repository's test key is a valid key");
+    load_trust(keys_dir, ota_dir, product)
+        .is_ok_and(|(trusted, _)| trusted.get(&test_key.id()).is_some())
+}
+
 /// Reads a signed document of `kind`, bounded; None (logged) if unreadable or malformed.
 pub(crate) fn read_doc(path: &Path, kind: &str) -> Option<ota_bundle::SignedDoc> {
     use std::io::Read;

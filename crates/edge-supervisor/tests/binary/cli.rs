@@ -29,6 +29,41 @@ fn a_configuration_error_exits_with_the_code_systemd_will_not_restart_on() {
 }
 
 #[test]
+fn the_supervisor_refuses_to_start_trusting_the_repository_test_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fake_replicas(dir.path(), 1);
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../../ota/keys");
+    let child = supervisor()
+        .args(["run", "--config", config.to_str().unwrap()])
+        .args(["--trusted-keys", keys])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A supervisor that does not refuse runs until stopped: stop it after 30 s, so that the
+    // test fails on the exit code instead of hanging.
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let pid = child.id().to_string();
+    let guard = std::thread::spawn(move || {
+        if finished.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = std::process::Command::new("kill").arg(&pid).status();
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    let _ = done.send(());
+    guard.join().unwrap();
+    assert_eq!(out.status.code(), Some(exit::CONFIG));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the repository's test key 276372dbe336c2e0")
+            && stderr.contains("allow_test_key = true"),
+        "{stderr}"
+    );
+    // No replica was started: the refusal comes before the first spawn.
+    assert!(!stderr.contains("replica-1"), "{stderr}");
+}
+
+#[test]
 fn control_commands_without_a_supervisor_say_it_is_unreachable() {
     let dir = tempfile::tempdir().unwrap();
     let out = supervisor()

@@ -1,0 +1,90 @@
+//! `image/build.sh`'s refusals that need no root, no packages and no image: which OTA keys an
+//! image may trust. They run before any other check, so each case ends at its own message.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs `image/build.sh VARIANT` with only the key variables given; binaries pointed at a
+/// directory that does not exist, so a run past the key checks stops at once (as root too).
+fn build(variant: &str, env: &[(&str, &Path)]) -> Output {
+    let mut command = std::process::Command::new("bash");
+    command
+        .arg(repo().join("image/build.sh"))
+        .arg(variant)
+        .env_remove("QUOTE_EDGE_TRUSTED_KEYS")
+        .env_remove("QUOTE_EDGE_DEV_KEYS")
+        .env("QUOTE_EDGE_BIN_DIR", "/nonexistent/quote-edge-bins");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().unwrap()
+}
+
+fn refused(out: &Output, says: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(says), "expected {says:?} in: {stderr}");
+}
+
+/// Past the key checks: stopped by one of the checks after them (not root, a missing
+/// package, the missing binaries).
+fn past_the_keys(out: &Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        [
+            "must run as root",
+            "missing Debian packages",
+            "/nonexistent/quote-edge-bins"
+        ]
+        .iter()
+        .any(|later| stderr.contains(later)),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("OTA key") && !stderr.contains("test key"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_pi_image_needs_release_keys_and_never_takes_the_test_key() {
+    refused(&build("rpi", &[]), "no trusted OTA key for the Pi image");
+    let test_key = repo().join("ota/keys/test-signing.pub");
+    let one = Path::new("1");
+    let with_test_key = build(
+        "rpi",
+        &[
+            ("QUOTE_EDGE_TRUSTED_KEYS", &test_key),
+            ("QUOTE_EDGE_DEV_KEYS", one),
+        ],
+    );
+    refused(&with_test_key, "a Pi image never trusts it");
+    // The same key under another name is still the test key.
+    let dir = tempfile::tempdir().unwrap();
+    let renamed = dir.path().join("vendor.pub");
+    std::fs::copy(&test_key, &renamed).unwrap();
+    refused(
+        &build("rpi", &[("QUOTE_EDGE_TRUSTED_KEYS", &renamed)]),
+        "is the repository's test key",
+    );
+    let release = dir.path().join("release.pub");
+    let key = ota_bundle::SecretKey::from_seed([42; 32]);
+    std::fs::write(&release, key.public().to_line("release")).unwrap();
+    past_the_keys(&build("rpi", &[("QUOTE_EDGE_TRUSTED_KEYS", &release)]));
+}
+
+#[test]
+fn the_qemu_image_takes_the_test_key_only_when_asked() {
+    refused(&build("qemu", &[]), "or set QUOTE_EDGE_DEV_KEYS=1");
+    let test_key = repo().join("ota/keys/test-signing.pub");
+    refused(
+        &build("qemu", &[("QUOTE_EDGE_TRUSTED_KEYS", &test_key)]),
+        "set QUOTE_EDGE_DEV_KEYS=1 to build a development image",
+    );
+    past_the_keys(&build("qemu", &[("QUOTE_EDGE_DEV_KEYS", Path::new("1"))]));
+}
