@@ -313,19 +313,50 @@ async fn a_signed_bundle_is_rolled_out_one_replica_at_a_time_under_load_and_comm
         assert!(reason.contains(why), "{reason}");
         assert_eq!(after.update.version, "2.0.0");
     }
-    // A flipped byte in the payload: refused at the chunk, the slot marked failed, the
-    // running release untouched.
-    let tampered = fx.bundle(GOOD, "3.1.0", 3, "quote-edge");
-    let mut bytes = std::fs::read(&tampered).unwrap();
-    let last = bytes.len() - 5;
-    bytes[last] ^= 0x40;
-    std::fs::write(&tampered, bytes).unwrap();
-    apply(&sup, &tampered).await;
+    // Damaged copies of a good release: truncated or with bytes appended, refused before the
+    // slot is touched; a flipped byte in the payload, refused at its chunk (the slot emptied).
+    // None of them is held against the release: an intact copy then installs.
+    let intact = fx.bundle(GOOD, "3.1.0", 3, "quote-edge");
+    let bytes = std::fs::read(&intact).unwrap();
+    let damaged = |name: &str, bytes: &[u8]| {
+        let path = intact.with_file_name(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let truncated = damaged("truncated.bundle", &bytes[..bytes.len() - 1]);
+    let appended = damaged("appended.bundle", &[&bytes[..], b"x"].concat());
+    for copy in [truncated, appended] {
+        let (after, reason) = refused(&sup, &copy).await;
+        assert!(
+            reason.contains("a damaged or incomplete copy")
+                && reason.contains("nothing was written"),
+            "{reason}"
+        );
+        assert_eq!(after.update.version, "2.0.0");
+    }
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 5;
+    flipped[last] ^= 0x40;
+    let flipped = damaged("flipped.bundle", &flipped);
+    apply(&sup, &flipped).await;
     let after = finished(&sup, "3.1.0").await;
     let result = after.update.last_result.unwrap();
     assert_eq!(result.result, UpdateOutcome::InstallFailed, "{result:?}");
+    assert!(
+        result
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("another copy of it may be installed"),
+        "{result:?}"
+    );
     assert_eq!(after.update.version, "2.0.0");
     assert_eq!(after.ready, 3);
+    apply(&sup, &intact).await;
+    let after = finished(&sup, "3.1.0").await;
+    let result = after.update.last_result.unwrap();
+    assert_eq!(result.result, UpdateOutcome::Committed, "{result:?}");
+    assert_eq!(after.update.version, "3.1.0");
     sup.stop().await;
 }
 

@@ -534,11 +534,20 @@ impl Dispatcher {
                         &format!("the bundle path {bundle:?} must be absolute"),
                     );
                 }
-                if let Err(error) = std::fs::metadata(&path) {
-                    return control::error(
-                        ErrorKind::BadRequest,
-                        &format!("cannot read the bundle {bundle}: {error}"),
-                    );
+                match std::fs::symlink_metadata(&path) {
+                    Ok(meta) if meta.is_file() => {}
+                    Ok(_) => {
+                        return control::error(
+                            ErrorKind::BadRequest,
+                            &format!("the bundle {bundle} is not a regular file"),
+                        );
+                    }
+                    Err(error) => {
+                        return control::error(
+                            ErrorKind::BadRequest,
+                            &format!("cannot read the bundle {bundle}: {error}"),
+                        );
+                    }
                 }
                 match self.agent.start_install(path) {
                     Ok(()) => Reply::Accepted {

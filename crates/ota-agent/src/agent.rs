@@ -137,6 +137,22 @@ pub enum UpdateError {
     #[error("installing into slot {slot} failed: {reason}")]
     Install { slot: &'static str, reason: String },
     #[error(
+        "this copy of the bundle is damaged ({reason}): slot {slot} was emptied; the release is \
+         not held against, another copy of it may be installed"
+    )]
+    DamagedCopy { slot: &'static str, reason: String },
+    #[error(
+        "the bundle {path} is {len} bytes, its signed manifest describes {expected}: a damaged or \
+         incomplete copy (nothing was written; try another copy)"
+    )]
+    Incomplete {
+        path: PathBuf,
+        len: u64,
+        expected: u64,
+    },
+    #[error("{0} is not a regular file")]
+    NotAFile(PathBuf),
+    #[error(
         "the trusted keys in {dir} include the repository's test key {key}, whose secret is public: \
          anyone could sign updates for this device. Trust your release keys instead; for \
          development only, set `allow_test_key = true` in [ota]"
@@ -414,7 +430,13 @@ impl Agent {
                 tracing::error!(%error, "update refused");
                 Err(Refusal {
                     reason: error.to_string(),
-                    slot_touched: matches!(error, UpdateError::Install { .. }),
+                    slot_touched: matches!(
+                        error,
+                        UpdateError::Install { .. } | UpdateError::DamagedCopy { .. }
+                    ),
+                    // Stopped by something other than the file (the stick pulled out, a write
+                    // error): the same file is offered again.
+                    offer_again: matches!(error, UpdateError::Install { .. }),
                 })
             }
         })
@@ -602,9 +624,7 @@ impl Agent {
     }
 
     fn record_refusal(&mut self, bundle: &Path, refusal: Refusal) {
-        if refusal.slot_touched {
-            // Stopped while writing: a bundle to blame is in failed_bundles (never offered
-            // again); one that is not (the stick was pulled) is offered again.
+        if refusal.offer_again {
             self.judged.remove(bundle);
         }
         self.write_receipt(Some(bundle), "refused", None, &refusal.reason);

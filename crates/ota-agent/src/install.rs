@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::io::BufReader;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,20 +68,13 @@ struct Admission {
 
 /// Why writing the slot stopped.
 enum WriteFailure {
-    /// The bundle itself is bad (a chunk that does not match its signed hash): remembered as
-    /// failed, never offered again.
+    /// This copy of the bundle is damaged (a chunk that does not match its signed hash): the
+    /// slot is emptied and the file not offered again, but the release is not blamed: another
+    /// copy of it may be installed.
     BadBundle(String),
     /// Anything else (the stick pulled out, a write error): the install is abandoned and the
     /// bundle offered again.
     Interrupted(String),
-}
-
-impl WriteFailure {
-    fn into_reason(self) -> String {
-        match self {
-            WriteFailure::BadBundle(reason) | WriteFailure::Interrupted(reason) => reason,
-        }
-    }
 }
 
 impl Install {
@@ -154,17 +148,26 @@ impl Install {
                 })
             }
             Err(failure) => {
-                let next = match &failure {
-                    WriteFailure::BadBundle(reason) => state.fail_install(slot, reason)?,
-                    WriteFailure::Interrupted(_) => state.abandon_install(slot)?,
+                let (next, error) = match failure {
+                    WriteFailure::BadBundle(reason) => {
+                        let error = UpdateError::DamagedCopy {
+                            slot: slot.as_str(),
+                            reason,
+                        };
+                        (state.fail_install(slot, &error.to_string())?, error)
+                    }
+                    WriteFailure::Interrupted(reason) => {
+                        let error = UpdateError::Install {
+                            slot: slot.as_str(),
+                            reason,
+                        };
+                        (state.abandon_install(slot)?, error)
+                    }
                 };
                 *state = self.file.save(&mut RealFs, &next)?;
                 let _ = journal.clear();
                 let _ = std::fs::remove_dir_all(self.layout.slot(slot));
-                Err(UpdateError::Install {
-                    slot: slot.as_str(),
-                    reason: failure.into_reason(),
-                })
+                Err(error)
             }
         }
     }
@@ -174,10 +177,22 @@ impl Install {
         &self,
     ) -> Result<(Bundle<BufReader<std::fs::File>>, TrustedKeys), UpdateError> {
         let (trusted, _) = load_trust(&self.trusted_keys, &self.layout.dir, &self.product)?;
-        let file = std::fs::File::open(&self.bundle).map_err(|source| UpdateError::Open {
+        let open = |source| UpdateError::Open {
             path: self.bundle.clone(),
             source,
-        })?;
+        };
+        // Never through a link, never blocking on a FIFO: a stick is a stranger's file system.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+            )
+            .open(&self.bundle)
+            .map_err(open)?;
+        let meta = file.metadata().map_err(open)?;
+        if !meta.is_file() {
+            return Err(UpdateError::NotAFile(self.bundle.clone()));
+        }
         let bundle =
             Bundle::open(BufReader::with_capacity(1 << 20, file), &trusted).map_err(|source| {
                 UpdateError::Bundle {
@@ -185,6 +200,13 @@ impl Install {
                     source,
                 }
             })?;
+        if meta.len() != bundle.file_len() {
+            return Err(UpdateError::Incomplete {
+                path: self.bundle.clone(),
+                len: meta.len(),
+                expected: bundle.file_len(),
+            });
+        }
         Ok((bundle, trusted))
     }
 

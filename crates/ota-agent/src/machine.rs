@@ -86,6 +86,8 @@ pub struct Refusal {
     /// The slot was written to before the install stopped (a write error, a bad chunk): the
     /// refusal is recorded in the slot state rather than shown as a bundle refused at the door.
     pub slot_touched: bool,
+    /// The file is not to blame (the stick was pulled out, a write error): offered again.
+    pub offer_again: bool,
 }
 
 /// What happened, as the driver reports it.

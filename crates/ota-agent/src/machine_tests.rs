@@ -79,6 +79,7 @@ fn every_event() -> Vec<Event> {
         Event::Installed(Err(Refusal {
             reason: "bad signature".into(),
             slot_touched: false,
+            offer_again: false,
         })),
         Event::Snapshotted(Ok(())),
         Event::Snapshotted(Err("disk full".into())),
@@ -217,6 +218,7 @@ fn a_refused_bundle_is_recorded_and_the_agent_is_idle_again() {
     let refusal = Refusal {
         reason: "downgrade refused".into(),
         slot_touched: false,
+        offer_again: false,
     };
     assert_eq!(
         machine.handle(Event::Installed(Err(refusal.clone())), t0),

@@ -179,6 +179,13 @@ impl<R: Read> Bundle<R> {
         self.chunks_from(start, &[], |file, index, chunk, _| sink(file, index, chunk))
     }
 
+    /// The length of the whole bundle file the signed manifest describes: header, manifest,
+    /// signatures and payload. A copy of another length is damaged or incomplete (checked before
+    /// anything is written; FORMAT.md).
+    pub fn file_len(&self) -> u64 {
+        self.offset.saturating_add(self.header.payload_len)
+    }
+
     /// The position of the first chunk.
     pub fn start(&self) -> Position {
         Position {

@@ -202,15 +202,16 @@ impl State {
         Ok(next)
     }
 
-    /// An install that failed (bad chunk, full disk): the slot is unusable, the bundle remembered.
+    /// An install that failed on the bundle's bytes (a chunk that does not match its signed
+    /// hash): the slot is emptied and the failure recorded as the last result. The release is
+    /// not remembered as bad: a damaged copy says nothing about the release, and another copy
+    /// of it may be installed. Only a release that failed its trial is remembered (`rollback`).
     pub fn fail_install(&self, slot: SlotName, reason: &str) -> Result<State, Refused> {
         self.expect(slot, SlotStatus::Installing)?;
         let mut next = self.clone();
         let info = next.slot_mut(slot);
         let version = info.version.clone().unwrap_or_default();
-        let digest = info.bundle_digest.clone();
         *info = SlotInfo::empty();
-        next.remember_failed(digest);
         next.last_result = Some(Outcome::InstallFailed {
             version,
             reason: reason.to_owned(),
@@ -417,11 +418,31 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_copy_does_not_blame_its_release() {
+        let (s, slot) = State::factory().begin_install("d1", "1.1", 1).unwrap();
+        let s = s.fail_install(slot, "chunk 3 does not match").unwrap();
+        assert_eq!(s.slot(slot).status, SlotStatus::Empty);
+        assert!(s.failed_bundles.is_empty());
+        assert!(matches!(s.last_result, Some(Outcome::InstallFailed { .. })));
+        assert!(
+            s.begin_install("d1", "1.1", 1).is_ok(),
+            "another copy may come"
+        );
+    }
+
+    #[test]
     fn the_failed_list_is_bounded() {
         let mut s = State::factory();
         for i in 0..(MAX_FAILED + 5) {
-            let (next, slot) = s.begin_install(&format!("d{i}"), "v", 0).unwrap();
-            s = next.fail_install(slot, "bad chunk").unwrap();
+            let digest = format!("d{i}");
+            let (next, slot) = s.begin_install(&digest, "v", 0).unwrap();
+            s = next
+                .finish_install(slot)
+                .unwrap()
+                .switch(slot)
+                .unwrap()
+                .rollback("crashed")
+                .unwrap();
         }
         assert_eq!(s.failed_bundles.len(), MAX_FAILED);
         assert_eq!(
