@@ -63,6 +63,9 @@ pub enum BundleError {
         #[source]
         source: std::io::Error,
     },
+    /// Moving a written bundle into place (fsync, rename, fsync of the directory).
+    #[error(transparent)]
+    Persist(#[from] durable::Error),
 }
 
 impl BundleError {

@@ -247,7 +247,7 @@ fn pack_against(
 }
 
 /// Writes header, manifest, signatures and payload to `out` atomically (temporary file, fsync,
-/// rename), so a crash never leaves half a bundle under the final name.
+/// rename, fsync of the directory), so a crash never leaves half a bundle under the final name.
 pub(crate) fn assemble(
     out: &Path,
     manifest: &[u8],
@@ -287,12 +287,15 @@ pub(crate) fn assemble(
         }
         w.flush().map_err(write_err)?;
     }
-    temp.as_file().sync_all().map_err(write_err)?;
     let size = HEADER_LEN as u64
         + manifest.len() as u64
         + (signatures.len() * SIGNATURE_LEN) as u64
         + payload_len;
-    temp.persist(out).map_err(|e| write_err(e.error))?;
+    // Until the rename the temporary file is deleted if anything fails; after it, there is
+    // nothing left to delete.
+    let mut temp = temp.into_temp_path();
+    durable::persist(&mut durable::StdFs, &temp, out)?;
+    temp.disable_cleanup(true);
     Ok(size)
 }
 

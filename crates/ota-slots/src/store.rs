@@ -3,45 +3,36 @@
 //! either the old state or the new one. All file operations go through [`Fs`] so that tests can
 //! fail each of them in turn.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
+
+pub use durable::Fs;
+use durable::StdFs;
 
 use crate::State;
 
-/// The file operations a save performs, in order.
-pub trait Fs {
-    fn write_new(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()>;
-    fn sync_file(&mut self, path: &Path) -> std::io::Result<()>;
-    fn rename(&mut self, from: &Path, to: &Path) -> std::io::Result<()>;
-    fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()>;
-}
-
-/// The real file system.
+/// The real file system, with the power-cut harness's fail points after each step (their
+/// names and the number of times each is reached are what the harness counts: keep them).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealFs;
 
 impl Fs for RealFs {
     fn write_new(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-        let mut file = std::fs::File::create(path)?;
-        file.write_all(bytes)?;
+        StdFs.write_new(path, bytes)?;
         crate::failpoint::hit("state.written");
         Ok(())
     }
     fn sync_file(&mut self, path: &Path) -> std::io::Result<()> {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)?
-            .sync_all()?;
+        StdFs.sync_file(path)?;
         crate::failpoint::hit("state.synced");
         Ok(())
     }
     fn rename(&mut self, from: &Path, to: &Path) -> std::io::Result<()> {
-        std::fs::rename(from, to)?;
+        StdFs.rename(from, to)?;
         crate::failpoint::hit("state.renamed");
         Ok(())
     }
     fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()> {
-        std::fs::File::open(dir)?.sync_all()?;
+        StdFs.sync_dir(dir)?;
         crate::failpoint::hit("state.dir_synced");
         Ok(())
     }
@@ -127,17 +118,17 @@ impl StateFile {
         next.generation += 1;
         let bytes = serde_json::to_vec_pretty(&next).expect("state serialises");
         let path = self.path();
-        let temp = self.dir.join("state.json.tmp");
-        let fail = |step| {
-            let path = path.clone();
-            move |source| StateError::Save { path, step, source }
-        };
-        std::fs::create_dir_all(&self.dir).map_err(fail("create directory"))?;
-        fs.write_new(&temp, &bytes)
-            .map_err(fail("write temporary file"))?;
-        fs.sync_file(&temp).map_err(fail("fsync temporary file"))?;
-        fs.rename(&temp, &path).map_err(fail("rename"))?;
-        fs.sync_dir(&self.dir).map_err(fail("fsync directory"))?;
+        std::fs::create_dir_all(&self.dir).map_err(|source| StateError::Save {
+            path: path.clone(),
+            step: "create directory",
+            source,
+        })?;
+        // `state.json.tmp` beside it: a leftover from a cut save is never read (see `load`).
+        durable::replace(fs, &path, &bytes).map_err(|e| StateError::Save {
+            path: e.path,
+            step: e.step.as_str(),
+            source: e.source,
+        })?;
         Ok(next)
     }
 }
@@ -146,43 +137,6 @@ impl StateFile {
 mod tests {
     use super::*;
     use crate::{Release, SlotName};
-
-    /// Fails the n-th file operation (0-based) and every one after it, like a power cut.
-    struct CutAt {
-        n: usize,
-        seen: usize,
-    }
-
-    impl CutAt {
-        fn step(&mut self) -> std::io::Result<()> {
-            let this = self.seen;
-            self.seen += 1;
-            if this >= self.n {
-                Err(std::io::Error::other("power cut"))
-            } else {
-                Ok(())
-            }
-        }
-    }
-
-    impl Fs for CutAt {
-        fn write_new(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-            self.step()?;
-            RealFs.write_new(path, bytes)
-        }
-        fn sync_file(&mut self, path: &Path) -> std::io::Result<()> {
-            self.step()?;
-            RealFs.sync_file(path)
-        }
-        fn rename(&mut self, from: &Path, to: &Path) -> std::io::Result<()> {
-            self.step()?;
-            RealFs.rename(from, to)
-        }
-        fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()> {
-            self.step()?;
-            RealFs.sync_dir(dir)
-        }
-    }
 
     fn trial_from(state: &State) -> State {
         let (s, slot) = state.begin_install("d1", "1.1", 2).unwrap();
@@ -202,7 +156,7 @@ mod tests {
             let file = StateFile::new(dir.path());
             let saved_old = file.save(&mut RealFs, &State::factory()).unwrap();
             let new = trial_from(&saved_old);
-            let result = file.save(&mut CutAt { n, seen: 0 }, &new);
+            let result = file.save(&mut durable::CutAt::new(RealFs, n), &new);
             let loaded = file.load().expect("the state file is never half written");
             if n < 3 {
                 // Before the rename: the old state holds.

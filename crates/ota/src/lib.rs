@@ -197,7 +197,10 @@ impl OtaError {
     pub fn exit_code(&self) -> i32 {
         match self {
             OtaError::Bundle(
-                BundleError::Write { .. } | BundleError::Key { .. } | BundleError::Release { .. },
+                BundleError::Write { .. }
+                | BundleError::Persist(_)
+                | BundleError::Key { .. }
+                | BundleError::Release { .. },
             ) => exit::IO,
             OtaError::Bundle(_) => exit::REFUSED,
             OtaError::Io { .. } => exit::IO,

@@ -30,6 +30,9 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
+    /// Moving a finished copy or export into place (fsync, rename, fsync of the directory).
+    #[error(transparent)]
+    Persist(#[from] durable::Error),
 }
 
 /// What [`restore`] did.
@@ -75,11 +78,7 @@ pub fn snapshot(db: &Path, to: &Path, busy: Duration) -> Result<u64, SnapshotErr
         .query_row("SELECT COUNT(*) FROM quotes", [], |row| row.get(0))
         .map_err(sqlite("count the quotes in", &tmp))?;
     drop(copy);
-    File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io("sync", &tmp))?;
-    std::fs::rename(&tmp, to).map_err(io("rename into place", to))?;
-    sync_parent(to)?;
+    durable::persist(&mut durable::StdFs, &tmp, to)?;
     Ok(quotes.unsigned_abs())
 }
 
@@ -139,7 +138,7 @@ fn export_new_rows(
     })?;
     live.execute("ATTACH DATABASE ?1 AS snap", [name])
         .map_err(sqlite("attach", snapshot))?;
-    let result = (|| {
+    let result: Result<u64, SnapshotError> = (|| {
         let mut stmt = live
             .prepare(
                 "SELECT * FROM main.quotes WHERE id NOT IN (SELECT id FROM snap.quotes) ORDER BY id",
@@ -179,14 +178,13 @@ fn export_new_rows(
             out.write_all(b"\n").map_err(io("write", &tmp))?;
             count += 1;
         }
-        let file = out.into_inner().map_err(|e| SnapshotError::Io {
+        // Flushed and closed here; `persist` fsyncs it before the rename.
+        out.into_inner().map_err(|e| SnapshotError::Io {
             op: "write",
             path: tmp.clone(),
             source: e.into_error(),
         })?;
-        file.sync_all().map_err(io("sync", &tmp))?;
-        std::fs::rename(&tmp, export).map_err(io("rename into place", export))?;
-        sync_parent(export)?;
+        durable::persist(&mut durable::StdFs, &tmp, export)?;
         Ok(count)
     })();
     let detached = live
@@ -202,14 +200,4 @@ fn remove_if_present(path: &Path) -> Result<(), SnapshotError> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", path)(e)),
         _ => Ok(()),
     }
-}
-
-fn sync_parent(path: &Path) -> Result<(), SnapshotError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("sync", dir))
 }
