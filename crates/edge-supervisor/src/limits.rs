@@ -176,14 +176,9 @@ fn parse_oom_kills(memory_events: &str) -> u64 {
 fn delegated_cgroup(resources: &Resources) -> Result<PathBuf, String> {
     let own = std::fs::read_to_string("/proc/self/cgroup")
         .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
-    let relative = own
-        .lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .ok_or("this system has no cgroup v2 hierarchy (cgroup v1 only)")?;
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
-    let mount = cgroup2_mount(&mounts).ok_or("cgroup v2 is not mounted")?;
-    let root = mount.join(relative.trim_start_matches('/'));
+    let mounts = std::fs::read_to_string(mountinfo::MOUNTINFO)
+        .map_err(|e| format!("cannot read {}: {e}", mountinfo::MOUNTINFO))?;
+    let root = cgroup_root(&own, &mounts)?;
     let available = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
     let mut needed = Vec::new();
     if resources.memory_max.is_some() || resources.memory_high.is_some() {
@@ -231,15 +226,15 @@ fn delegated_cgroup(resources: &Resources) -> Result<PathBuf, String> {
     Ok(root)
 }
 
-fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        if fstype != "cgroup2" {
-            return None;
-        }
-        left.split_whitespace().nth(4).map(PathBuf::from)
-    })
+/// This process's cgroup directory: its path in the unified hierarchy (the `0::` line of
+/// /proc/self/cgroup, `own`) below the cgroup2 mount point that `mounts` (mountinfo) names.
+fn cgroup_root(own: &str, mounts: &str) -> Result<PathBuf, String> {
+    let relative = own
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .ok_or("this system has no cgroup v2 hierarchy (cgroup v1 only)")?;
+    let mount = mountinfo::cgroup2_mount(mounts).ok_or("cgroup v2 is not mounted")?;
+    Ok(mount.join(relative.trim_start_matches('/')))
 }
 
 #[cfg(test)]
@@ -254,16 +249,32 @@ mod tests {
     }
 
     #[test]
-    fn the_cgroup2_mount_is_found_in_mountinfo() {
+    fn the_cgroup_root_is_the_own_cgroup_below_the_cgroup2_mount() {
+        let own = "0::/system.slice/quote-edge.service\n";
         let info = "25 30 0:22 / /sys/fs/cgroup/memory rw,relatime shared:9 - cgroup cgroup rw,memory\n\
                     35 30 0:30 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n";
         assert_eq!(
-            cgroup2_mount(info),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+            cgroup_root(own, info),
+            Ok(PathBuf::from(
+                "/sys/fs/cgroup/unified/system.slice/quote-edge.service"
+            ))
         );
+        let v1_only = "25 30 0:22 / /x rw - ext4 /dev/vda rw\n";
         assert_eq!(
-            cgroup2_mount("25 30 0:22 / /x rw - ext4 /dev/vda rw\n"),
-            None
+            cgroup_root(own, v1_only),
+            Err("cgroup v2 is not mounted".into())
+        );
+        assert!(cgroup_root("1:memory:/x\n", info).is_err());
+    }
+
+    #[test]
+    fn a_cgroup2_mount_point_with_a_space_is_decoded() {
+        // The kernel writes a space in a mount point as `\040`; taken as it stands, the escape
+        // would name a directory that does not exist.
+        let info = "35 30 0:30 / /run/my\\040cgroup rw,nosuid shared:10 - cgroup2 none rw\n";
+        assert_eq!(
+            cgroup_root("0::/edge\n", info),
+            Ok(PathBuf::from("/run/my cgroup/edge"))
         );
     }
 

@@ -11,6 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ota_bundle::SecretKey;
+use rustix::mount::MountFlags;
 use serde::Serialize;
 
 /// What one receipt says.
@@ -175,8 +176,7 @@ pub fn write(
 
 /// Runs `f` with the mount holding `dir` remounted read-write, and remounts it read-only
 /// afterwards whatever `f` did; refuses unless that mount point lies strictly below one of
-/// `under`. util-linux's `mount` does the remount (the image has it; the supervisor runs as
-/// root there).
+/// `under`. The supervisor runs as root on the device, which a remount needs.
 fn with_writable_mount<T>(
     dir: &Path,
     under: &[PathBuf],
@@ -184,13 +184,14 @@ fn with_writable_mount<T>(
 ) -> std::io::Result<T> {
     let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(dir);
     let existing = existing.canonicalize()?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let target = mount_point_in(&mountinfo, &existing).ok_or_else(|| {
+    let mounts = std::fs::read_to_string(mountinfo::MOUNTINFO)?;
+    let mount = mountinfo::mount_holding(&mounts, &existing).ok_or_else(|| {
         std::io::Error::other(format!("no mount point for {}", existing.display()))
     })?;
+    let target = &mount.mount_point;
     let below = |root: &PathBuf| {
         root.canonicalize()
-            .is_ok_and(|root| target.starts_with(&root) && target != root)
+            .is_ok_and(|root| target.starts_with(&root) && *target != root)
     };
     if !under.iter().any(below) {
         return Err(std::io::Error::other(format!(
@@ -198,103 +199,73 @@ fn with_writable_mount<T>(
             target.display()
         )));
     }
-    remount(&target, "rw")?;
+    remount(&mount, true)?;
     let result = f();
-    if let Err(error) = remount(&target, "ro") {
+    if let Err(error) = remount(&mount, false) {
         tracing::warn!(mount = %target.display(), %error, "cannot remount the stick read-only");
     }
     result
 }
 
-fn remount(target: &Path, mode: &str) -> std::io::Result<()> {
-    let status = std::process::Command::new("mount")
-        .arg("-o")
-        .arg(format!("remount,{mode}"))
-        .arg(target)
-        .stdin(std::process::Stdio::null())
-        .status()?;
-    if status.success() {
-        tracing::info!(mount = %target.display(), mode, "stick remounted");
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "mount -o remount,{mode} {}: {status}",
-            target.display()
-        )))
-    }
-}
-
-/// The mount point in `mountinfo` (the text of /proc/self/mountinfo) that holds `path`: the
-/// longest one that is a prefix of it. Mount points are octal-escaped there (`\040` = space).
-fn mount_point_in(mountinfo: &str, path: &Path) -> Option<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|escaped| {
-            PathBuf::from(
-                <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(unescape_octal(
-                    escaped,
-                )),
+fn remount(mount: &mountinfo::Mount, writable: bool) -> std::io::Result<()> {
+    let mode = if writable { "read-write" } else { "read-only" };
+    rustix::mount::mount_remount(&mount.mount_point, remount_flags(mount, writable), "").map_err(
+        |errno| {
+            std::io::Error::new(
+                std::io::Error::from(errno).kind(),
+                format!(
+                    "cannot remount {} {mode}: {errno}",
+                    mount.mount_point.display()
+                ),
             )
-        })
-        .filter(|point| path.starts_with(point))
-        .max_by_key(|point| point.as_os_str().len())
+        },
+    )?;
+    tracing::info!(mount = %mount.mount_point.display(), mode, "stick remounted");
+    Ok(())
 }
 
-fn unescape_octal(s: &str) -> Vec<u8> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let code = bytes.get(i + 1..i + 4).and_then(|d| {
-            d.iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-                .then(|| d.iter().fold(0u32, |n, b| n * 8 + u32::from(b - b'0')))
-        });
-        match code {
-            Some(code) if bytes[i] == b'\\' && code <= 0xff => {
-                out.push(code as u8);
-                i += 4;
-            }
-            _ => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    out
+/// The flags for a remount of `mount`: its own, but for read-only. A remount sets every
+/// per-mount flag anew, so whatever is not passed is cleared: without these, a stick mounted
+/// `nosuid,nodev,noexec` would lose all three while it is writable (util-linux's `mount -o
+/// remount,rw` carries them over the same way).
+fn remount_flags(mount: &mountinfo::Mount, writable: bool) -> MountFlags {
+    let mut flags = mount
+        .options
+        .iter()
+        .chain(&mount.super_options)
+        .map(|option| match option.as_str() {
+            "nosuid" => MountFlags::NOSUID,
+            "nodev" => MountFlags::NODEV,
+            "noexec" => MountFlags::NOEXEC,
+            "noatime" => MountFlags::NOATIME,
+            "nodiratime" => MountFlags::NODIRATIME,
+            "relatime" => MountFlags::RELATIME,
+            "nosymfollow" => MountFlags::NOSYMFOLLOW,
+            "sync" => MountFlags::SYNCHRONOUS,
+            "dirsync" => MountFlags::DIRSYNC,
+            "lazytime" => MountFlags::LAZYTIME,
+            _ => MountFlags::empty(),
+        })
+        .fold(MountFlags::empty(), |all, flag| all | flag);
+    flags.set(MountFlags::RDONLY, !writable);
+    flags
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const MOUNTINFO: &str = "\
-22 1 254:2 / / ro,relatime shared:1 - ext4 /dev/vda2 ro
-30 22 254:3 / /var/lib/quote-edge rw,relatime shared:2 - ext4 /dev/vda3 rw
-40 22 0:25 / /run rw,nosuid,nodev shared:5 - tmpfs tmpfs rw
-51 40 8:1 / /run/quote-edge/usb/sda1 ro,nosuid,nodev,noexec shared:30 - vfat /dev/sda1 ro
-52 40 8:17 / /run/quote-edge/usb/my\\040stick ro shared:31 - vfat /dev/sdb1 ro
-";
-
     #[test]
-    fn the_stick_is_the_longest_mount_point_holding_the_bundle() {
-        let at = |p: &str| mount_point_in(MOUNTINFO, Path::new(p));
-        assert_eq!(
-            at("/run/quote-edge/usb/sda1/updates"),
-            Some("/run/quote-edge/usb/sda1".into())
-        );
-        assert_eq!(
-            at("/run/quote-edge/usb/sda1"),
-            Some("/run/quote-edge/usb/sda1".into())
-        );
-        // A name that merely starts like a mount point is not inside it.
-        assert_eq!(at("/run/quote-edge/usb/sda10"), Some("/run".into()));
-        assert_eq!(
-            at("/var/lib/quote-edge/ota/inbox"),
-            Some("/var/lib/quote-edge".into())
-        );
-        assert_eq!(at("/etc"), Some("/".into()));
+    fn a_remount_keeps_the_sticks_own_flags_and_changes_only_read_only() {
+        let stick = mountinfo::Mount::parse(
+            "51 40 8:1 / /run/quote-edge/usb/my\\040stick ro,nosuid,nodev,noexec,relatime \
+             shared:30 - vfat /dev/sda1 ro,fmask=0022",
+        )
+        .unwrap();
+        let kept =
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC | MountFlags::RELATIME;
+        assert_eq!(remount_flags(&stick, true), kept);
+        assert_eq!(remount_flags(&stick, false), kept | MountFlags::RDONLY);
     }
 
     #[test]
@@ -338,16 +309,56 @@ mod tests {
         assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
     }
 
+    /// A real remount, in a mount namespace of this test's own thread (root may make one; the
+    /// device's supervisor is root too): a read-only tmpfs stands for a stick whose mount point
+    /// has a space, which mountinfo writes as `\040`.
     #[test]
-    fn escaped_mount_points_are_decoded() {
-        assert_eq!(
-            mount_point_in(
-                MOUNTINFO,
-                Path::new("/run/quote-edge/usb/my stick/x.bundle")
-            ),
-            Some("/run/quote-edge/usb/my stick".into())
-        );
-        assert_eq!(unescape_octal(r"a\134b\9"), br"a\b\9");
-        assert_eq!(unescape_octal(r"caf\303\251"), "café".as_bytes());
+    fn a_stick_is_writable_only_for_the_write_and_keeps_nosuid_nodev_noexec() {
+        let inbox = tempfile::tempdir().unwrap();
+        let inbox = inbox.path().canonicalize().unwrap();
+        // A thread of its own: the namespace ends with it, whatever runs the test.
+        std::thread::spawn(move || {
+            #[allow(deprecated)] // the replacement is `unsafe` for `FILES`, unused here
+            let unshared = rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNS);
+            if unshared == Err(rustix::io::Errno::PERM) {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED: a mount namespace needs root (CAP_SYS_ADMIN); CI runs this as root"
+                );
+                return;
+            }
+            unshared.unwrap();
+            // Nothing mounted here may reach the namespace the test started in.
+            use rustix::mount::MountPropagationFlags as Propagation;
+            rustix::mount::mount_change("/", Propagation::PRIVATE | Propagation::REC).unwrap();
+            let stick = inbox.join("my stick");
+            std::fs::create_dir(&stick).unwrap();
+            let sticky = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+            rustix::mount::mount("tmpfs", &stick, "tmpfs", sticky | MountFlags::RDONLY, None)
+                .unwrap();
+            let options = || {
+                let mounts = std::fs::read_to_string(mountinfo::MOUNTINFO).unwrap();
+                let mount = mountinfo::mount_holding(&mounts, &stick).unwrap();
+                assert_eq!(mount.mount_point, stick);
+                mount.options
+            };
+            let receipts = stick.join("receipts");
+            let during = with_writable_mount(&receipts, std::slice::from_ref(&inbox), || {
+                std::fs::create_dir(&receipts)?;
+                std::fs::write(receipts.join("r.json"), b"{}")?;
+                Ok(options())
+            })
+            .unwrap();
+            let after = options();
+            for flag in ["nosuid", "nodev", "noexec"] {
+                assert!(during.iter().any(|o| o == flag), "{during:?}");
+                assert!(after.iter().any(|o| o == flag), "{after:?}");
+            }
+            assert!(during.iter().any(|o| o == "rw"), "{during:?}");
+            assert!(after.iter().any(|o| o == "ro"), "{after:?}");
+            assert_eq!(std::fs::read(receipts.join("r.json")).unwrap(), b"{}");
+        })
+        .join()
+        .unwrap();
     }
 }
