@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use edge_proto::client::Client;
 use edge_proto::{Reply, Request, Status, UpdateState};
 
 use crate::update::{CRASHES, Fixture, GOOD};
@@ -83,15 +84,11 @@ impl Device {
     }
 
     fn status(&self) -> Option<Status> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
         // A process that died mid-accept leaves a socket that connects and never answers.
         let socket = self.data.path().join("supervisor.sock");
-        let ask = edge_supervisor::control::request(&socket, &Request::Status);
-        match runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), ask).await }) {
-            Ok(Ok(Reply::Status(status))) => Some(*status),
+        let ask = Client::new(socket).timeout(Duration::from_secs(5));
+        match ask.request(&Request::Status) {
+            Ok(Reply::Status(status)) => Some(*status),
             _ => None,
         }
     }

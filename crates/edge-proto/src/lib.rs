@@ -1,7 +1,9 @@
 //! The contract between the supervisor and whatever talks to it: the control-socket protocol,
 //! the `status --json` document, and the process exit codes.
 //!
-//! Architecture invariant: this crate has no I/O and no dependencies beyond serde. Anything
+//! Architecture invariant: this crate has no I/O and no dependencies beyond serde, except the
+//! control-socket client, `client`, behind the `client` feature: the one place that speaks
+//! the protocol from the caller's side, so that every program speaks it the same way. Anything
 //! here is a promise to other programs (scripts, the OTA agent, the image tests): fields are
 //! only ever added, never renamed or removed, within one `PROTOCOL_VERSION`.
 //!
@@ -11,6 +13,9 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "client")]
+pub mod client;
 
 /// A closed set of words on the wire: a serde enum whose JSON form is its `as_str`, shown the
 /// same way by `Display` (the human `status` table prints what `--json` carries).

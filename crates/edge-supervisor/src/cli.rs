@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use edge_proto::client::Client;
 use edge_proto::{Reply, Request, Status, exit};
 
 use crate::config::{self, Overrides};
@@ -113,7 +114,7 @@ impl RunArgs {
 }
 
 /// Runs a client subcommand; returns the process exit code.
-pub async fn client(command: Command) -> i32 {
+pub fn client(command: Command) -> i32 {
     let (socket, request, json) = match command {
         Command::Run(_) => return exit::USAGE,
         Command::Status { json, socket } => (socket.path(), Request::Status, json),
@@ -144,9 +145,16 @@ pub async fn client(command: Command) -> i32 {
             )
         }
     };
+    let mut client = Client::new(socket);
+    if let Request::Logs {
+        lines: Some(lines), ..
+    } = &request
+    {
+        client = client.max_reply_bytes(logs_reply_bound(*lines));
+    }
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr().lock();
-    match crate::control::request(&socket, &request).await {
+    match client.request(&request) {
         Err(error) => {
             let _ = writeln!(err, "edge-supervisor: {error}");
             exit::UNREACHABLE
@@ -178,6 +186,14 @@ pub async fn client(command: Command) -> i32 {
             exit::OK
         }
     }
+}
+
+/// The longest reply to a request for `lines` log lines: each line is at most
+/// `process::MAX_LINE` bytes plus the truncation mark, which JSON may escape to six bytes a
+/// byte (`\u0000`), plus its other fields. Never below the default bound.
+fn logs_reply_bound(lines: u32) -> u64 {
+    let per_line = (crate::process::MAX_LINE as u64 + 64) * 6 + 128;
+    edge_proto::client::MAX_REPLY_BYTES.max(u64::from(lines).saturating_mul(per_line))
 }
 
 /// The human-readable status table.
@@ -220,4 +236,35 @@ pub fn render_status(status: &Status) -> String {
         ));
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_proto::{LogLine, LogStream};
+
+    #[test]
+    fn the_longest_logs_reply_fits_the_bound_the_command_reads() {
+        // The worst line: as long as capture keeps, every byte a control character that JSON
+        // writes as `\u0001`, then the truncation mark; every number at its widest.
+        let worst = "\u{1}".repeat(crate::process::MAX_LINE) + " [truncated]";
+        for lines in [1, 100, 500] {
+            let reply = Reply::Logs {
+                replica: "replica-1".repeat(100),
+                lines: (0..lines)
+                    .map(|_| LogLine {
+                        at_ms: u64::MAX,
+                        stream: LogStream::Stderr,
+                        pid: u32::MAX,
+                        line: worst.clone(),
+                    })
+                    .collect(),
+            };
+            let bytes = serde_json::to_vec(&reply).unwrap().len() as u64 + 1;
+            assert!(
+                bytes <= logs_reply_bound(lines),
+                "{lines} lines: {bytes} bytes"
+            );
+        }
+    }
 }

@@ -5,6 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use edge_proto::client::{Client, ClientError};
 use edge_proto::{ErrorKind, MAX_REQUEST_BYTES, Reply, Request};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -27,14 +28,6 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot reach a supervisor at {path}: {source}")]
-    Unreachable {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the supervisor at {path} sent an answer that is not a reply: {detail}")]
-    BadReply { path: PathBuf, detail: String },
 }
 
 /// Creates the socket with mode 0600 (or 0660 and group `gid`). A stale socket file left by
@@ -149,22 +142,15 @@ pub fn error(kind: ErrorKind, message: &str) -> Reply {
     }
 }
 
-/// The client side: sends one request to the supervisor at `socket` and returns its reply.
-pub async fn request(socket: &Path, request: &Request) -> Result<Reply, ControlError> {
-    let unreachable = |source| ControlError::Unreachable {
-        path: socket.to_owned(),
-        source,
-    };
-    let mut stream = UnixStream::connect(socket).await.map_err(unreachable)?;
-    let mut line = serde_json::to_vec(request).map_err(|e| unreachable(e.into()))?;
-    line.push(b'\n');
-    stream.write_all(&line).await.map_err(unreachable)?;
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.map_err(unreachable)?;
-    serde_json::from_slice(&answer).map_err(|e| ControlError::BadReply {
-        path: socket.to_owned(),
-        detail: e.to_string(),
-    })
+/// The client side, for async callers (tests running a supervisor on their own runtime):
+/// `edge_proto`'s one client, on a blocking thread so the runtime keeps serving meanwhile.
+/// The command line calls that client directly.
+pub async fn request(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
+    let client = Client::new(socket);
+    let request = request.clone();
+    tokio::task::spawn_blocking(move || client.request(&request))
+        .await
+        .expect("the control client neither panics nor outlives the runtime")
 }
 
 #[cfg(test)]

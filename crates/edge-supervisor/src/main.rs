@@ -11,13 +11,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run(&args),
-        other => match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(runtime) => runtime.block_on(edge_supervisor::cli::client(other)),
-            Err(_) => exit::FAILURE,
-        },
+        other => edge_supervisor::cli::client(other),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

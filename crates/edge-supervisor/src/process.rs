@@ -28,7 +28,7 @@ const PRIVATE_ENV: &[&str] = &[
 ];
 
 /// Longest captured line; the rest of a longer line is dropped and marked.
-const MAX_LINE: usize = 4096;
+pub(crate) const MAX_LINE: usize = 4096;
 
 /// What a replica's process is started with.
 #[derive(Debug, Clone)]

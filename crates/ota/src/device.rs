@@ -1,37 +1,18 @@
 //! `ota apply` and `ota status`: talk to a device's supervisor over its control socket (one
-//! JSON request line, one JSON reply), with std only. The OTA agent in the supervisor does the
-//! work; this only asks and reports.
+//! JSON request line, one JSON reply) through `edge_proto::client`, with std only. The OTA
+//! agent in the supervisor does the work; this only asks and reports.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use edge_proto::client::Client;
 use edge_proto::{Reply, Request, UpdateStatus};
 
 use crate::OtaError;
 
-/// Largest reply read (a status is a few kilobytes).
-const MAX_REPLY: u64 = 1 << 20;
-
 fn ask(socket: &Path, request: &Request) -> Result<Reply, OtaError> {
-    let io = |source| OtaError::Io {
-        path: socket.to_owned(),
-        source,
-    };
-    let mut stream = UnixStream::connect(socket).map_err(io)?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(io)?;
-    let mut line = serde_json::to_vec(request).expect("a request serialises");
-    line.push(b'\n');
-    stream.write_all(&line).map_err(io)?;
-    let mut answer = Vec::new();
-    stream
-        .take(MAX_REPLY)
-        .read_to_end(&mut answer)
-        .map_err(io)?;
-    serde_json::from_slice(&answer).map_err(|e| OtaError::Device(format!("bad reply: {e}")))
+    Ok(Client::new(socket).request(request)?)
 }
 
 /// The `update` part of the device's status.

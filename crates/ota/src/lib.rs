@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 
 pub mod device;
+use edge_proto::client::ClientError;
 use ota_bundle::{
     Bundle, BundleError, ChunksError, PackOptions, PublicKey, SecretKey, TrustedKeys,
 };
@@ -189,6 +190,9 @@ pub enum OtaError {
     Usage(String),
     #[error("the device refused: {0}")]
     Device(String),
+    /// No reply from the device's supervisor; names the socket.
+    #[error(transparent)]
+    Control(#[from] edge_proto::client::ClientError),
     #[error("the update did not commit")]
     NotCommitted,
 }
@@ -206,6 +210,12 @@ impl OtaError {
             OtaError::Io { .. } => exit::IO,
             OtaError::Usage(_) => exit::USAGE,
             OtaError::Device(_) | OtaError::NotCommitted => exit::REFUSED,
+            // As before the client was shared: no answer is an I/O failure, a wrong answer
+            // a refusal.
+            OtaError::Control(ClientError::BadReply { .. } | ClientError::TooLong { .. }) => {
+                exit::REFUSED
+            }
+            OtaError::Control(_) => exit::IO,
         }
     }
 }
