@@ -540,7 +540,7 @@ async fn a_delta_copies_unchanged_chunks_from_the_running_release_and_needs_that
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_rotate_offline_and_a_permit_allows_one_downgrade_on_one_device() {
+async fn keys_rotate_offline_and_a_permit_allows_one_downgrade_on_one_device_once() {
     let fx = Fixture::new();
     let sup = Supervisor::start(1, &fx.config("trial = \"300ms\"\n")).await;
     sup.all_ready(1).await;
@@ -623,6 +623,20 @@ async fn keys_rotate_offline_and_a_permit_allows_one_downgrade_on_one_device() {
         after.update.security_version, 3,
         "the floor stays where it was"
     );
+
+    // The device moves forward again; the same permit beside the same old bundle is used up.
+    let newer = fx.dir.path().join("newer.bundle");
+    let mut newer_options = options("3.1.0", 3);
+    newer_options.issued_at = 3_000;
+    pack(&release, &newer, &newer_options, &b, |_, _| {}).unwrap();
+    apply(&sup, &newer).await;
+    assert_eq!(finished(&sup, "3.1.0").await.update.version, "3.1.0");
+    let (after, reason) = refused(&sup, &old).await;
+    assert!(
+        reason.contains("downgrade refused") && reason.contains("a permit is used once"),
+        "{reason}"
+    );
+    assert_eq!(after.update.version, "3.1.0");
     sup.stop().await;
 }
 

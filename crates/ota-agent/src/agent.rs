@@ -107,7 +107,7 @@ pub enum UpdateError {
     Incompatible { found: String, expected: String },
     #[error(
         "downgrade refused: the bundle has security version {found}, the device has committed {floor}; \
-         installing it needs a downgrade permit for device {device} next to the bundle"
+         installing it needs a downgrade permit for device {device} next to the bundle (a permit is used once)"
     )]
     Downgrade {
         found: u64,
@@ -152,6 +152,12 @@ pub enum UpdateError {
     },
     #[error("{0} is not a regular file")]
     NotAFile(PathBuf),
+    #[error("cannot tell the free space in {path}: {source}; nothing was written")]
+    FreeSpace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "the trusted keys in {dir} include the repository's test key {key}, whose secret is public: \
          anyone could sign updates for this device. Trust your release keys instead; for \

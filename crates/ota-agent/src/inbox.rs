@@ -54,6 +54,15 @@ pub(crate) fn scan_inboxes(
             if judged.get(&path) == Some(&key) {
                 continue;
             }
+            // Shorter than it says: still being copied (or truncated for good). Not offered, and
+            // not judged, so it is looked at again once it has grown; `apply` refuses it at once.
+            let declared = std::fs::File::open(&path)
+                .ok()
+                .and_then(|f| ota_bundle::declared_len_unverified(BufReader::new(f)).ok());
+            if declared.is_some_and(|declared| meta.len() < declared) {
+                tracing::debug!(bundle = %path.display(), "inbox: incomplete, not offered yet");
+                continue;
+            }
             let Ok(file) = std::fs::File::open(&path) else {
                 continue;
             };
@@ -82,4 +91,49 @@ pub(crate) fn scan_inboxes(
     }
     found.sort_by_key(|f| std::cmp::Reverse(f.0));
     found.into_iter().map(|(_, p)| p).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A signed bundle of one small file, packed into `dir`.
+    fn bundle(dir: &std::path::Path) -> PathBuf {
+        let release = dir.join("release");
+        std::fs::create_dir_all(release.join("bin")).unwrap();
+        std::fs::write(release.join("bin/quote-service"), vec![7u8; 100_000]).unwrap();
+        let out = dir.join("v2.bundle");
+        let options = ota_bundle::PackOptions {
+            product: "quote-edge".into(),
+            version: "2.0.0".into(),
+            security_version: 2,
+            issued_at: 1,
+            level: 3,
+        };
+        let key = ota_bundle::SecretKey::from_seed([3; 32]);
+        ota_bundle::pack(&release, &out, &options, &key, |_, _| {}).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_bundle_still_being_copied_is_offered_once_it_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = std::fs::read(bundle(dir.path())).unwrap();
+        let inbox = dir.path().join("inbox");
+        std::fs::create_dir(&inbox).unwrap();
+        let copying = inbox.join("v2.bundle");
+        let scan = || {
+            scan_inboxes(
+                std::slice::from_ref(&inbox),
+                &HashMap::new(),
+                &[],
+                "quote-edge",
+                0,
+            )
+        };
+        std::fs::write(&copying, &whole[..whole.len() / 2]).unwrap();
+        assert!(scan().is_empty(), "half a copy is not offered");
+        std::fs::write(&copying, &whole).unwrap();
+        assert_eq!(scan(), vec![copying]);
+    }
 }

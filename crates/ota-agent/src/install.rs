@@ -64,6 +64,8 @@ struct Admission {
     target: SlotName,
     /// Bytes of the release.
     needed: u64,
+    /// The downgrade permit that let it in, if it needed one.
+    permit: Option<String>,
 }
 
 /// Why writing the slot stopped.
@@ -106,8 +108,11 @@ impl Install {
         if resume.is_none() {
             let _ = journal.clear();
             let _ = std::fs::remove_file(self.layout.manifest(slot));
-            let (next, _) =
+            let (mut next, _) =
                 state.begin_install(&digest, &manifest.version, manifest.security_version)?;
+            if let Some(permit) = &admitted.permit {
+                next = next.hold_permit(slot, permit)?;
+            }
             *state = self.file.save(&mut RealFs, &next)?;
         }
         let resumed = resume.as_ref().map_or(0, |(_, kept)| kept.total);
@@ -124,11 +129,13 @@ impl Install {
                 resume,
             )
             .and_then(|written| {
-                write_synced(&self.layout.manifest(slot), &manifest_bytes)
-                    .map(|()| written)
-                    .map_err(|e| {
-                        WriteFailure::Interrupted(format!("cannot keep the manifest: {e}"))
-                    })
+                durable::replace(
+                    &mut durable::StdFs,
+                    &self.layout.manifest(slot),
+                    &manifest_bytes,
+                )
+                .map(|()| written)
+                .map_err(|e| WriteFailure::Interrupted(format!("cannot keep the manifest: {e}")))
             });
         // The journal is cleared only once the state no longer says `installing`: a cut in
         // between leaves a mark that the next start ignores, never a slot without its mark.
@@ -230,18 +237,21 @@ impl Install {
         })?;
         // The inactive slot's old content is freed before writing, so it counts as free.
         let reclaimable = dir_size(&self.layout.slot(state.inactive()));
+        let permit = admission::needs_permit(manifest, state)
+            .then(|| self.permit(trusted, digest, state))
+            .flatten();
         let device = Device {
             product: &self.product,
             state,
             id: crate::receipt::device_id(&self.layout.dir.join("device.key"))
                 .unwrap_or_else(|e| e.to_string()),
-            permitted: admission::needs_permit(manifest, state) && self.permitted(trusted, digest),
+            permitted: permit.is_some(),
             running_digest: match &kept {
                 Some(Ok(kept)) => Ok(kept.release_digest()),
                 Some(Err(why)) => Err(*why),
                 None => Err("no kept manifest"),
             },
-            free: free_bytes(&slots_dir).saturating_add(reclaimable),
+            free: free_bytes(&slots_dir)?.saturating_add(reclaimable),
             slots_dir,
         };
         let admitted = match admission::admit(manifest, digest, &device) {
@@ -256,6 +266,7 @@ impl Install {
             copies,
             target: admitted.target,
             needed: admitted.needed,
+            permit,
         })
     }
 
@@ -393,15 +404,11 @@ impl Install {
     }
 
     /// A downgrade permit (`*.permit` beside the bundle) for this device and this bundle,
-    /// signed by a threshold of the trusted keys.
-    fn permitted(&self, trusted: &TrustedKeys, digest: &str) -> bool {
-        let Ok(device) = crate::receipt::device_id(&self.layout.dir.join("device.key")) else {
-            return false;
-        };
+    /// signed by a threshold of the trusted keys, and not used before: its document id.
+    fn permit(&self, trusted: &TrustedKeys, digest: &str, state: &State) -> Option<String> {
+        let device = crate::receipt::device_id(&self.layout.dir.join("device.key")).ok()?;
         let dir = self.bundle.parent().unwrap_or(Path::new("."));
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return false;
-        };
+        let entries = std::fs::read_dir(dir).ok()?;
         for path in entries.flatten().map(|e| e.path()) {
             if path.extension().is_none_or(|e| e != "permit") {
                 continue;
@@ -409,23 +416,35 @@ impl Install {
             let Some(doc) = read_doc(&path, "permit") else {
                 continue;
             };
+            if state.used_permits.contains(&doc.id()) {
+                tracing::info!(permit = %path.display(), "permit already used: a permit lowers a device once");
+                continue;
+            }
             match ota_bundle::Permit::verify(&doc, trusted, &self.product, &device, digest) {
                 Ok(permit) => {
                     tracing::warn!(permit = %path.display(), version = %permit.version, "downgrade permitted");
-                    return true;
+                    return Some(doc.id());
                 }
                 Err(error) => {
                     tracing::info!(permit = %path.display(), %error, "permit not usable")
                 }
             }
         }
-        false
+        None
     }
 
     /// Re-hashes what an interrupted install wrote before `mark`: every file before it whole,
     /// and the chunks of its file before its chunk. What is kept, or None (start over).
     fn check_written(&self, manifest: &ota_bundle::Manifest, mark: &Mark) -> Option<Kept> {
         use std::io::Read;
+        if !mark_within(manifest, mark) {
+            tracing::warn!(
+                file = mark.file,
+                chunk = mark.chunk,
+                "the install journal names a chunk this bundle does not have; starting over"
+            );
+            return None;
+        }
         let dir = self.layout.slot(mark.slot);
         let mut kept = Kept::default();
         let mut buf = vec![0u8; ota_bundle::CHUNK_SIZE as usize];
@@ -467,6 +486,16 @@ impl Install {
         }
         Some(kept)
     }
+}
+
+/// Whether a journal mark (a file on the data partition, so not to be trusted blindly) names a
+/// chunk boundary of this manifest: its file exists, its chunk is at most the file's count
+/// (the count itself: the file was written whole).
+fn mark_within(manifest: &ota_bundle::Manifest, mark: &Mark) -> bool {
+    manifest
+        .files
+        .get(mark.file as usize)
+        .is_some_and(|file| mark.chunk as usize <= file.chunks.len())
 }
 
 /// What an interrupted install left intact before its journal mark.
@@ -531,22 +560,15 @@ fn copy_index(dir: &Path, manifest: &ota_bundle::Manifest) -> HashMap<String, (P
     index
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
-pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-fn free_bytes(dir: &Path) -> u64 {
-    rustix::fs::statvfs(dir).map_or(u64::MAX, |s| s.f_bavail.saturating_mul(s.f_frsize))
+/// Bytes free for an unprivileged writer in `dir`'s file system. An error is an error, never
+/// "unlimited".
+fn free_bytes(dir: &Path) -> Result<u64, UpdateError> {
+    rustix::fs::statvfs(dir)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .map_err(|errno| UpdateError::FreeSpace {
+            path: dir.to_owned(),
+            source: errno.into(),
+        })
 }
 
 fn dir_size(dir: &Path) -> u64 {
@@ -561,4 +583,64 @@ fn dir_size(dir: &Path) -> u64 {
             _ => 0,
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(chunks_per_file: &[usize]) -> ota_bundle::Manifest {
+        let chunk = ota_bundle::Chunk {
+            hash: "00".repeat(32),
+            size: 10,
+            csize: Some(12),
+            copy: false,
+        };
+        ota_bundle::Manifest {
+            format: 2,
+            product: "quote-edge".into(),
+            version: "2.0.0".into(),
+            security_version: 1,
+            issued_at: 1,
+            hash: "blake3".into(),
+            chunk_size: ota_bundle::CHUNK_SIZE,
+            base: None,
+            files: chunks_per_file
+                .iter()
+                .enumerate()
+                .map(|(i, n)| ota_bundle::FileEntry {
+                    path: format!("bin/f{i}"),
+                    mode: 0o755,
+                    size: 10 * *n as u64,
+                    digest: "00".repeat(32),
+                    chunks: vec![chunk.clone(); *n],
+                })
+                .collect(),
+        }
+    }
+
+    fn mark(file: u32, chunk: u32) -> Mark {
+        Mark {
+            digest: "d".repeat(64),
+            slot: SlotName::B,
+            file,
+            chunk,
+            offset: 0,
+        }
+    }
+
+    #[test]
+    fn a_crafted_journal_mark_outside_the_manifest_is_refused_not_trusted() {
+        let m = manifest(&[3, 0, 2]);
+        assert!(mark_within(&m, &mark(0, 0)));
+        assert!(mark_within(&m, &mark(0, 3)), "a file written whole");
+        assert!(mark_within(&m, &mark(2, 1)));
+        assert!(!mark_within(&m, &mark(0, 4)), "past the file's chunks");
+        assert!(
+            !mark_within(&m, &mark(1, 1)),
+            "an empty file has no chunk 1"
+        );
+        assert!(!mark_within(&m, &mark(3, 0)), "no fourth file");
+        assert!(!mark_within(&m, &mark(u32::MAX, u32::MAX)));
+    }
 }

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use ota_bundle::TrustedKeys;
 
 use crate::agent::UpdateError;
-use crate::install::write_synced;
 
 /// The public half of `ota/keys/test-signing.key`, the repository's throwaway key: its secret
 /// is public, so a device that trusts it runs whatever anyone signs.
@@ -97,9 +96,10 @@ pub(crate) fn accept_keysets(
         let doc = found.remove(i);
         let dir = ota_dir.join("keysets");
         let path = dir.join(format!("{}.keyset", serial + 1));
-        match std::fs::create_dir_all(&dir)
-            .and_then(|()| write_synced(&path, doc.to_text().as_bytes()))
-        {
+        match std::fs::create_dir_all(&dir).and_then(|()| {
+            durable::replace(&mut durable::StdFs, &path, doc.to_text().as_bytes())
+                .map_err(std::io::Error::other)
+        }) {
             Ok(()) => {
                 tracing::warn!(
                     serial = serial + 1,

@@ -34,6 +34,12 @@ pub struct SignedDoc {
 }
 
 impl SignedDoc {
+    /// The document's identity: the BLAKE3 of its signed JSON, whatever signatures it carries
+    /// (adding or reordering signatures does not make another document).
+    pub fn id(&self) -> String {
+        crate::chunk_hash(self.json.as_bytes())
+    }
+
     /// Parses a document of `kind`; nothing in the JSON is trusted yet.
     pub fn parse(bytes: &[u8], kind: &str) -> Result<SignedDoc, BundleError> {
         if bytes.len() as u64 > MAX_DOC_LEN {

@@ -20,8 +20,8 @@ pub use keys::{KeyId, PublicKey, SecretKey, TrustedKeys};
 pub use manifest::{Base, CHUNK_SIZE, Chunk, FileEntry, MAX_FILES, Manifest};
 pub use pack::{PackOptions, PackReport, add_signature, pack, pack_delta};
 pub use read::{
-    Bundle, Chunked, ChunksError, Position, SIGNING_DOMAIN, chunk_hash, manifest_digest,
-    read_manifest_and_digest_unverified, read_manifest_unverified, signed_message,
+    Bundle, Chunked, ChunksError, Position, SIGNING_DOMAIN, chunk_hash, declared_len_unverified,
+    manifest_digest, read_manifest_and_digest_unverified, read_manifest_unverified, signed_message,
 };
 
 #[cfg(test)]

@@ -427,6 +427,15 @@ pub fn read_manifest_unverified(reader: impl Read) -> Result<(Manifest, Vec<KeyI
     Ok((manifest, signers))
 }
 
+/// The length of the whole bundle file as its (unverified) header and manifest declare it: an
+/// inbox scan does not offer a file shorter than that, which may still be being copied.
+pub fn declared_len_unverified(mut reader: impl Read) -> Result<u64, BundleError> {
+    let unverified = read_unverified(&mut reader)?;
+    Ok(unverified
+        .offset
+        .saturating_add(unverified.header.payload_len))
+}
+
 /// As [`read_manifest_unverified`], with the [`manifest_digest`] (for an inbox scan that must
 /// not re-offer a bundle that failed or is already installed).
 pub fn read_manifest_and_digest_unverified(

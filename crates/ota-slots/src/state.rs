@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 /// Bundle digests remembered as failed, newest last.
 pub const MAX_FAILED: usize = 32;
+/// Used permits remembered; the oldest is forgotten first.
+pub const MAX_USED_PERMITS: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -58,6 +60,9 @@ pub struct SlotInfo {
     pub version: Option<String>,
     pub security_version: Option<u64>,
     pub bundle_digest: Option<String>,
+    /// The downgrade permit that let this release in (its document id), used up at commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permit: Option<String>,
 }
 
 impl SlotInfo {
@@ -67,6 +72,7 @@ impl SlotInfo {
             version: None,
             security_version: None,
             bundle_digest: None,
+            permit: None,
         }
     }
 }
@@ -105,6 +111,9 @@ pub struct State {
     pub highest_security_version: u64,
     pub highest_issued_at: u64,
     pub last_result: Option<Outcome>,
+    /// Downgrade permits used up (document ids), so that one cannot lower the device twice.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub used_permits: Vec<String>,
 }
 
 /// A verb not allowed in the current state.
@@ -148,6 +157,7 @@ impl State {
             .into_iter()
             .collect(),
             failed_bundles: Vec::new(),
+            used_permits: Vec::new(),
             highest_security_version: 0,
             highest_issued_at: 0,
             last_result: None,
@@ -190,8 +200,18 @@ impl State {
             version: Some(version.to_owned()),
             security_version: Some(security_version),
             bundle_digest: Some(digest.to_owned()),
+            permit: None,
         };
         Ok((next, target))
+    }
+
+    /// Records that the release being installed in `slot` came in on the downgrade permit
+    /// `permit` (a document id); the commit uses the permit up.
+    pub fn hold_permit(&self, slot: SlotName, permit: &str) -> Result<State, Refused> {
+        self.expect(slot, SlotStatus::Installing)?;
+        let mut next = self.clone();
+        next.slot_mut(slot).permit = Some(permit.to_owned());
+        Ok(next)
     }
 
     /// Step 2, after every file was written from verified chunks and synced: mark it `ready`.
@@ -265,6 +285,12 @@ impl State {
         {
             next.highest_security_version = security_version;
             next.highest_issued_at = issued_at;
+        }
+        if let Some(permit) = next.slot_mut(trial.slot).permit.take() {
+            next.used_permits.push(permit);
+            if next.used_permits.len() > MAX_USED_PERMITS {
+                next.used_permits.remove(0);
+            }
         }
         next.trial = None;
         next.previous = None;
@@ -415,6 +441,22 @@ mod tests {
         assert!(s.failed_bundles.is_empty());
         assert!(s.begin_install("d1", "1.1", 1).is_ok(), "offered again");
         assert_eq!(s.restart_trial(), Err(Refused::NoTrial));
+    }
+
+    #[test]
+    fn a_permit_is_used_up_by_the_commit_not_before() {
+        let (s, slot) = State::factory().begin_install("d1", "1.1", 1).unwrap();
+        let s = s.hold_permit(slot, "p1").unwrap();
+        // Held while installing and on trial (a cut there resumes with the same permit).
+        let s = s.finish_install(slot).unwrap().switch(slot).unwrap();
+        assert!(s.used_permits.is_empty());
+        let s = s.commit(5).unwrap();
+        assert_eq!(s.used_permits, vec!["p1".to_owned()]);
+        assert_eq!(s.slot(slot).permit, None);
+        assert!(matches!(
+            State::factory().hold_permit(slot, "p1"),
+            Err(Refused::WrongStatus { .. })
+        ));
     }
 
     #[test]
