@@ -77,6 +77,8 @@ wire_enum! {
         Checking = "checking",
         /// The new release is stopped, the database restored, the previous release started.
         RollingBack = "rolling_back",
+        /// The outcome is saved; its signed receipt is being written (on a stick, perhaps).
+        Recording = "recording",
     }
 }
 
@@ -384,7 +386,8 @@ mod tests {
                 "rolling_out",
                 "trial",
                 "checking",
-                "rolling_back"
+                "rolling_back",
+                "recording"
             ]
         );
         assert_eq!(

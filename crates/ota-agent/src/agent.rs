@@ -200,6 +200,8 @@ pub enum OtaEvent {
     Snapshotted(Result<(), DatabaseError>),
     HealthChecked(Result<(), HealthError>),
     Restored(Result<(), DatabaseError>),
+    /// The receipt of an outcome is written (or could not be: logged).
+    Recorded,
 }
 
 /// Where the agent's tasks report their [`OtaEvent`]s (the dispatcher's queue); always called
@@ -365,6 +367,7 @@ impl Agent {
             | Phase::Trial { target, .. }
             | Phase::Checking { target }
             | Phase::RollingBack { target, .. } => Some(target.version.clone()),
+            Phase::Recording { about } => Some(about.clone()),
         };
         let progress = matches!(phase, Phase::Installing { .. }).then(|| Progress {
             done: self.progress.0.load(Ordering::Relaxed),
@@ -409,6 +412,7 @@ impl Agent {
                 error.to_string()
             })),
             OtaEvent::HealthChecked(result) => Event::HealthChecked(result.map_err(|e| e.to_string())),
+            OtaEvent::Recorded => Event::Recorded,
             OtaEvent::Restored(result) => Event::Restored(result.map_err(|error| {
                 tracing::error!(%error, "the database could not be restored from the snapshot");
                 error.to_string()
@@ -560,7 +564,7 @@ impl Agent {
                     notify(OtaEvent::HealthChecked(result));
                 });
             }
-            Action::Commit { target } => self.commit(target),
+            Action::Commit { target } => return self.commit(target),
             Action::Recreate { revision } => {
                 let previous = self.state.previous.unwrap_or(Release::Factory);
                 self.releases.insert(revision, previous);
@@ -644,7 +648,8 @@ impl Agent {
     }
 
     /// The health commands passed: save the commit (the new anti-rollback floor).
-    fn commit(&mut self, target: Target) {
+    /// Returns [`Event::Recorded`] at once when there is no receipt to write.
+    fn commit(&mut self, target: Target) -> Option<Event> {
         failpoint::hit("agent.checked");
         let issued_at = if target.issued_at == 0 {
             // After a restart the trial's issue time is not in memory; it is not needed for
@@ -665,8 +670,12 @@ impl Agent {
                 );
             }
             // Not committed: the next start retries the trial, as after a power cut.
-            Err(error) => tracing::error!(%error, "cannot record the commit"),
+            Err(error) => {
+                tracing::error!(%error, "cannot record the commit");
+                return Some(Event::Recorded);
+            }
         }
+        None
     }
 
     /// Saves the state a verb produced (temporary file, fsync, rename) and adopts it.
@@ -719,7 +728,9 @@ impl Agent {
 
     /// A signed receipt in `<ota>/receipts/`, and in `receipts/` beside the bundle when that
     /// directory is writable or `remount_sticks` may make it so (a USB stick carries the
-    /// fleet's audit trail back).
+    /// fleet's audit trail back). Written on a blocking task, never on the dispatcher's loop
+    /// (which alone feeds the watchdogs: a slow stick must not get the device reset); reports
+    /// [`OtaEvent::Recorded`].
     fn write_receipt(
         &self,
         bundle: Option<&Path>,
@@ -748,18 +759,19 @@ impl Agent {
         {
             dirs.push(parent.join("receipts"));
         }
-        if let Err(error) = crate::receipt::write(
-            &self.layout.dir.join("device.key"),
-            receipt,
-            &dirs,
-            if self.settings.remount_sticks {
-                &self.settings.inbox
-            } else {
-                &[]
-            },
-        ) {
-            tracing::warn!(%error, "cannot write the install receipt");
-        }
+        let key = self.layout.dir.join("device.key");
+        let remount_under = if self.settings.remount_sticks {
+            self.settings.inbox.clone()
+        } else {
+            Vec::new()
+        };
+        let notify = Arc::clone(&self.notify);
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = crate::receipt::write(&key, receipt, &dirs, &remount_under) {
+                tracing::warn!(%error, "cannot write the install receipt");
+            }
+            notify(OtaEvent::Recorded);
+        });
     }
 }
 
@@ -933,6 +945,12 @@ mod tests {
         (r.result, r.version)
     }
 
+    /// The next event the agent's tasks report.
+    fn next(rx: &mpsc::Receiver<OtaEvent>) -> OtaEvent {
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("an event within 30 s")
+    }
+
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1009,27 +1027,32 @@ mod tests {
     fn a_committed_trial_is_saved_and_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let t0 = Instant::now();
-        let (mut agent, _rx, slot) = on_trial(dir.path(), t0);
+        let (mut agent, rx, slot) = on_trial(dir.path(), t0);
+        let rt = runtime();
+        let _in_runtime = rt.enter();
         assert_eq!(agent.version_of_revision(1).as_deref(), Some("2.0.0"));
         let trial = agent.settings.trial;
         let (ready, none) = (|_| true, |_| None);
         assert_eq!(agent.watch(ready, none, t0), Step::None);
         assert_eq!(agent.status().state, UpdateState::Trial);
-        // The health commands run on the runtime; none are configured, so they pass.
-        let rt = runtime();
-        let event = rt.block_on(async {
-            assert_eq!(agent.watch(ready, none, t0 + trial), Step::None);
-            assert_eq!(agent.status().state, UpdateState::Checking);
-            tokio::task::yield_now().await;
-            _rx.recv_timeout(Duration::from_secs(30)).unwrap()
-        });
+        assert_eq!(agent.watch(ready, none, t0 + trial), Step::None);
+        assert_eq!(agent.status().state, UpdateState::Checking);
+        // No health commands are configured, so they pass.
+        let event = next(&rx);
         assert!(
             matches!(event, OtaEvent::HealthChecked(Ok(()))),
             "{event:?}"
         );
         assert_eq!(agent.on_event(event, t0 + trial), Step::None);
-        assert!(agent.is_idle());
+        // Committed and saved; idle once the receipt is written, off the loop.
+        assert_eq!(agent.status().state, UpdateState::Recording);
         assert_eq!(agent.state.active, Release::Slot(slot));
+        let recorded = next(&rx);
+        assert!(matches!(recorded, OtaEvent::Recorded), "{recorded:?}");
+        assert_eq!(agent.on_event(recorded, t0 + trial), Step::None);
+        assert!(agent.is_idle());
+        let receipts = std::fs::read_dir(dir.path().join("ota/receipts")).unwrap();
+        assert_eq!(receipts.count(), 1, "the receipt is written before idle");
         assert_eq!(
             last_result(&agent),
             (UpdateOutcome::Committed, "2.0.0".into())
@@ -1047,17 +1070,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t0 = Instant::now();
         let (mut agent, rx, _) = on_trial(dir.path(), t0);
+        let rt = runtime();
+        let _in_runtime = rt.enter();
         let failed = |_| Some("replica-3 exited with code 3".to_owned());
         // A new model revision for the previous release: every replica is recreated.
         assert_eq!(agent.watch(|_| false, failed, t0), Step::Recreate(2));
         assert!(agent.draining());
         assert_eq!(agent.status().state, UpdateState::RollingBack);
         assert_eq!(agent.version_of_revision(2).as_deref(), Some("factory"));
+        assert_eq!(agent.drained(t0), Step::None);
         // No snapshot was taken in this test: the restore fails, and says so in the result.
-        let event = runtime().block_on(async {
-            assert_eq!(agent.drained(t0), Step::None);
-            rx.recv_timeout(Duration::from_secs(30)).unwrap()
-        });
+        let event = next(&rx);
         let OtaEvent::Restored(result) = event else {
             panic!("the restore reports Restored: {event:?}")
         };
@@ -1065,7 +1088,10 @@ mod tests {
             matches!(result, Err(DatabaseError::NoSnapshot(_))),
             "{result:?}"
         );
+        // The previous release starts at once; the receipt is written meanwhile.
         assert_eq!(agent.on_event(OtaEvent::Restored(result), t0), Step::Resume);
+        assert_eq!(agent.status().state, UpdateState::Recording);
+        assert_eq!(agent.on_event(next(&rx), t0), Step::None);
         assert!(agent.is_idle());
         assert_eq!(agent.state.active, Release::Factory);
         let (outcome, version) = last_result(&agent);
@@ -1183,14 +1209,15 @@ mod tests {
     fn a_bundle_refused_at_the_door_is_shown_and_offered_no_more() {
         let dir = tempfile::tempdir().unwrap();
         let (mut agent, rx) = open(dir.path());
+        let rt = runtime();
+        let _in_runtime = rt.enter();
         let bundle = dir.path().join("x.bundle");
         std::fs::write(&bundle, b"not a bundle").unwrap();
-        let event = runtime().block_on(async {
-            agent.start_install(bundle.clone()).unwrap();
-            assert_eq!(agent.status().state, UpdateState::Installing);
-            rx.recv_timeout(Duration::from_secs(30)).unwrap()
-        });
-        assert_eq!(agent.on_event(event, Instant::now()), Step::None);
+        agent.start_install(bundle.clone()).unwrap();
+        assert_eq!(agent.status().state, UpdateState::Installing);
+        assert_eq!(agent.on_event(next(&rx), Instant::now()), Step::None);
+        assert_eq!(agent.status().state, UpdateState::Recording);
+        assert_eq!(agent.on_event(next(&rx), Instant::now()), Step::None);
         assert!(agent.is_idle());
         let result = agent.status().last_result.expect("a result");
         assert_eq!(result.result, UpdateOutcome::Refused);

@@ -59,6 +59,11 @@ pub enum Phase {
         reason: String,
         draining: bool,
     },
+    /// The outcome (commit, rollback, refusal) is saved; its receipt is being written, off the
+    /// dispatcher's loop. `about` is the version or bundle it is about.
+    Recording {
+        about: String,
+    },
 }
 
 impl Phase {
@@ -75,6 +80,7 @@ impl Phase {
             Phase::Trial { .. } => UpdateState::Trial,
             Phase::Checking { .. } => UpdateState::Checking,
             Phase::RollingBack { .. } => UpdateState::RollingBack,
+            Phase::Recording { .. } => UpdateState::Recording,
         }
     }
 }
@@ -112,6 +118,8 @@ pub enum Event {
     /// Every replica has stopped.
     Drained,
     Restored(Result<(), String>),
+    /// The receipt of the outcome is written (or could not be).
+    Recorded,
 }
 
 impl Event {
@@ -125,6 +133,7 @@ impl Event {
             Event::HealthChecked(_) => "health_checked",
             Event::Drained => "drained",
             Event::Restored(_) => "restored",
+            Event::Recorded => "recorded",
         }
     }
 }
@@ -134,7 +143,8 @@ impl Event {
 pub enum Action {
     /// Verify and install the bundle (blocking); report [`Event::Installed`].
     Install { bundle: PathBuf },
-    /// Record a refused install: the receipt, and the result `status` shows.
+    /// Record a refused install: the result `status` shows, and the receipt; report
+    /// [`Event::Recorded`].
     Refused { bundle: PathBuf, refusal: Refusal },
     /// Have the running release snapshot the database (blocking); report [`Event::Snapshotted`].
     Snapshot,
@@ -144,14 +154,15 @@ pub enum Action {
     RollOut { revision: u64, slot: SlotName },
     /// Run the health commands; report [`Event::HealthChecked`].
     CheckHealth,
-    /// Save the commit (the new anti-rollback floor), write the receipt.
+    /// Save the commit (the new anti-rollback floor), write the receipt; report
+    /// [`Event::Recorded`].
     Commit { target: Target },
     /// Stop every replica and run the previous release as model revision `revision`, starting
     /// none until [`Action::Resume`]; report [`Event::Drained`] when every replica stopped.
     Recreate { revision: u64 },
     /// Restore the database with the previous release (blocking); report [`Event::Restored`].
     Restore,
-    /// Save the rollback, write the receipt.
+    /// Save the rollback, write the receipt; report [`Event::Recorded`].
     RecordRollback { target: Target, reason: String },
     /// Start the previous release's replicas.
     Resume,
@@ -293,9 +304,12 @@ impl Machine {
             (Phase::Installing { .. }, Event::Installed(Ok(target))) => {
                 (Phase::Snapshotting { target }, vec![Action::Snapshot])
             }
-            (Phase::Installing { bundle }, Event::Installed(Err(refusal))) => {
-                (Phase::Idle, vec![Action::Refused { bundle, refusal }])
-            }
+            (Phase::Installing { bundle }, Event::Installed(Err(refusal))) => (
+                Phase::Recording {
+                    about: bundle.display().to_string(),
+                },
+                vec![Action::Refused { bundle, refusal }],
+            ),
             // No snapshot, no update: the slot stays installed but unused.
             (Phase::Snapshotting { .. }, Event::Snapshotted(Err(_))) => (Phase::Idle, vec![]),
             (Phase::Snapshotting { target }, Event::Snapshotted(Ok(()))) => {
@@ -333,9 +347,12 @@ impl Machine {
                 failure,
                 now,
             ),
-            (Phase::Checking { target }, Event::HealthChecked(Ok(()))) => {
-                (Phase::Idle, vec![Action::Commit { target }])
-            }
+            (Phase::Checking { target }, Event::HealthChecked(Ok(()))) => (
+                Phase::Recording {
+                    about: target.version.clone(),
+                },
+                vec![Action::Commit { target }],
+            ),
             (Phase::Checking { target }, Event::HealthChecked(Err(reason))) => {
                 self.roll_back(target, format!("a health command failed: {reason}"))
             }
@@ -367,10 +384,13 @@ impl Machine {
                     Err(error) => format!("{reason}; the database could not be restored: {error}"),
                 };
                 (
-                    Phase::Idle,
+                    Phase::Recording {
+                        about: target.version.clone(),
+                    },
                     vec![Action::RecordRollback { target, reason }, Action::Resume],
                 )
             }
+            (Phase::Recording { .. }, Event::Recorded) => (Phase::Idle, vec![]),
             (phase, _) => return Err(phase),
         })
     }

@@ -68,6 +68,9 @@ fn every_phase(t0: Instant) -> Vec<Phase> {
         Phase::Checking { target: target() },
         rolling_back(true),
         rolling_back(false),
+        Phase::Recording {
+            about: "2.0.0".into(),
+        },
     ]
 }
 
@@ -98,6 +101,7 @@ fn every_event() -> Vec<Event> {
         Event::Drained,
         Event::Restored(Ok(())),
         Event::Restored(Err("no snapshot".into())),
+        Event::Recorded,
     ]
 }
 
@@ -119,6 +123,7 @@ fn belongs(phase: &Phase, event: &Event) -> bool {
                 },
                 Event::Restored(_)
             )
+            | (Phase::Recording { .. }, Event::Recorded)
     )
 }
 
@@ -150,9 +155,9 @@ fn every_event_out_of_its_phase_is_refused_and_changes_nothing() {
             refused += 1;
         }
     }
-    // 9 phases x 14 events, less the 16 pairs that belong (two trial phases take both
+    // 10 phases x 15 events, less the 17 pairs that belong (two trial phases take both
     // `watched` events).
-    assert_eq!(refused, 9 * 14 - 16);
+    assert_eq!(refused, 10 * 15 - 17);
 }
 
 #[test]
@@ -227,6 +232,8 @@ fn a_refused_bundle_is_recorded_and_the_agent_is_idle_again() {
             refusal
         }])
     );
+    assert_eq!(machine.phase().state(), UpdateState::Recording);
+    assert_eq!(machine.handle(Event::Recorded, t0), Ok(vec![]));
     assert_eq!(machine.phase(), &Phase::Idle);
 }
 
@@ -274,6 +281,14 @@ fn a_trial_commits_after_every_replica_stayed_ready_for_the_trial_time() {
         machine.handle(Event::HealthChecked(Ok(())), t0 + TIMINGS.trial),
         Ok(vec![Action::Commit { target: target() }])
     );
+    // Idle once the receipt is written, off the dispatcher's loop.
+    assert_eq!(
+        machine.phase(),
+        &Phase::Recording {
+            about: "2.0.0".into()
+        }
+    );
+    assert_eq!(machine.handle(Event::Recorded, t0), Ok(vec![]));
     assert_eq!(machine.phase(), &Phase::Idle);
 }
 
@@ -342,6 +357,8 @@ fn a_failing_replica_rolls_back_through_drain_restore_and_resume() {
             Action::Resume
         ])
     );
+    assert_eq!(machine.phase().state(), UpdateState::Recording);
+    assert_eq!(machine.handle(Event::Recorded, t0), Ok(vec![]));
     assert_eq!(machine.phase(), &Phase::Idle);
 }
 
