@@ -45,6 +45,8 @@ pub struct Metrics {
     pub proxied: Family<CodeLabels, Counter>,
     pub proxy_errors: Family<KindLabels, Counter>,
     pub proxy_retries: Counter,
+    pub accept_errors: Counter,
+    pub connections_refused: Counter,
     pub oom_kills: Counter,
     pub update_results: Family<ResultLabels, Counter>,
     pub update_in_progress: Gauge,
@@ -75,6 +77,8 @@ impl Default for Metrics {
             proxied: Family::default(),
             proxy_errors: Family::default(),
             proxy_retries: Counter::default(),
+            accept_errors: Counter::default(),
+            connections_refused: Counter::default(),
             oom_kills: Counter::default(),
             update_results: Family::default(),
             update_in_progress: Gauge::default(),
@@ -119,6 +123,16 @@ impl Default for Metrics {
             m.proxy_retries.clone(),
         );
         registry.register(
+            "accept_errors",
+            "Failed accepts on the public address (out of descriptors and the like)",
+            m.accept_errors.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Client connections closed at once: too many open from the same address",
+            m.connections_refused.clone(),
+        );
+        registry.register(
             "oom_kills",
             "Replicas killed by the kernel for exceeding memory.max",
             m.oom_kills.clone(),
@@ -150,6 +164,9 @@ impl Metrics {
     }
 }
 
+/// Admin connections open at once; more wait in the accept queue.
+const ADMIN_CONNECTIONS: usize = 16;
+
 /// Serves `GET /metrics` (OpenMetrics text) and `GET /status` (the status JSON, asked of the
 /// dispatcher like any control request) on the admin address. Read-only.
 pub async fn serve_admin(
@@ -157,13 +174,25 @@ pub async fn serve_admin(
     metrics: Arc<Metrics>,
     control: tokio::sync::mpsc::Sender<crate::control::ControlRequest>,
 ) {
+    // A few scrapers at a time: the admin address is for an operator and Prometheus.
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let slot = Arc::clone(&slots)
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "admin: accept failed; backing off");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
         };
         let metrics = Arc::clone(&metrics);
         let control = control.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let metrics = Arc::clone(&metrics);
                 let control = control.clone();
@@ -188,6 +217,8 @@ pub async fn serve_admin(
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(crate::proxy::HEADER_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
         });

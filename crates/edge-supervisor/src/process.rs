@@ -181,6 +181,7 @@ pub fn spawn(
     for key in PRIVATE_ENV {
         command.env_remove(key);
     }
+    sys::die_with_supervisor(&mut command);
     let mut child = command.spawn()?;
     let pid = child
         .id()
@@ -206,6 +207,33 @@ pub fn spawn(
         ));
     }
     Ok((pid, async move { child.wait().await }))
+}
+
+/// A replica killed with the supervisor (`PR_SET_PDEATHSIG`), so that a supervisor killed with
+/// SIGKILL leaves no orphan holding the database and memory. One of the two `unsafe` blocks
+/// of the workspace (the other is the watchdog ioctl): std offers no safe way to run code
+/// between fork and exec.
+#[allow(unsafe_code)]
+mod sys {
+    use rustix::process::{Signal, getpid, getppid, set_parent_process_death_signal};
+
+    pub fn die_with_supervisor(command: &mut tokio::process::Command) {
+        let supervisor = getpid();
+        // SAFETY: the closure runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed: it makes two system calls (prctl, getppid),
+        // allocates nothing and takes no lock. The death signal follows the thread that forked:
+        // the dispatcher's runtime thread, which lives as long as the supervisor.
+        unsafe {
+            command.pre_exec(move || {
+                set_parent_process_death_signal(Some(Signal::KILL))?;
+                // The supervisor died before the line above: the signal will never come.
+                if getppid() != Some(supervisor) {
+                    return Err(std::io::Error::other("the supervisor is gone"));
+                }
+                Ok(())
+            });
+        }
+    }
 }
 
 async fn capture(

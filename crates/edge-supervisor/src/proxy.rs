@@ -26,8 +26,25 @@ use tokio::sync::watch;
 
 use crate::metrics::{CodeLabels, KindLabels, Metrics};
 
-/// Largest request body the router buffers (it must, to retry on another replica).
-pub const MAX_BODY: usize = 1 << 20;
+/// Largest request body the router buffers (it must, to retry on another replica): the
+/// service's own limit (`quote_service::BODY_LIMIT`; a test keeps the two equal), so nothing
+/// larger is held in memory only to be refused by the replica.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// How long a client has to send a request's headers, and to start the next request on a
+/// kept-alive connection: a slow or idle connection (slowloris) is closed after it.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a replica has to start answering. A request that waits longer gets 504 and is not
+/// retried (it may have been applied; a hung replica is the probes' to remove).
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Open client connections allowed from one address: one client cannot take every slot.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
+
+/// Descriptors kept out of the router's reach for everything else the supervisor opens:
+/// replicas' pipes and sockets, probes, the control socket, the admin endpoint, OTA files.
+pub const RESERVED_DESCRIPTORS: u64 = 256;
 
 /// A replica in rotation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +59,7 @@ pub struct Router {
     backends: watch::Receiver<Arc<[Backend]>>,
     client: Client<HttpConnector, Full<Bytes>>,
     next: AtomicUsize,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Router {
@@ -174,7 +191,20 @@ impl Router {
                     );
                 }
             }
-            match self.client.request(upstream).await {
+            let answer = tokio::time::timeout(UPSTREAM_TIMEOUT, self.client.request(upstream));
+            let Ok(answer) = answer.await else {
+                tracing::warn!(replica = %backend.id, timeout = ?UPSTREAM_TIMEOUT, "no answer from the replica");
+                return self.refuse(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    &format!(
+                        "{} did not answer within {}",
+                        backend.id,
+                        humantime::format_duration(UPSTREAM_TIMEOUT)
+                    ),
+                );
+            };
+            match answer {
                 Ok(response) => {
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
@@ -231,27 +261,95 @@ impl Router {
     }
 }
 
+/// Client connections the router serves at once, from the descriptor limit: each takes one
+/// descriptor and at most one pooled connection to a replica, and `RESERVED_DESCRIPTORS` stay
+/// for the rest of the supervisor. More clients wait in the kernel's accept queue, holding no
+/// descriptor of ours.
+pub fn connection_cap() -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let cap = limit.saturating_sub(RESERVED_DESCRIPTORS) / 2;
+    usize::try_from(cap.clamp(16, 4096)).unwrap_or(4096)
+}
+
+/// Open connections per client address, released when a connection ends.
+#[derive(Debug, Default)]
+struct Peers(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One open connection of `peer`, counted until dropped.
+struct PeerSlot(Arc<Peers>, std::net::IpAddr);
+
+impl Peers {
+    fn enter(self: &Arc<Self>, peer: std::net::IpAddr) -> Option<PeerSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(peer).or_default();
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot(Arc::clone(self), peer))
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// Accepts connections until `shutdown` completes, then lets open connections finish their
-/// current request for up to `grace`.
+/// current request for up to `grace`. At most `cap` connections are open at once (the rest
+/// wait in the accept queue), at most `MAX_CONNECTIONS_PER_PEER` from one address (more are
+/// closed at once); each must send its headers within `HEADER_TIMEOUT`.
 pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
+    cap: usize,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
+    let peers = Arc::new(Peers::default());
+    let mut accept_errors = 0u32;
     tokio::pin!(shutdown);
     loop {
+        // A slot first: without one, the next client waits in the kernel's queue.
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer): (_, SocketAddr) = match accepted {
-                    Ok(accepted) => accepted,
+                    Ok(accepted) => {
+                        accept_errors = 0;
+                        accepted
+                    }
                     Err(error) => {
-                        // Out of file descriptors and the like: pause instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // Out of file descriptors and the like: back off (up to 1 s) instead
+                        // of spinning, and say so once per streak.
+                        if accept_errors == 0 {
+                            tracing::warn!(%error, "accept failed; backing off");
+                        }
+                        accept_errors = accept_errors.saturating_add(1);
+                        router.metrics.accept_errors.inc();
+                        let pause = Duration::from_millis(10u64 << accept_errors.min(7));
+                        tokio::time::sleep(pause.min(Duration::from_secs(1))).await;
                         continue;
                     }
+                };
+                let Some(peer_slot) = peers.enter(peer.ip()) else {
+                    router.metrics.connections_refused.inc();
+                    tracing::debug!(%peer, "too many connections from this address: closed");
+                    continue;
                 };
                 let _ = stream.set_nodelay(true);
                 let router = Arc::clone(&router);
@@ -260,12 +358,15 @@ pub async fn serve(
                     async move { Ok::<_, std::convert::Infallible>(router.handle(request).await) }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     if let Err(error) = connection.await {
                         tracing::debug!(%peer, %error, "client connection ended with an error");
                     }
+                    drop((slot, peer_slot));
                 });
             }
             () = &mut shutdown => break,
@@ -286,6 +387,11 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_router_buffers_no_larger_body_than_the_service_accepts() {
+        assert_eq!(MAX_BODY, quote_service::BODY_LIMIT);
+    }
 
     #[test]
     fn headers_named_in_connection_are_not_forwarded() {

@@ -93,6 +93,8 @@ enum Event {
 
 struct Dispatcher {
     settings: Arc<Settings>,
+    /// The public address bound (`listen` may ask for port 0).
+    listen: std::net::SocketAddr,
     model: Model,
     started: Instant,
     limiter: Limiter,
@@ -201,6 +203,7 @@ impl Bound {
         let metrics = Arc::new(Metrics::default());
         let (routes, backends) = watch::channel::<Arc<[Backend]>>(Arc::from(Vec::new()));
         let (events, inbox) = mpsc::channel::<Event>(1024);
+        let listen = public.local_addr().unwrap_or(settings.listen);
         let servers = Servers {
             public,
             admin,
@@ -233,6 +236,7 @@ impl Bound {
             model: Model::new(settings.replicas, timing, now, fastrand::u64(..)),
             logs: LogRing::new(settings.service.log_lines),
             settings: Arc::clone(&settings),
+            listen,
             started: now,
             limiter,
             limits,
@@ -281,8 +285,11 @@ impl Servers {
             let events = events.clone();
             let grace = settings.service.stop_grace;
             let public = self.public;
+            let cap = proxy::connection_cap();
+            tracing::info!(connections = cap, per_peer = proxy::MAX_CONNECTIONS_PER_PEER, header_timeout = ?proxy::HEADER_TIMEOUT, "router limits");
             tokio::spawn(async move {
-                proxy::serve(public, router, async move { stop.notified().await }, grace).await;
+                let stop = async move { stop.notified().await };
+                proxy::serve(public, router, stop, grace, cap).await;
                 let _ = events.send(Event::RouterDrained).await;
             });
         }
@@ -576,7 +583,7 @@ impl Dispatcher {
             } else {
                 SupervisorState::Starting
             },
-            listen: self.settings.listen.to_string(),
+            listen: self.listen.to_string(),
             desired: self.model.desired(),
             ready: replicas.iter().filter(|r| r.ready).count() as u32,
             limits: self.limits.clone(),

@@ -120,7 +120,8 @@ impl HardwareWatchdog {
     }
 }
 
-/// The watchdog ioctl, the only `unsafe` in the workspace: std and rustix offer no safe
+/// The watchdog ioctl, one of the two `unsafe` blocks of the workspace (with `process::sys`):
+/// std and rustix offer no safe
 /// wrapper for `WDIOC_SETTIMEOUT`.
 #[allow(unsafe_code)]
 mod sys {

@@ -15,7 +15,7 @@ mod metrics;
 mod server;
 mod state;
 
-pub use api::app;
+pub use api::{BODY_LIMIT, app};
 pub use config::{Cli, Command, ConfigError, Settings};
 pub use error::AppError;
 pub use server::{RunError, run, serve, shutdown_signal};

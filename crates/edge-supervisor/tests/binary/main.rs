@@ -1,6 +1,7 @@
 //! The `edge-supervisor` binary: the systemd notify protocol, exit codes, the CLI.
 
 mod cli;
+mod hostile;
 mod systemd;
 
 use std::path::Path;
