@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use edge_proto::{ReplicaState, Reply, Request, Status, UpdateOutcome, UpdateState};
+use edge_proto::{ExitReason, ReplicaState, Reply, Request, Status, UpdateOutcome, UpdateState};
 use ota_bundle::{PackOptions, SecretKey, pack};
 
 use crate::supervisor::{Supervisor, get, request};
@@ -444,6 +444,59 @@ async fn a_failed_health_command_rolls_back_restores_the_database_and_exports_th
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_modified_program_in_a_slot_is_refused_and_reported_not_run() {
+    let fx = Fixture::new();
+    let sup = Supervisor::start(1, &fx.config("trial = \"300ms\"\n")).await;
+    sup.all_ready(1).await;
+    apply(&sup, &fx.bundle(GOOD, "2.0.0", 2, "quote-edge")).await;
+    let done = finished(&sup, "2.0.0").await;
+    assert_eq!(
+        done.update.last_result.unwrap().result,
+        UpdateOutcome::Committed
+    );
+    // Someone with the data partition in hand changes the slot's programs (one byte more).
+    let slot = done.update.slot.expect("running from a slot");
+    let bin = sup.data_dir().join("ota/slots").join(&slot).join("bin");
+    for entry in std::fs::read_dir(&bin).unwrap() {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(entry.unwrap().path())
+            .unwrap();
+        file.write_all(b"\0").unwrap();
+    }
+    // The replica's next start is refused, and says why; nothing from the slot runs.
+    let pid = done.replicas[0].pid.unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let refused = sup
+        .wait_for("the restart to be refused", |s| {
+            s.replicas[0].last_exit.as_ref().is_some_and(|e| {
+                e.reason == ExitReason::SpawnFailed
+                    && e.detail.as_deref().unwrap_or("").contains("may not run")
+            })
+        })
+        .await;
+    let detail = refused.replicas[0]
+        .last_exit
+        .clone()
+        .unwrap()
+        .detail
+        .unwrap();
+    assert!(
+        detail.contains(&format!("slot {slot} may not run")) && detail.contains("bin/"),
+        "{detail}"
+    );
+    assert_eq!(refused.ready, 0);
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ota_apply_follows_the_update_to_its_commit_and_ota_status_reports_it() {
     let fx = Fixture::new();
     let sup = Supervisor::start(2, &fx.config("trial = \"1s\"\n")).await;
@@ -551,6 +604,8 @@ async fn keys_rotate_offline_and_a_permit_allows_one_downgrade_on_one_device_onc
     let b = SecretKey::from_seed([8; 32]);
     let mut set = ota_bundle::KeySet::document("quote-edge", 1, 1, &[b.public()]).unwrap();
     set.sign(&fx.key);
+    // And by the new key itself: a set must prove its own keys are held.
+    set.sign(&b);
     let inbox = sup.data_dir().join("ota/inbox");
     std::fs::create_dir_all(&inbox).unwrap();
     std::fs::write(inbox.join("rotate.keyset"), set.to_text()).unwrap();

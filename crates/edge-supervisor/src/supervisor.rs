@@ -645,6 +645,13 @@ impl Dispatcher {
     fn spawn(&mut self, slot: usize, generation: u64, revision: u64) {
         let now = Instant::now();
         let replica = replica_id(slot);
+        // A slot's files are checked against their signed manifest before they run.
+        if let Err(error) = self.agent.check_release(revision) {
+            tracing::error!(%replica, %error, "not started");
+            self.model
+                .spawned(slot, generation, Err(error.to_string()), now);
+            return;
+        }
         let port = match process::free_port() {
             Ok(port) => port,
             Err(error) => {

@@ -58,6 +58,13 @@ impl Layout {
             .join("slots")
             .join(format!("{}.manifest", slot.as_str()))
     }
+    /// The signed head of the bundle the release in `slot` came from (header, manifest,
+    /// signatures): what the slot is checked against before it runs.
+    pub fn head(&self, slot: SlotName) -> PathBuf {
+        self.dir
+            .join("slots")
+            .join(format!("{}.head", slot.as_str()))
+    }
     pub fn snapshot(&self) -> PathBuf {
         self.dir.join("snapshot").join("quotes.db")
     }
@@ -152,6 +159,8 @@ pub enum UpdateError {
     },
     #[error("{0} is not a regular file")]
     NotAFile(PathBuf),
+    #[error(transparent)]
+    Tampered(#[from] crate::release_check::Tampered),
     #[error("cannot tell the free space in {path}: {source}; nothing was written")]
     FreeSpace {
         path: PathBuf,
@@ -239,6 +248,8 @@ pub struct Agent {
     resumed: u64,
     /// Bytes the last install found already in the slot (for its receipt).
     unchanged: u64,
+    /// Slots checked against their signed manifest, and their files as they were then.
+    verified: HashMap<SlotName, crate::release_check::Verified>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -315,6 +326,7 @@ impl Agent {
             refusal: None,
             resumed: 0,
             unchanged: 0,
+            verified: HashMap::new(),
         })
     }
 
@@ -341,6 +353,30 @@ impl Agent {
             .copied()
             .unwrap_or(self.state.active);
         release_dir(release, &self.layout, &self.settings.factory_bin)
+    }
+
+    /// Checks that model `revision` may run: a slot's files must match the manifest its bundle
+    /// signed (kept beside it, verified against the keys trusted now). A full check hashes the
+    /// slot; after that, a `stat` per file until one changes. The factory release lives on the
+    /// read-only root and is not checked here.
+    pub fn check_release(&mut self, revision: u64) -> Result<(), UpdateError> {
+        let release = self
+            .releases
+            .get(&revision)
+            .copied()
+            .unwrap_or(self.state.active);
+        let Release::Slot(slot) = release else {
+            return Ok(());
+        };
+        if self.verified.get(&slot).is_some_and(|v| v.unchanged()) {
+            return Ok(());
+        }
+        self.verified.remove(&slot);
+        let (trusted, _) =
+            crate::trust::load_trust(&self.trusted_keys, &self.layout.dir, &self.settings.product)?;
+        let verified = crate::release_check::verify_slot(&self.layout, slot, &trusted)?;
+        self.verified.insert(slot, verified);
+        Ok(())
     }
 
     /// The version of a release, `factory` for the one shipped with the device.

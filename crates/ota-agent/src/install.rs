@@ -7,7 +7,7 @@
 //! and the admission checks passed, and then only chunks `ota-bundle` verified.
 
 use std::collections::HashMap;
-use std::io::BufReader;
+use std::io::{BufReader, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -108,6 +108,7 @@ impl Install {
         if resume.is_none() {
             let _ = journal.clear();
             let _ = std::fs::remove_file(self.layout.manifest(slot));
+            let _ = std::fs::remove_file(self.layout.head(slot));
             let (mut next, _) =
                 state.begin_install(&digest, &manifest.version, manifest.security_version)?;
             if let Some(permit) = &admitted.permit {
@@ -119,6 +120,7 @@ impl Install {
         self.progress.0.store(resumed, Ordering::Relaxed);
         let (version, issued_at) = (manifest.version.clone(), manifest.issued_at);
         let manifest_bytes = bundle.manifest_bytes.clone();
+        let head_len = bundle.start().offset;
         let written = self
             .write_slot(
                 bundle,
@@ -136,6 +138,13 @@ impl Install {
                 )
                 .map(|()| written)
                 .map_err(|e| WriteFailure::Interrupted(format!("cannot keep the manifest: {e}")))
+            })
+            .and_then(|written| {
+                self.keep_head(slot, head_len)
+                    .map(|()| written)
+                    .map_err(|e| {
+                        WriteFailure::Interrupted(format!("cannot keep the signed head: {e}"))
+                    })
             });
         // The journal is cleared only once the state no longer says `installing`: a cut in
         // between leaves a mark that the next start ignores, never a slot without its mark.
@@ -177,6 +186,20 @@ impl Install {
                 Err(error)
             }
         }
+    }
+
+    /// Keeps the bundle's first `len` bytes (header, manifest, signatures) beside the slot: what
+    /// the slot is checked against before each run (`release_check`).
+    fn keep_head(&self, slot: SlotName, len: u64) -> std::io::Result<()> {
+        let mut head = Vec::new();
+        std::fs::File::open(&self.bundle)?
+            .take(len)
+            .read_to_end(&mut head)?;
+        if head.len() as u64 != len {
+            return Err(std::io::Error::other("the bundle is shorter than its head"));
+        }
+        durable::replace(&mut durable::StdFs, &self.layout.head(slot), &head)
+            .map_err(std::io::Error::other)
     }
 
     /// The bundle, its signatures verified against the keys trusted now.

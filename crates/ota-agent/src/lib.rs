@@ -18,6 +18,7 @@ mod inbox;
 mod install;
 pub mod machine;
 pub mod receipt;
+mod release_check;
 mod settings;
 pub mod source;
 mod trust;

@@ -73,6 +73,9 @@ impl SignedDoc {
                 .ok()
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(|| doc_error("a signature is not 128 hex digits"))?;
+            if signatures.iter().any(|(seen, _)| *seen == KeyId(id)) {
+                return Err(BundleError::DuplicateSignature(KeyId(id)));
+            }
             signatures.push((KeyId(id), sig));
             if signatures.len() > MAX_DOC_SIGNATURES {
                 return Err(doc_error(format!(
@@ -182,8 +185,10 @@ impl KeySet {
     }
 
     /// Accepts `doc` as the set after `current` (whose serial is `serial`): it must be for
-    /// `product`, have serial `serial + 1`, be well formed, and be signed by a threshold of
-    /// `current`. Returns the new set and its trusted keys.
+    /// `product`, have serial `serial + 1`, be well formed (distinct keys), and be signed by a
+    /// threshold of `current` and by a threshold of its own keys (as TUF rotates its root: the
+    /// new keys are proven held, so a typo cannot lock the vendor out). Returns the new set and
+    /// its trusted keys.
     pub fn verify_next(
         doc: &SignedDoc,
         current: &TrustedKeys,
@@ -210,6 +215,12 @@ impl KeySet {
             )));
         }
         let trusted = set.trusted()?;
+        doc.verify(&trusted).map_err(|error| {
+            doc_error(format!(
+                "the key set must also be signed by {} of its own keys, to prove they are held: {error}",
+                trusted.threshold()
+            ))
+        })?;
         Ok((set, trusted))
     }
 
@@ -229,6 +240,14 @@ impl KeySet {
             .iter()
             .map(|k| PublicKey::from_hex(k))
             .collect::<Result<Vec<_>, _>>()?;
+        for (i, key) in keys.iter().enumerate() {
+            if keys[..i].iter().any(|k| k.id() == key.id()) {
+                return Err(doc_error(format!(
+                    "the key set lists key {} twice (a threshold counts distinct keys)",
+                    key.id()
+                )));
+            }
+        }
         Ok(TrustedKeys::new(keys, self.threshold))
     }
 }
@@ -308,7 +327,14 @@ mod tests {
                 ..
             })
         ));
-        let both = signed(doc.clone(), &[&key(1), &key(2)]);
+        // Signed by the current set alone: the new keys are not proven held.
+        let old_only = signed(doc.clone(), &[&key(1), &key(2)]);
+        let error = KeySet::verify_next(&old_only, &current, 0, "quote-edge").unwrap_err();
+        assert!(
+            error.to_string().contains("signed by 1 of its own keys"),
+            "{error}"
+        );
+        let both = signed(doc.clone(), &[&key(1), &key(2), &key(3)]);
         let (set, trusted) = KeySet::verify_next(&both, &current, 0, "quote-edge").unwrap();
         assert_eq!((set.serial, trusted.threshold()), (1, 1));
         assert!(trusted.get(&key(3).public().id()).is_some());
@@ -324,6 +350,32 @@ mod tests {
         let mut tampered = both.clone();
         tampered.json = tampered.json.replace("\"threshold\":1", "\"threshold\":1 ");
         assert!(KeySet::verify_next(&tampered, &current, 0, "quote-edge").is_err());
+    }
+
+    #[test]
+    fn thresholds_count_distinct_keys_and_duplicates_are_refused() {
+        // A key listed twice would make a threshold of 2 look reachable with one key.
+        let mut set = KeySet {
+            format: 1,
+            product: "quote-edge".into(),
+            serial: 1,
+            threshold: 2,
+            keys: vec![key(3).public().to_hex(), key(3).public().to_hex()],
+        };
+        let error = set.trusted().unwrap_err();
+        assert!(error.to_string().contains("twice"), "{error}");
+        set.keys[1] = key(4).public().to_hex();
+        assert!(set.trusted().is_ok());
+        // Two signatures by one key are refused, not counted once and not skipped.
+        let doc = KeySet::document("quote-edge", 1, 1, &[key(3).public()]).unwrap();
+        let text = signed(doc, &[&key(1)]).to_text();
+        let sig_line = text.lines().last().unwrap().to_owned();
+        let twice = format!("{text}\n{sig_line}\n");
+        let error = SignedDoc::parse(twice.as_bytes(), "keyset").unwrap_err();
+        assert!(
+            matches!(error, BundleError::DuplicateSignature(_)),
+            "{error}"
+        );
     }
 
     #[test]

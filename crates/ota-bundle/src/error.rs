@@ -38,6 +38,8 @@ pub enum BundleError {
     },
     #[error("the manifest is not valid: {0}")]
     Manifest(String),
+    #[error("two signatures by key {0}: each key signs once (a threshold counts distinct keys)")]
+    DuplicateSignature(crate::KeyId),
     #[error("manifest field `{field}`: {reason}")]
     Field { field: String, reason: String },
     #[error(

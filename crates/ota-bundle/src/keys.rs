@@ -155,7 +155,21 @@ impl TrustedKeys {
         for entry in entries {
             let path = entry.map_err(|e| key_error(dir, &e.to_string()))?.path();
             if path.extension().is_some_and(|e| e == "pub") {
-                keys.push(PublicKey::load(&path)?);
+                let key = PublicKey::load(&path)?;
+                if let Some((_, first)) = keys
+                    .iter()
+                    .find(|(k, _): &&(PublicKey, PathBuf)| k.id() == key.id())
+                {
+                    return Err(key_error(
+                        &path,
+                        &format!(
+                            "is key {}, already trusted as {} (a threshold counts distinct keys)",
+                            key.id(),
+                            first.display()
+                        ),
+                    ));
+                }
+                keys.push((key, path));
             }
         }
         if keys.is_empty() {
@@ -177,7 +191,10 @@ impl TrustedKeys {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
             Err(e) => return Err(key_error(&threshold_path, &e.to_string())),
         };
-        Ok(TrustedKeys::new(keys, threshold))
+        Ok(TrustedKeys::new(
+            keys.into_iter().map(|(k, _)| k),
+            threshold,
+        ))
     }
 
     pub fn get(&self, id: &KeyId) -> Option<&PublicKey> {
@@ -213,5 +230,26 @@ fn key_error(path: &Path, reason: &str) -> BundleError {
     BundleError::Key {
         path: path.to_owned(),
         reason: reason.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_key_trusted_twice_is_refused_naming_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = SecretKey::from_seed([5; 32]).public().to_line("vendor");
+        std::fs::write(dir.path().join("a.pub"), &line).unwrap();
+        std::fs::write(dir.path().join("b.pub"), &line).unwrap();
+        std::fs::write(dir.path().join("threshold"), "2").unwrap();
+        let error = TrustedKeys::load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.contains("already trusted as")
+                && error.contains("a.pub")
+                && error.contains("b.pub"),
+            "{error}"
+        );
     }
 }

@@ -106,6 +106,9 @@ pub(crate) fn read_unverified(reader: &mut impl Read) -> Result<Unverified, Bund
         id.copy_from_slice(&entry[..8]);
         let mut signature = [0u8; 64];
         signature.copy_from_slice(&entry[8..]);
+        if signatures.iter().any(|(seen, _)| *seen == KeyId(id)) {
+            return Err(BundleError::DuplicateSignature(KeyId(id)));
+        }
         signatures.push((KeyId(id), signature));
     }
     Ok(Unverified {
@@ -129,9 +132,6 @@ impl<R: Read> Bundle<R> {
         let message = signed_message(&manifest_bytes);
         let mut signed_by: Vec<KeyId> = Vec::new();
         for (id, signature) in &signatures {
-            if signed_by.contains(id) {
-                continue;
-            }
             if let Some(key) = trusted.get(id)
                 && key.verify(&message, signature)
             {

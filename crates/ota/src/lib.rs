@@ -110,7 +110,8 @@ pub enum Command {
         threshold: usize,
         #[arg(long, default_value = "quote-edge")]
         compatible: String,
-        /// Signing keys of the current set.
+        /// Signing keys: a threshold of the current set's, and a threshold of the new set's
+        /// (a device accepts the set only with both).
         #[arg(long = "key")]
         keys: Vec<PathBuf>,
         #[arg(long)]
