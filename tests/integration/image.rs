@@ -88,3 +88,21 @@ fn the_qemu_image_takes_the_test_key_only_when_asked() {
     );
     past_the_keys(&build("qemu", &[("QUOTE_EDGE_DEV_KEYS", Path::new("1"))]));
 }
+
+/// The device mounts only FAT and exFAT sticks, with their type given: checked on the rule's
+/// text (udev itself runs only in the QEMU checks, whose stick is FAT).
+#[test]
+fn only_fat_and_exfat_sticks_are_mounted_and_never_probed() {
+    let rule = std::fs::read_to_string(
+        repo().join("image/overlay/etc/udev/rules.d/80-quote-edge-usb.rules"),
+    )
+    .unwrap();
+    let rule: String = rule
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(rule.contains(r#"ENV{ID_FS_TYPE}=="vfat|exfat""#), "{rule}");
+    assert!(rule.contains("--type=$env{ID_FS_TYPE}"), "{rule}");
+    assert!(rule.contains("--options=ro,nodev,nosuid,noexec"), "{rule}");
+}

@@ -3,8 +3,30 @@
 
 use std::collections::HashMap;
 use std::io::BufReader;
-use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Bundle files one scan looks at, over every inbox; the rest wait for the next scan.
+pub(crate) const MAX_SCAN_FILES: usize = 256;
+/// How long one scan may read; the rest wait for the next scan.
+pub(crate) const MAX_SCAN_TIME: Duration = Duration::from_secs(5);
+
+/// Opens a file from a stranger's file system (a stick): never through a link, never blocking
+/// on a FIFO or a device, and only a regular file.
+pub(crate) fn open_untrusted(path: &Path) -> std::io::Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
 
 /// The inbox directories and their immediate subdirectories (where USB sticks get mounted,
 /// one directory per stick), except the receipts written there.
@@ -37,6 +59,7 @@ pub(crate) fn scan_inboxes(
     floor: u64,
 ) -> Vec<PathBuf> {
     let mut found = Vec::new();
+    let (started, mut looked) = (Instant::now(), 0usize);
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else {
             continue;
@@ -45,6 +68,11 @@ pub(crate) fn scan_inboxes(
             let path = entry.path();
             if path.extension().is_none_or(|e| e != "bundle") {
                 continue;
+            }
+            looked += 1;
+            if looked > MAX_SCAN_FILES || started.elapsed() > MAX_SCAN_TIME {
+                tracing::warn!(files = MAX_SCAN_FILES, time = ?MAX_SCAN_TIME, "inbox scan budget spent; the rest waits for the next scan");
+                return rank(found);
             }
             let Ok(meta) = entry.metadata() else { continue };
             if !meta.is_file() {
@@ -56,14 +84,14 @@ pub(crate) fn scan_inboxes(
             }
             // Shorter than it says: still being copied (or truncated for good). Not offered, and
             // not judged, so it is looked at again once it has grown; `apply` refuses it at once.
-            let declared = std::fs::File::open(&path)
+            let declared = open_untrusted(&path)
                 .ok()
                 .and_then(|f| ota_bundle::declared_len_unverified(BufReader::new(f)).ok());
             if declared.is_some_and(|declared| meta.len() < declared) {
                 tracing::debug!(bundle = %path.display(), "inbox: incomplete, not offered yet");
                 continue;
             }
-            let Ok(file) = std::fs::File::open(&path) else {
+            let Ok(file) = open_untrusted(&path) else {
                 continue;
             };
             match ota_bundle::read_manifest_and_digest_unverified(BufReader::new(file)) {
@@ -89,6 +117,11 @@ pub(crate) fn scan_inboxes(
             }
         }
     }
+    rank(found)
+}
+
+/// Best first: highest security version, then newest.
+fn rank(mut found: Vec<((u64, u64), PathBuf)>) -> Vec<PathBuf> {
     found.sort_by_key(|f| std::cmp::Reverse(f.0));
     found.into_iter().map(|(_, p)| p).collect()
 }
@@ -113,6 +146,32 @@ mod tests {
         let key = ota_bundle::SecretKey::from_seed([3; 32]);
         ota_bundle::pack(&release, &out, &options, &key, |_, _| {}).unwrap();
         out
+    }
+
+    #[test]
+    fn a_fifo_or_a_link_named_bundle_neither_hangs_the_scan_nor_is_offered() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = bundle(dir.path());
+        let inbox = dir.path().join("inbox");
+        std::fs::create_dir(&inbox).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            inbox.join("fifo.bundle"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(&real, inbox.join("link.bundle")).unwrap();
+        let found = scan_inboxes(
+            std::slice::from_ref(&inbox),
+            &HashMap::new(),
+            &[],
+            "quote-edge",
+            0,
+        );
+        assert!(found.is_empty(), "{found:?}");
+        assert!(open_untrusted(&inbox.join("fifo.bundle")).is_err());
     }
 
     #[test]

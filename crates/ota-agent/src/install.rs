@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufReader, Read};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -212,17 +211,12 @@ impl Install {
             source,
         };
         // Never through a link, never blocking on a FIFO: a stick is a stranger's file system.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(
-                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
-            )
-            .open(&self.bundle)
-            .map_err(open)?;
-        let meta = file.metadata().map_err(open)?;
+        let meta = std::fs::symlink_metadata(&self.bundle).map_err(open)?;
         if !meta.is_file() {
             return Err(UpdateError::NotAFile(self.bundle.clone()));
         }
+        let file = crate::inbox::open_untrusted(&self.bundle).map_err(open)?;
+        let meta = file.metadata().map_err(open)?;
         let bundle =
             Bundle::open(BufReader::with_capacity(1 << 20, file), &trusted).map_err(|source| {
                 UpdateError::Bundle {

@@ -25,7 +25,7 @@ pub fn trusts_test_key(keys_dir: &Path, ota_dir: &Path, product: &str) -> bool {
 pub(crate) fn read_doc(path: &Path, kind: &str) -> Option<ota_bundle::SignedDoc> {
     use std::io::Read;
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
+    crate::inbox::open_untrusted(path)
         .ok()?
         .take(ota_bundle::MAX_DOC_LEN + 1)
         .read_to_end(&mut bytes)
