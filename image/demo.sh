@@ -210,7 +210,7 @@ step_update() {
         "read-write for that one write, then read-only again):"
     run_guest 'ls /run/quote-edge/usb/*/receipts/; findmnt -no TARGET,OPTIONS -T /run/quote-edge/usb/*/update.bundle'
     pull_stick
-    receipts=$(mdir -b -i "$img" ::/receipts 2>/dev/null | grep -c 'committed\.json$' || true)
+    receipts=$(mdir -b -i "$img" ::/receipts 2>/dev/null | grep -c 'committed\.receipt$' || true)
     { [ "$releases" = 2.0.0 ] && quote_is "$id" "$text" && [ "$load_failed" = 0 ] && [ "$receipts" = 1 ]; } || ok=1
     expect $ok "2.0.0 committed $(since "$t0") s after the stick went in; replicas run $releases; quote $id intact; $load_total requests during the update, $load_failed failed; receipts on the stick, read back on this machine: $receipts"
 }

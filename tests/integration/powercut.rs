@@ -248,7 +248,7 @@ fn cut(
             .map(|e| std::fs::read_to_string(e.path()).unwrap())
             .collect();
         let resumed: u64 = receipts
-            .split("\"resumed_bytes\": ")
+            .split("\"resumed_bytes\":")
             .nth(1)
             .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|n| n.parse().ok())

@@ -289,17 +289,43 @@ async fn a_signed_bundle_is_rolled_out_one_replica_at_a_time_under_load_and_comm
     ] {
         assert!(metrics.contains(line), "{line} not in:\n{metrics}");
     }
-    let receipts: Vec<_> = std::fs::read_dir(sup.data_dir().join("ota/receipts"))
+    // The receipt verifies against the device's enrolled key (as a fleet would check the ones
+    // a stick brings back), and a changed one does not.
+    let devices = fx.dir.path().join("devices");
+    std::fs::create_dir(&devices).unwrap();
+    let enroll = tests::command(&tests::workspace_binary("edge-supervisor"))
+        .args(["device-key", "--data-dir"])
+        .arg(sup.data_dir())
+        .output()
+        .unwrap();
+    assert!(enroll.status.success(), "{enroll:?}");
+    std::fs::write(devices.join("device.pub"), &enroll.stdout).unwrap();
+    let receipts: Vec<PathBuf> = std::fs::read_dir(sup.data_dir().join("ota/receipts"))
         .unwrap()
         .flatten()
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .map(|e| e.path())
         .collect();
+    let verify = |files: &[PathBuf]| {
+        tests::command(&tests::workspace_binary("ota"))
+            .args(["receipt", "verify", "--device-keys"])
+            .arg(&devices)
+            .args(files)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&receipts);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {out:?}");
     assert!(
-        receipts
-            .iter()
-            .any(|r| r.contains("\"committed\"") && r.contains("\"signature\"")),
-        "{receipts:?}"
+        stdout.contains("committed factory -> 2.0.0 (bundle "),
+        "{stdout}"
     );
+    let forged = fx.dir.path().join("forged.receipt");
+    let text = std::fs::read_to_string(&receipts[0]).unwrap();
+    std::fs::write(&forged, text.replace("\"2.0.0\"", "\"2.0.1\"")).unwrap();
+    let out = verify(&[forged]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("FAILED"));
 
     // A lower security version is refused, as is another product; nothing changes.
     for (bundle, why) in [
@@ -881,10 +907,13 @@ async fn an_update_over_an_older_release_rewrites_only_the_chunks_that_changed()
         let receipt = receipts
             .flatten()
             .map(|e| std::fs::read_to_string(e.path()).unwrap())
-            .map(|text| serde_json::from_str::<serde_json::Value>(&text).unwrap())
-            .find(|r| r["receipt"]["to"] == version)
+            // A signed document: its second line is the receipt's JSON.
+            .map(|text| {
+                serde_json::from_str::<serde_json::Value>(text.lines().nth(1).unwrap()).unwrap()
+            })
+            .find(|r| r["to"] == version)
             .unwrap_or_else(|| panic!("no receipt for {version}"));
-        receipt["receipt"]["unchanged_bytes"]
+        receipt["unchanged_bytes"]
             .as_u64()
             .unwrap_or_else(|| panic!("no unchanged_bytes in {receipt}"))
     };

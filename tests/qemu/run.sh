@@ -281,7 +281,7 @@ check_ota() {
         mount=$(guest 'findmnt -no OPTIONS -T /run/quote-edge/usb/*/update.bundle' | cut -d, -f1)
         pull_stick
         # Read on the host from the stick's own file system: the receipt really is on it.
-        receipts=$(mdir -b -i "$img" ::/receipts 2>/dev/null | grep -c 'committed\.json$' || true)
+        receipts=$(mdir -b -i "$img" ::/receipts 2>/dev/null | grep -c 'committed\.receipt$' || true)
         if [ "$(update_field version)" = 2.0.0 ] && [ "$releases" = 2.0.0 ] && quote_is "$id" "$text" &&
             [ "$receipts" = 1 ] && [ "$mount" = ro ]; then
             pass ota "USB stick plugged in: 2.0.0 committed $(since "$t0") s later; replicas run $releases; quote $id intact; signed receipt on the stick, which is mounted $mount again"

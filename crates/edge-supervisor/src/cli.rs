@@ -59,6 +59,14 @@ pub enum Command {
         #[command(flatten)]
         socket: SocketArgs,
     },
+    /// Print this device's public key (made on first use), which signs its install receipts:
+    /// save the line as `<device id>.pub` where the fleet verifies receipts
+    /// (`ota receipt verify --device-keys DIR`).
+    DeviceKey {
+        /// The supervisor's data directory (the key is `<DIR>/ota/device.key`).
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -113,10 +121,34 @@ impl RunArgs {
     }
 }
 
+/// `device-key`: the public line of the device key, made if missing.
+fn device_key(data_dir: &std::path::Path) -> i32 {
+    let dir = data_dir.join("ota");
+    if let Err(error) = std::fs::create_dir_all(&dir) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "cannot create {}: {error}",
+            dir.display()
+        );
+        return exit::IO;
+    }
+    match ota_agent::receipt::device_public_line(&dir.join("device.key")) {
+        Ok(line) => {
+            let _ = writeln!(std::io::stdout(), "{line}");
+            exit::OK
+        }
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "{error}");
+            exit::IO
+        }
+    }
+}
+
 /// Runs a client subcommand; returns the process exit code.
 pub fn client(command: Command) -> i32 {
     let (socket, request, json) = match command {
         Command::Run(_) => return exit::USAGE,
+        Command::DeviceKey { data_dir } => return device_key(&data_dir),
         Command::Status { json, socket } => (socket.path(), Request::Status, json),
         Command::Scale { replicas, socket } => (socket.path(), Request::Scale { replicas }, false),
         Command::Restart { replica, socket } => {

@@ -248,6 +248,8 @@ pub struct Agent {
     resumed: u64,
     /// Bytes the last install found already in the slot (for its receipt).
     unchanged: u64,
+    /// The version running when the current update started (a receipt's `from`).
+    from: String,
     /// Slots checked against their signed manifest, and their files as they were then.
     verified: HashMap<SlotName, crate::release_check::Verified>,
 }
@@ -303,6 +305,8 @@ impl Agent {
         let (state, machine) =
             settle_trial(&layout, &settings, &release_command, &file, state, timings)?;
         let releases = HashMap::from([(0, state.active)]);
+        // During a trial resumed at start, the release updated from is the previous one.
+        let from = version_of(&state, state.previous.unwrap_or(state.active));
         let inbox = Inbox {
             dirs: settings.inbox.clone(),
             keys_dir: trusted_keys.clone(),
@@ -327,6 +331,7 @@ impl Agent {
             resumed: 0,
             unchanged: 0,
             verified: HashMap::new(),
+            from,
         })
     }
 
@@ -381,15 +386,7 @@ impl Agent {
 
     /// The version of a release, `factory` for the one shipped with the device.
     fn version_of(&self, release: Release) -> String {
-        match release {
-            Release::Factory => "factory".to_owned(),
-            Release::Slot(slot) => self
-                .state
-                .slot(slot)
-                .version
-                .clone()
-                .unwrap_or_else(|| "unknown".to_owned()),
-        }
+        version_of(&self.state, release)
     }
 
     /// `status --json`'s `update`.
@@ -626,8 +623,10 @@ impl Agent {
                 if let Err(error) = self.persist(self.state.rollback(&reason)) {
                     tracing::error!(%error, "cannot record the rollback");
                 }
+                let digest = self.state.slot(target.slot).bundle_digest.clone();
                 self.write_receipt(
                     target.bundle.as_deref(),
+                    digest,
                     "rolled_back",
                     Some(&target.version),
                     &reason,
@@ -650,6 +649,7 @@ impl Agent {
         self.refusal = None;
         self.resumed = 0;
         self.unchanged = 0;
+        self.from = self.running_version();
         self.started_at = unix_now();
         self.progress.0.store(0, Ordering::Relaxed);
         self.progress.1.store(0, Ordering::Relaxed);
@@ -673,7 +673,7 @@ impl Agent {
         if refusal.offer_again {
             self.judged.remove(bundle);
         }
-        self.write_receipt(Some(bundle), "refused", None, &refusal.reason);
+        self.write_receipt(Some(bundle), None, "refused", None, &refusal.reason);
         if !refusal.slot_touched {
             self.refusal = Some(UpdateResult {
                 result: UpdateOutcome::Refused,
@@ -698,8 +698,10 @@ impl Agent {
         match self.persist(self.state.commit(issued_at)) {
             Ok(()) => {
                 tracing::info!(version = %target.version, "update committed");
+                let digest = self.state.slot(target.slot).bundle_digest.clone();
                 self.write_receipt(
                     target.bundle.as_deref(),
+                    digest,
                     "committed",
                     Some(&target.version),
                     "",
@@ -770,13 +772,15 @@ impl Agent {
     fn write_receipt(
         &self,
         bundle: Option<&Path>,
+        bundle_digest: Option<String>,
         result: &str,
         version: Option<&str>,
         reason: &str,
     ) {
         let receipt = crate::receipt::Receipt {
             device: String::new(),
-            from: self.version_of(self.state.previous.unwrap_or(self.state.active)),
+            from: self.from.clone(),
+            bundle_digest,
             to: version.unwrap_or("").to_owned(),
             result: result.to_owned(),
             reason: reason.to_owned(),
@@ -884,6 +888,18 @@ fn settle_trial(
             };
             Ok((state, Machine::resuming(timings, target, Instant::now())))
         }
+    }
+}
+
+/// The version of `release` in `state`, `factory` for the one shipped with the device.
+fn version_of(state: &State, release: Release) -> String {
+    match release {
+        Release::Factory => "factory".to_owned(),
+        Release::Slot(slot) => state
+            .slot(slot)
+            .version
+            .clone()
+            .unwrap_or_else(|| "unknown".to_owned()),
     }
 }
 

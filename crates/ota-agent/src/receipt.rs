@@ -1,10 +1,14 @@
-//! Install receipts: a small signed JSON document per finished update (committed, rolled back
-//! or refused), kept on the device and written back beside the bundle (on a read-only stick,
+//! Install receipts: a small signed document per finished update (committed, rolled back or
+//! refused), kept on the device and written back beside the bundle (on a read-only stick,
 //! remounted read-write for that one write when configured), so that an offline fleet carries
 //! its audit trail home on the USB stick.
 //!
-//! The device signs with its own Ed25519 key (`<data_dir>/ota/device.key`, made on first use,
-//! mode 0600); the device id is that key's id, so a receipt names and authenticates its device.
+//! A receipt is a signed document like a key set (`ota/FORMAT.md`, kind `receipt`): its JSON
+//! line is stored exactly as signed, with the device's signature. The device signs with its own
+//! Ed25519 key (`<data_dir>/ota/device.key`, made on first use, mode 0600); the key is not in
+//! the receipt: `ota receipt verify --device-keys DIR` checks receipts against the public keys
+//! enrolled from each device (`edge-supervisor device-key`), and that the signer is the device
+//! the receipt names.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -12,40 +16,8 @@ use std::path::{Path, PathBuf};
 
 use ota_bundle::SecretKey;
 use rustix::mount::MountFlags;
-use serde::Serialize;
 
-/// What one receipt says.
-#[derive(Debug, Clone, Serialize)]
-pub struct Receipt {
-    /// Filled in by [`write`]: the device key's id.
-    pub device: String,
-    pub from: String,
-    pub to: String,
-    /// `committed`, `rolled_back` or `refused`.
-    pub result: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub reason: String,
-    pub bundle: Option<String>,
-    /// Unix seconds (the device clock, for reading, not for trust).
-    pub started_at: u64,
-    pub finished_at: u64,
-    /// Bytes of an interrupted install found intact and kept (it resumed, not restarted).
-    pub resumed_bytes: u64,
-    /// Bytes the target slot already held from its older release: compared, not rewritten.
-    pub unchanged_bytes: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct Signed<'a> {
-    receipt: &'a Receipt,
-    /// Hex Ed25519 public key of the device.
-    key: String,
-    /// Hex signature over "quote-edge receipt v1\n" followed by the `receipt` JSON.
-    signature: String,
-}
-
-/// Domain-separates receipt signatures from bundle signatures.
-pub const RECEIPT_DOMAIN: &[u8] = b"quote-edge receipt v1\n";
+pub use ota_bundle::Receipt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiptError {
@@ -80,6 +52,14 @@ fn device_key(path: &Path) -> Result<SecretKey, ReceiptError> {
     Ok(key)
 }
 
+/// This device's public key as a trusted-key line (`quote-edge-ed25519 <hex> <comment>`), the
+/// key made on first use: what a fleet enrolls to verify the device's receipts.
+pub fn device_public_line(key_path: &Path) -> Result<String, ReceiptError> {
+    let public = device_key(key_path)?.public();
+    let id = public.id();
+    Ok(public.to_line(&format!("device {id}")))
+}
+
 /// This device's id: its device key's id (16 hex digits), the key made on first use.
 pub fn device_id(key_path: &Path) -> Result<String, ReceiptError> {
     Ok(device_key(key_path)?.public().id().to_string())
@@ -97,22 +77,10 @@ pub fn write(
     remount_under: &[PathBuf],
 ) -> Result<(), ReceiptError> {
     let key = device_key(key_path)?;
-    let public = key.public();
-    receipt.device = public.id().to_string();
-    let body = serde_json::to_vec(&receipt).expect("a receipt serialises");
-    let mut message = RECEIPT_DOMAIN.to_vec();
-    message.extend_from_slice(&body);
-    let signed = Signed {
-        receipt: &receipt,
-        key: public
-            .to_line("")
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or_default()
-            .to_owned(),
-        signature: hex::encode(key.sign(&message)),
-    };
-    let text = serde_json::to_string_pretty(&signed).expect("a receipt serialises") + "\n";
+    receipt.device = key.public().id().to_string();
+    let mut doc = receipt.document();
+    doc.sign(&key);
+    let text = doc.to_text();
     let stem = format!(
         "{}-{}-{}",
         receipt.finished_at, receipt.device, receipt.result
@@ -122,8 +90,8 @@ pub fn write(
         std::fs::create_dir_all(dir)?;
         for n in 0u32.. {
             let path = match n {
-                0 => dir.join(format!("{stem}.json")),
-                n => dir.join(format!("{stem}-{n}.json")),
+                0 => dir.join(format!("{stem}.receipt")),
+                n => dir.join(format!("{stem}-{n}.receipt")),
             };
             let mut file = match std::fs::OpenOptions::new()
                 .write(true)
@@ -162,7 +130,7 @@ pub fn write(
             Ok(path) => tracing::info!(receipt = %path.display(), "install receipt written"),
             Err(source) if i == 0 => {
                 return Err(ReceiptError::Write {
-                    path: dir.join(format!("{stem}.json")),
+                    path: dir.join(format!("{stem}.receipt")),
                     source,
                 });
             }
@@ -282,6 +250,86 @@ mod tests {
         assert!(!called);
     }
 
+    fn receipt(to: &str) -> Receipt {
+        Receipt {
+            device: String::new(),
+            from: "1.0.0".into(),
+            to: to.into(),
+            result: "committed".into(),
+            reason: String::new(),
+            bundle: Some("update.bundle".into()),
+            bundle_digest: Some("ab".repeat(32)),
+            started_at: 1,
+            finished_at: 2,
+            resumed_bytes: 0,
+            unchanged_bytes: 7,
+        }
+    }
+
+    /// The enrolled keys: `edge-supervisor device-key`'s lines, one file per device.
+    fn enrolled(dir: &Path, keys: &[&Path]) -> ota_bundle::TrustedKeys {
+        for (i, key) in keys.iter().enumerate() {
+            std::fs::write(
+                dir.join(format!("{i}.pub")),
+                device_public_line(key).unwrap(),
+            )
+            .unwrap();
+        }
+        ota_bundle::TrustedKeys::load_dir(dir).unwrap()
+    }
+
+    #[test]
+    fn a_receipt_verifies_against_its_enrolled_device_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, other_key) = (dir.path().join("device.key"), dir.path().join("other.key"));
+        let out = dir.path().join("receipts");
+        write(&key, receipt("2.0.0"), std::slice::from_ref(&out), &[]).unwrap();
+        let path = std::fs::read_dir(&out)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        assert!(
+            path.to_string_lossy().ends_with("-committed.receipt"),
+            "{path:?}"
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        let enrolled_dir = dir.path().join("devices");
+        std::fs::create_dir(&enrolled_dir).unwrap();
+        let devices = enrolled(&enrolled_dir, &[&key]);
+        let got = Receipt::verify(&bytes, &devices).unwrap();
+        assert_eq!(got.to, "2.0.0");
+        assert_eq!(got.device, device_id(&key).unwrap());
+        assert_eq!(got.bundle_digest, Some("ab".repeat(32)));
+        // The signed line is stored verbatim: any change breaks the signature.
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let forged = text.replace("\"to\":\"2.0.0\"", "\"to\":\"9.0.0\"");
+        assert_ne!(forged, text);
+        assert!(Receipt::verify(forged.as_bytes(), &devices).is_err());
+        // Another device's key does not verify it.
+        let others_dir = dir.path().join("others");
+        std::fs::create_dir(&others_dir).unwrap();
+        let others = enrolled(&others_dir, &[&other_key]);
+        assert!(Receipt::verify(&bytes, &others).is_err());
+    }
+
+    #[test]
+    fn a_receipt_naming_another_device_is_refused_even_if_signed_by_an_enrolled_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.key"), dir.path().join("b.key"));
+        let devices_dir = dir.path().join("devices");
+        std::fs::create_dir(&devices_dir).unwrap();
+        let devices = enrolled(&devices_dir, &[&a, &b]);
+        // Device A signs a receipt that claims to be B's.
+        let mut claimed = receipt("2.0.0");
+        claimed.device = device_id(&b).unwrap();
+        let mut doc = claimed.document();
+        doc.sign(&device_key(&a).unwrap());
+        let error = Receipt::verify(doc.to_text().as_bytes(), &devices).unwrap_err();
+        assert!(error.to_string().contains("but is signed by"), "{error}");
+    }
+
     #[test]
     fn a_receipt_is_never_written_through_a_link_on_the_stick() {
         let dir = tempfile::tempdir().unwrap();
@@ -297,6 +345,7 @@ mod tests {
             result: "committed".into(),
             reason: String::new(),
             bundle: Some("update.bundle".into()),
+            bundle_digest: None,
             started_at: 1,
             finished_at: 2,
             resumed_bytes: 0,

@@ -144,7 +144,8 @@ impl SignedDoc {
         text
     }
 
-    fn new(kind: &str, value: &impl Serialize) -> SignedDoc {
+    /// An unsigned document of `kind` holding `value` as one line of JSON.
+    pub fn new(kind: &str, value: &impl Serialize) -> SignedDoc {
         SignedDoc {
             kind: kind.to_owned(),
             json: serde_json::to_string(value).expect("documents serialise"),
@@ -296,6 +297,62 @@ impl Permit {
             return Err(doc_error("the permit is for another bundle"));
         }
         Ok(permit)
+    }
+}
+
+/// An install receipt (kind `receipt`): what one device says of one finished update, signed by
+/// that device's own key (not a release key). Its JSON is kept exactly as signed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Receipt {
+    /// The id of the device key that signs the receipt.
+    pub device: String,
+    pub from: String,
+    pub to: String,
+    /// `committed`, `rolled_back` or `refused`.
+    pub result: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// The bundle's file name, for people.
+    pub bundle: Option<String>,
+    /// The bundle's manifest digest, when it was read: what was installed, for machines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_digest: Option<String>,
+    /// Unix seconds (the device clock, for reading, not for trust).
+    pub started_at: u64,
+    pub finished_at: u64,
+    /// Bytes of an interrupted install found intact and kept (it resumed, not restarted).
+    pub resumed_bytes: u64,
+    /// Bytes the target slot already held from its older release: compared, not rewritten.
+    pub unchanged_bytes: u64,
+}
+
+impl Receipt {
+    /// The unsigned document of this receipt.
+    pub fn document(&self) -> SignedDoc {
+        SignedDoc::new("receipt", self)
+    }
+
+    /// Verifies a receipt document against the enrolled device keys (`devices`, threshold 1):
+    /// a valid signature by one of them, and by the very device the receipt names. Returns what
+    /// it says.
+    pub fn verify(bytes: &[u8], devices: &TrustedKeys) -> Result<Receipt, BundleError> {
+        let doc = SignedDoc::parse(bytes, "receipt")?;
+        let signers = doc.verify(devices)?;
+        let receipt: Receipt = serde_json::from_str(&doc.json)
+            .map_err(|e| doc_error(format!("the receipt is not valid: {e}")))?;
+        if !signers.iter().any(|id| id.to_string() == receipt.device) {
+            return Err(doc_error(format!(
+                "the receipt names device {}, but is signed by {}",
+                receipt.device,
+                signers
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(receipt)
     }
 }
 

@@ -27,8 +27,8 @@ pub enum BundleError {
         rule: &'static str,
     },
     #[error(
-        "the bundle is signed by {valid} of the trusted keys, {needed} needed \
-         (bundle key ids: {bundle_keys}; trusted: {trusted_keys})"
+        "signed by {valid} of the trusted keys, {needed} needed \
+         (signed by key ids: {bundle_keys}; trusted: {trusted_keys})"
     )]
     NotEnoughSignatures {
         valid: usize,

@@ -13,7 +13,7 @@ mod manifest;
 mod pack;
 mod read;
 
-pub use docs::{KeySet, MAX_DOC_LEN, Permit, SignedDoc};
+pub use docs::{KeySet, MAX_DOC_LEN, Permit, Receipt, SignedDoc};
 pub use error::BundleError;
 pub use header::{HEADER_LEN, Header, MAGIC, MAX_MANIFEST_LEN, MAX_SIGNATURES, SIGNATURE_LEN};
 pub use keys::{KeyId, PublicKey, SecretKey, TrustedKeys};

@@ -140,6 +140,11 @@ pub enum Command {
         key: PathBuf,
         file: PathBuf,
     },
+    /// Install receipts: what devices say of their updates.
+    Receipt {
+        #[command(subcommand)]
+        action: ReceiptAction,
+    },
     /// Install a bundle on the device through its supervisor, and follow the update to its end
     /// (exit 0 committed, 1 refused or rolled back).
     Apply {
@@ -177,6 +182,21 @@ impl DeviceArgs {
     }
 }
 
+/// `ota receipt …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ReceiptAction {
+    /// Verify receipts: each must be signed by the device it names, one of the enrolled keys.
+    /// Prints one line per receipt; exits 1 if any does not verify.
+    Verify {
+        /// Enrolled device keys: one `*.pub` per device, as `edge-supervisor device-key`
+        /// printed it on that device.
+        #[arg(long)]
+        device_keys: PathBuf,
+        #[arg(required = true)]
+        receipts: Vec<PathBuf>,
+    },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OtaError {
     #[error(transparent)]
@@ -196,6 +216,8 @@ pub enum OtaError {
     Control(#[from] edge_proto::client::ClientError),
     #[error("the update did not commit")]
     NotCommitted,
+    #[error("{failed} of {total} receipts did not verify")]
+    Receipts { failed: usize, total: usize },
 }
 
 impl OtaError {
@@ -210,7 +232,9 @@ impl OtaError {
             OtaError::Bundle(_) => exit::REFUSED,
             OtaError::Io { .. } => exit::IO,
             OtaError::Usage(_) => exit::USAGE,
-            OtaError::Device(_) | OtaError::NotCommitted => exit::REFUSED,
+            OtaError::Device(_) | OtaError::NotCommitted | OtaError::Receipts { .. } => {
+                exit::REFUSED
+            }
             // As before the client was shared: no answer is an I/O failure, a wrong answer
             // a refusal.
             OtaError::Control(ClientError::BadReply { .. } | ClientError::TooLong { .. }) => {
@@ -330,6 +354,13 @@ pub fn run(command: Command, out: &mut dyn Write) -> Result<(), OtaError> {
             }
             write_doc(&file, &doc, out)
         }
+        Command::Receipt {
+            action:
+                ReceiptAction::Verify {
+                    device_keys,
+                    receipts,
+                },
+        } => verify_receipts(&device_keys, &receipts, out),
         Command::SignDoc { key, file } => {
             let bytes = std::fs::read(&file).map_err(|e| io(&file, e))?;
             let kind = std::str::from_utf8(&bytes)
@@ -584,4 +615,48 @@ fn io(path: &Path, source: std::io::Error) -> OtaError {
         path: path.to_owned(),
         source,
     }
+}
+
+/// `ota receipt verify`: one line per receipt, `ok` or `FAILED` with the reason.
+fn verify_receipts(
+    device_keys: &std::path::Path,
+    receipts: &[PathBuf],
+    out: &mut dyn Write,
+) -> Result<(), OtaError> {
+    use std::io::Read;
+    let devices = ota_bundle::TrustedKeys::load_dir(device_keys)?;
+    let mut failed = 0;
+    for path in receipts {
+        let mut bytes = Vec::new();
+        let read = std::fs::File::open(path)
+            .and_then(|f| f.take(ota_bundle::MAX_DOC_LEN + 1).read_to_end(&mut bytes));
+        let verdict = read
+            .map_err(|e| e.to_string())
+            .and_then(|_| ota_bundle::Receipt::verify(&bytes, &devices).map_err(|e| e.to_string()));
+        let line = match verdict {
+            Ok(r) => format!(
+                "ok {}: device {} {} {} -> {}{}",
+                path.display(),
+                r.device,
+                r.result,
+                r.from,
+                r.to,
+                r.bundle_digest
+                    .map(|d| format!(" (bundle {d})"))
+                    .unwrap_or_default()
+            ),
+            Err(reason) => {
+                failed += 1;
+                format!("FAILED {}: {reason}", path.display())
+            }
+        };
+        writeln!(out, "{line}").map_err(|e| io(std::path::Path::new("stdout"), e))?;
+    }
+    if failed > 0 {
+        return Err(OtaError::Receipts {
+            failed,
+            total: receipts.len(),
+        });
+    }
+    Ok(())
 }
