@@ -776,13 +776,14 @@ async fn a_release_larger_than_the_free_space_is_refused_before_the_slot_is_touc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_bundle_in_the_inbox_does_not_hide_the_next_one() {
+async fn a_bundle_signed_by_a_stranger_neither_outranks_nor_hides_a_trusted_one() {
     let fx = Fixture::new();
     let sup = Supervisor::start(1, &fx.config("trial = \"300ms\"\n")).await;
     sup.all_ready(1).await;
     let inbox = sup.data_dir().join("ota/inbox");
     std::fs::create_dir_all(&inbox).unwrap();
-    // The best candidate (security version 3) is signed by a key the device does not trust.
+    // The better candidate on paper (security version 3) is signed by a key the device does
+    // not trust: its claims rank nothing.
     let stranger = SecretKey::from_seed([99; 32]);
     let release = release(&fx.dir.path().join("good-3.0.0-stranger"), GOOD);
     let options = PackOptions {
@@ -805,12 +806,32 @@ async fn a_refused_bundle_in_the_inbox_does_not_hide_the_next_one() {
         inbox.join("b.bundle"),
     )
     .unwrap();
-    let after = finished(&sup, "2.0.0").await;
-    assert_eq!(
-        after.update.last_result.unwrap().result,
-        UpdateOutcome::Committed
+    // The trusted bundle goes first and is committed; the stranger's is offered after it,
+    // once, and refused, saying why.
+    let after = sup
+        .wait_for("2.0.0 committed, then the stranger's bundle refused", |s| {
+            s.update.state == UpdateState::Idle
+                && s.update.version == "2.0.0"
+                && s.update.last_result.as_ref().is_some_and(|r| {
+                    r.result == UpdateOutcome::Refused && r.version.ends_with("a.bundle")
+                })
+        })
+        .await;
+    let reason = after.update.last_result.unwrap().reason.unwrap();
+    assert!(
+        reason.contains("signed by 0 of the trusted keys"),
+        "{reason}"
     );
-    assert_eq!(after.update.version, "2.0.0");
+    let committed = std::fs::read_dir(sup.data_dir().join("ota/receipts"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .ends_with("-committed.receipt")
+        })
+        .count();
+    assert_eq!(committed, 1);
     sup.stop().await;
 }
 

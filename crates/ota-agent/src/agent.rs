@@ -1234,7 +1234,8 @@ mod tests {
     fn a_scan_passes_on_an_added_sources_offers_and_tells_it_what_the_device_wants() {
         let dir = tempfile::tempdir().unwrap();
         let (mut agent, rx) = open(dir.path());
-        // A file in the inbox that is no bundle: the inbox, asked first, offers nothing.
+        // A file in the inbox shorter than a bundle's header (perhaps still being copied): the
+        // inbox, asked first, offers nothing yet; the added source's offer is passed on.
         let inbox = dir.path().join("ota").join("inbox");
         std::fs::create_dir_all(&inbox).unwrap();
         std::fs::write(inbox.join("a.bundle"), b"not a bundle").unwrap();

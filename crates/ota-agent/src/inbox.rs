@@ -57,10 +57,11 @@ pub(crate) fn scan_inboxes(
     skip: &[String],
     product: &str,
     floor: u64,
+    trusted: Option<&ota_bundle::TrustedKeys>,
 ) -> Vec<PathBuf> {
-    let mut found = Vec::new();
+    let (mut found, mut unverified) = (Vec::new(), Vec::new());
     let (started, mut looked) = (Instant::now(), 0usize);
-    for dir in dirs {
+    'dirs: for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else {
             continue;
         };
@@ -72,7 +73,7 @@ pub(crate) fn scan_inboxes(
             looked += 1;
             if looked > MAX_SCAN_FILES || started.elapsed() > MAX_SCAN_TIME {
                 tracing::warn!(files = MAX_SCAN_FILES, time = ?MAX_SCAN_TIME, "inbox scan budget spent; the rest waits for the next scan");
-                return rank(found);
+                break 'dirs;
             }
             let Ok(meta) = entry.metadata() else { continue };
             if !meta.is_file() {
@@ -85,17 +86,25 @@ pub(crate) fn scan_inboxes(
             // Shorter than it says: still being copied (or truncated for good). Not offered, and
             // not judged, so it is looked at again once it has grown; `apply` refuses it at once.
             let declared = open_untrusted(&path)
-                .ok()
-                .and_then(|f| ota_bundle::declared_len_unverified(BufReader::new(f)).ok());
-            if declared.is_some_and(|declared| meta.len() < declared) {
+                .map(|f| ota_bundle::declared_len_unverified(BufReader::new(f)));
+            let incomplete = match declared {
+                Ok(Ok(declared)) => meta.len() < declared,
+                // It ends inside its own header, manifest or signatures.
+                Ok(Err(ota_bundle::BundleError::Truncated { .. })) => true,
+                _ => false,
+            };
+            if incomplete {
                 tracing::debug!(bundle = %path.display(), "inbox: incomplete, not offered yet");
                 continue;
             }
             let Ok(file) = open_untrusted(&path) else {
                 continue;
             };
-            match ota_bundle::read_manifest_and_digest_unverified(BufReader::new(file)) {
-                Ok((manifest, _, digest)) => {
+            // Ranked and filtered on what the trusted keys signed, never on unverified bytes.
+            match trusted.map(|trusted| ota_bundle::Bundle::open(BufReader::new(file), trusted)) {
+                Some(Ok(bundle)) => {
+                    let digest = ota_bundle::manifest_digest(&bundle.manifest_bytes);
+                    let manifest = &bundle.manifest;
                     let permit_beside = manifest.security_version < floor
                         && std::fs::read_dir(dir).is_ok_and(|mut e| {
                             e.any(|e| {
@@ -111,13 +120,19 @@ pub(crate) fn scan_inboxes(
                     }
                     found.push(((manifest.security_version, manifest.issued_at), path));
                 }
-                Err(error) => {
-                    tracing::warn!(bundle = %path.display(), %error, "inbox: not a usable bundle");
+                // Not signed by the keys trusted now, or not a bundle: offered after every
+                // verified one, so that the install refuses it once and says why.
+                Some(Err(error)) => {
+                    tracing::info!(bundle = %path.display(), %error, "inbox: does not verify; offered last");
+                    unverified.push(path);
                 }
+                None => unverified.push(path),
             }
         }
     }
-    rank(found)
+    let mut offers = rank(found);
+    offers.append(&mut unverified);
+    offers
 }
 
 /// Best first: highest security version, then newest.
@@ -132,18 +147,23 @@ mod tests {
 
     /// A signed bundle of one small file, packed into `dir`.
     fn bundle(dir: &std::path::Path) -> PathBuf {
+        signed_bundle(dir, "v2.bundle", 2, 3)
+    }
+
+    /// A bundle of security version `sv` signed by the key of seed `key`.
+    fn signed_bundle(dir: &std::path::Path, name: &str, sv: u64, key: u8) -> PathBuf {
         let release = dir.join("release");
         std::fs::create_dir_all(release.join("bin")).unwrap();
         std::fs::write(release.join("bin/quote-service"), vec![7u8; 100_000]).unwrap();
-        let out = dir.join("v2.bundle");
+        let out = dir.join(name);
         let options = ota_bundle::PackOptions {
             product: "quote-edge".into(),
-            version: "2.0.0".into(),
-            security_version: 2,
+            version: format!("{sv}.0.0"),
+            security_version: sv,
             issued_at: 1,
             level: 3,
         };
-        let key = ota_bundle::SecretKey::from_seed([3; 32]);
+        let key = ota_bundle::SecretKey::from_seed([key; 32]);
         ota_bundle::pack(&release, &out, &options, &key, |_, _| {}).unwrap();
         out
     }
@@ -169,9 +189,31 @@ mod tests {
             &[],
             "quote-edge",
             0,
+            None,
         );
         assert!(found.is_empty(), "{found:?}");
         assert!(open_untrusted(&inbox.join("fifo.bundle")).is_err());
+    }
+
+    #[test]
+    fn offers_are_ranked_on_what_the_trusted_keys_signed_never_on_unverified_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = dir.path().join("inbox");
+        std::fs::create_dir(&inbox).unwrap();
+        let trusted =
+            ota_bundle::TrustedKeys::new([ota_bundle::SecretKey::from_seed([3; 32]).public()], 1);
+        let good = signed_bundle(&inbox, "good.bundle", 2, 3);
+        // Claims a far higher security version, signed by a key nobody trusts.
+        let stranger = signed_bundle(&inbox, "stranger.bundle", 99, 4);
+        let found = scan_inboxes(
+            std::slice::from_ref(&inbox),
+            &HashMap::new(),
+            &[],
+            "quote-edge",
+            0,
+            Some(&trusted),
+        );
+        assert_eq!(found, vec![good, stranger]);
     }
 
     #[test]
@@ -188,6 +230,7 @@ mod tests {
                 &[],
                 "quote-edge",
                 0,
+                None,
             )
         };
         std::fs::write(&copying, &whole[..whole.len() / 2]).unwrap();

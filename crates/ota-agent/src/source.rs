@@ -46,12 +46,18 @@ impl Source for Inbox {
     fn offers(&self, wanted: &Wanted) -> Vec<PathBuf> {
         let dirs = expand_inboxes(&self.dirs);
         accept_keysets(&dirs, &self.keys_dir, &self.ota_dir, &wanted.product);
+        // The keys trusted now rank the offers; without keys, nothing can be verified (every
+        // offer is then refused by the install, and says why).
+        let trusted = crate::trust::load_trust(&self.keys_dir, &self.ota_dir, &wanted.product)
+            .map(|(trusted, _)| trusted)
+            .ok();
         scan_inboxes(
             &dirs,
             &wanted.judged,
             &wanted.skip,
             &wanted.product,
             wanted.floor,
+            trusted.as_ref(),
         )
     }
 }

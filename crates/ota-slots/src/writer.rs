@@ -19,6 +19,14 @@ pub enum WriteError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{path} in the slot is not a file of ours ({links} links, owner {owner}): refusing to write through it"
+    )]
+    NotOurs {
+        path: PathBuf,
+        links: u64,
+        owner: u32,
+    },
     #[error("{path}: chunks arrived out of order (expected chunk {expected}, got {got})")]
     OutOfOrder {
         path: String,
@@ -149,6 +157,7 @@ impl SlotWriter {
             .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&full)
             .map_err(io)?;
+        check_ours(&file, &full)?;
         file.set_len(keep).map_err(io)?;
         writer.current = Some(Open {
             path: path.to_owned(),
@@ -287,6 +296,7 @@ impl SlotWriter {
                 path: full.clone(),
                 source,
             })?;
+        check_ours(&file, &full)?;
         self.current = Some(Open {
             path: path.to_owned(),
             file,
@@ -337,9 +347,35 @@ fn prune(
             prune(dir, &relative, keep, parents)?;
         } else if kind.is_dir() {
             std::fs::remove_dir_all(entry.path()).map_err(io(entry.path()))?;
-        } else if !(kind.is_file() && keep.contains(&relative)) {
+        } else if !(kind.is_file() && keep.contains(&relative) && ours(&entry.path())) {
+            // A hard link planted in the slot would carry writes to its other name (the
+            // database, say): only a file with one link, owned by us, is kept.
             std::fs::remove_file(entry.path()).map_err(io(entry.path()))?;
         }
+    }
+    Ok(())
+}
+
+/// A file this writer may write through: its only link, owned by the writer's user.
+fn ours(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    path.symlink_metadata()
+        .is_ok_and(|m| m.nlink() == 1 && m.uid() == rustix::process::geteuid().as_raw())
+}
+
+/// Refuses to write through `file` (opened from `path`) unless it is [`ours`].
+fn check_ours(file: &File, path: &Path) -> Result<(), WriteError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().map_err(|source| WriteError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    if meta.nlink() != 1 || meta.uid() != rustix::process::geteuid().as_raw() {
+        return Err(WriteError::NotOurs {
+            path: path.to_owned(),
+            links: meta.nlink(),
+            owner: meta.uid(),
+        });
     }
     Ok(())
 }
@@ -361,6 +397,38 @@ fn collect_dirs(dir: &Path, into: &mut Vec<PathBuf>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hard_link_planted_in_the_slot_is_replaced_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let slot = dir.path().join("b");
+        std::fs::create_dir_all(slot.join("bin")).unwrap();
+        // The database, hard-linked into the slot under the name of a release file.
+        let database = dir.path().join("quotes.db");
+        std::fs::write(&database, b"precious").unwrap();
+        std::fs::hard_link(&database, slot.join("bin/quote-service")).unwrap();
+        let mut w = SlotWriter::update(&slot, &["bin/quote-service"]).unwrap();
+        w.chunk("bin/quote-service", 0o755, 0, b"new release")
+            .unwrap();
+        w.finish().unwrap();
+        assert_eq!(std::fs::read(&database).unwrap(), b"precious");
+        assert_eq!(
+            std::fs::read(slot.join("bin/quote-service")).unwrap(),
+            b"new release"
+        );
+        // Planted after the slot was prepared: the write is refused, not carried through.
+        std::fs::remove_file(slot.join("bin/quote-service")).unwrap();
+        let mut w = SlotWriter::update(&slot, &["bin/quote-service"]).unwrap();
+        std::fs::hard_link(&database, slot.join("bin/quote-service")).unwrap();
+        let error = w
+            .chunk("bin/quote-service", 0o755, 0, b"new release")
+            .unwrap_err();
+        assert!(
+            matches!(error, WriteError::NotOurs { links: 2, .. }),
+            "{error}"
+        );
+        assert_eq!(std::fs::read(&database).unwrap(), b"precious");
+    }
 
     fn mode_of(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777

