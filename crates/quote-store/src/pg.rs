@@ -293,24 +293,20 @@ impl PgStorage {
         Ok(n > 0)
     }
 
-    /// The same draw as SQLite's [`crate::Store::random`]: a uniform id between the bounds,
-    /// kept if it exists, and after a few misses a uniform offset into the index.
+    /// The same draw as SQLite's [`crate::Store::random`] (a uniform id between the bounds,
+    /// kept if it exists, so every existing id is equally likely), one round trip per draw:
+    /// the server reads the bounds from the index's two ends and draws. After a few misses in
+    /// a sparse table, a uniform offset into the index.
     pub(crate) async fn random(&self) -> Result<Option<Quote>, Error> {
         const DRAWS: usize = 8;
         let op = "random";
         let client = self.client(op).await?;
-        let stmt = prepared(&client, op, "SELECT MIN(id), MAX(id) FROM quotes").await?;
-        let row = client
-            .query_one(&stmt, &[])
-            .await
-            .map_err(|e| query_error(op, e))?;
-        let bounds: (Option<i64>, Option<i64>) =
-            (|| Ok((row.try_get(0)?, row.try_get(1)?)))().map_err(|e| query_error(op, e))?;
-        let (Some(min), Some(max)) = bounds else {
-            return Ok(None);
-        };
+        let draw = format!(
+            "SELECT {COLUMNS} FROM quotes WHERE id = \
+             (SELECT MIN(id) + floor(random() * (MAX(id) - MIN(id) + 1))::bigint FROM quotes)"
+        );
         for _ in 0..DRAWS {
-            if let Some(quote) = get_with(&client, fastrand::i64(min..=max)).await? {
+            if let Some(quote) = quotes(&client, op, &draw, &[]).await?.pop() {
                 return Ok(Some(quote));
             }
         }

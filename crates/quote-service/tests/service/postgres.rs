@@ -254,3 +254,29 @@ fn snapshot_and_restore_on_postgres_are_refused_saying_why() {
         );
     }
 }
+
+#[tokio::test]
+async fn random_in_a_sparse_table_returns_only_existing_quotes_and_each_of_them() {
+    let Some(storage) = crate::api::postgres_storage().await else {
+        return;
+    };
+    let ids: Vec<i64> = storage
+        .list(None, 100)
+        .await
+        .unwrap()
+        .quotes
+        .iter()
+        .map(|q| q.id)
+        .collect();
+    let keep = [ids[0], ids[ids.len() - 1]];
+    for id in ids.iter().filter(|id| !keep.contains(id)) {
+        assert!(storage.delete(*id).await.unwrap());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        let quote = storage.random().await.unwrap().expect("two quotes left");
+        assert!(keep.contains(&quote.id), "drew deleted id {}", quote.id);
+        seen.insert(quote.id);
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), keep.to_vec());
+}
