@@ -1,5 +1,13 @@
 # Shared by the benchmark scripts (sourced, not run). Needs $work, $conns, $duration.
 
+# require_tools TOOL...: exits saying which Debian package to install when one is missing.
+require_tools() {
+    local tool
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install $tool)" >&2; exit 1; }
+    done
+}
+
 # wrk_run KEY NAME URL [wrk args...]: prints "name req/s p50 p99 errors"; keeps req/s in
 # $work/rps-KEY and the error count (non-2xx/3xx + socket errors) in $work/errors-KEY.
 wrk_run() {
@@ -17,6 +25,14 @@ wrk_run() {
     printf '%-28s %12s %10s %10s  %s errors in %s requests\n' "$name" "$rps" "$p50" "$p99" "$errors" "$total"
     echo "$rps" >"$work/rps-$key"
     echo "$errors" >"$work/errors-$key"
+    echo "$p99" >"$work/p99-$key"
+}
+
+# p99_ratio KEY_A KEY_B: p99 latency of A divided by that of B (wrk prints us, ms or s).
+p99_ratio() {
+    awk -v a="$(cat "$work/p99-$1")" -v b="$(cat "$work/p99-$2")" '
+        function us(v) { if (v ~ /us$/) return v + 0; if (v ~ /ms$/) return v * 1000; if (v ~ /m$/) return v * 60e6; return v * 1e6 }
+        BEGIN { printf "%.3f", us(a) / us(b) }'
 }
 
 # ratio KEY_A KEY_B: req/s of A divided by req/s of B.

@@ -11,14 +11,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 duration=${1:-10s}
 conns=${2:-16}
-for tool in wrk curl; do
-    command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install $tool)" >&2; exit 1; }
-done
+# shellcheck source=tests/bench/lib.sh
+. tests/bench/lib.sh
+require_tools wrk curl
 
 cargo build --release --locked -p quote-service -p tests --bin quote-service --bin bench-baseline >&2
 work=$(mktemp -d)
-# shellcheck source=tests/bench/lib.sh
-. tests/bench/lib.sh
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT

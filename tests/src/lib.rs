@@ -1,5 +1,7 @@
 //! Shared helpers for the workspace integration tests and their fake programs.
 
+pub mod postgres;
+
 use std::path::Path;
 use std::process::Command;
 

@@ -26,7 +26,7 @@ pub const BODY_LIMIT: usize = 16 * 1024;
 #[openapi(
     info(
         title = "quote-edge quote service",
-        description = "Quotes on an embedded SQLite database. Every response names the replica \
+        description = "Quotes on an embedded SQLite database or a shared PostgreSQL one. Every response names the replica \
                        that served it in `X-Served-By`."
     ),
     components(schemas(ErrorBody))
@@ -186,7 +186,7 @@ async fn list_quotes(
         )));
     }
     let page = state
-        .with_store(move |store| store.list(params.after, limit))
+        .query(move |s| async move { s.list(params.after, limit).await })
         .await?;
     Ok(Json(QuotePage {
         quotes: page
@@ -205,7 +205,7 @@ async fn list_quotes(
     (status = 404, body = ErrorBody, description = "there are no quotes"),
 ))]
 async fn random_quote(State(state): State<AppState>) -> Result<Json<QuoteBody>, AppError> {
-    match state.with_store(|store| store.random()).await? {
+    match state.query(|s| async move { s.random().await }).await? {
         Some(quote) => Ok(Json(QuoteBody::new(quote, &state))),
         None => Err(AppError::NotFound("there are no quotes".to_owned())),
     }
@@ -222,13 +222,13 @@ async fn get_quote(
     PathParam(id): PathParam<QuoteId>,
 ) -> Result<Json<QuoteBody>, AppError> {
     let id = checked_id(id)?;
-    match state.with_store(move |store| store.get(id)).await? {
+    match state.query(move |s| async move { s.get(id).await }).await? {
         Some(quote) => Ok(Json(QuoteBody::new(quote, &state))),
         None => Err(no_quote(id)),
     }
 }
 
-/// Store a new quote. When the answer is 201, the quote is on disk.
+/// Store a new quote. When the answer is 201, the quote is committed and on disk.
 #[utoipa::path(post, path = "/quotes", request_body = CreateQuote, responses(
     (status = 201, body = QuoteBody, headers(("location" = String, description = "/quotes/{id}"))),
     (status = 400, body = ErrorBody, description = "malformed JSON or missing fields"),
@@ -244,7 +244,9 @@ async fn create_quote(
     JsonBody(body): JsonBody<CreateQuote>,
 ) -> Result<Response, AppError> {
     let new = NewQuote::new(&body.text, &body.author)?;
-    let quote = state.with_writer(move |store| store.create(&new)).await?;
+    let quote = state
+        .query(move |s| async move { s.create(&new).await })
+        .await?;
     let location = format!("/quotes/{}", quote.id);
     Ok((
         StatusCode::CREATED,
@@ -267,7 +269,10 @@ async fn delete_quote(
     PathParam(id): PathParam<QuoteId>,
 ) -> Result<StatusCode, AppError> {
     let id = checked_id(id)?;
-    if state.with_writer(move |store| store.delete(id)).await? {
+    if state
+        .query(move |s| async move { s.delete(id).await })
+        .await?
+    {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(no_quote(id))

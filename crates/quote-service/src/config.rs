@@ -6,19 +6,24 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use quote_store::{Target, TargetError};
 
 use crate::state::AdminToken;
 
-/// quote-service: the quote API on an embedded SQLite database.
+/// quote-service: the quote API on an embedded SQLite database, or on a shared PostgreSQL one.
 #[derive(Debug, Parser)]
 #[command(name = "quote-service", version = crate::VERSION)]
 pub struct Cli {
     /// Address to listen on (port 0 picks a free port; the log says which).
     #[arg(long, env = "QUOTE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// SQLite database file; its directory is created if missing.
+    /// SQLite database file (its directory is created if missing), or a PostgreSQL URL
+    /// `postgres://USER@HOST:PORT/DB?...` (libpq syntax).
     #[arg(long, env = "QUOTE_DB", default_value = "./data/quotes.db")]
-    pub db: PathBuf,
+    pub db: String,
+    /// File holding the PostgreSQL password (a mounted Secret); overrides one in the URL.
+    #[arg(long, env = "QUOTE_DB_PASSWORD_FILE")]
+    pub db_password_file: Option<PathBuf>,
     /// Name reported in `X-Served-By` [default: <hostname>-<pid>].
     #[arg(long, env = "QUOTE_INSTANCE")]
     pub instance: Option<String>,
@@ -63,7 +68,7 @@ pub enum Command {
 #[derive(Debug)]
 pub struct Settings {
     pub listen: SocketAddr,
-    pub db: PathBuf,
+    pub db: Target,
     pub instance: String,
     pub admin_token: Option<AdminToken>,
     pub shutdown_grace: Duration,
@@ -85,6 +90,8 @@ pub enum ConfigError {
     TokenEmpty { path: PathBuf },
     #[error("--instance must be 1 to 64 visible ASCII characters, got {0:?}")]
     BadInstance(String),
+    #[error(transparent)]
+    Database(#[from] TargetError),
 }
 
 impl Cli {
@@ -104,9 +111,10 @@ impl Cli {
             .as_deref()
             .map(read_token)
             .transpose()?;
+        let db = Target::parse(&self.db, self.db_password_file.as_deref())?;
         Ok(Settings {
             listen: self.listen,
-            db: self.db,
+            db,
             instance,
             admin_token,
             shutdown_grace: self.shutdown_grace,

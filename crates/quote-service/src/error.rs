@@ -56,6 +56,10 @@ impl IntoResponse for AppError {
             AppError::Unavailable(_) | AppError::Store(StoreError::Busy { .. }) => {
                 (StatusCode::SERVICE_UNAVAILABLE, self.to_string())
             }
+            AppError::Store(StoreError::Unreachable { .. } | StoreError::Closing { .. }) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database is unreachable; nothing was written".to_owned(),
+            ),
             AppError::Store(StoreError::Full { .. }) => (
                 StatusCode::INSUFFICIENT_STORAGE,
                 "the device storage is full; the quote was not stored".to_owned(),

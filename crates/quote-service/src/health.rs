@@ -38,30 +38,31 @@ pub struct VersionInfo {
     pub schema_version: u32,
 }
 
-/// Liveness: the event loop answers, and the database answers within a deadline.
+/// Liveness: the event loop answers, and an embedded database answers within a deadline.
+///
+/// A remote database (PostgreSQL) is not asked: its outage is not this process's fault, and
+/// a failing liveness probe would restart every replica at once for nothing. Readiness
+/// reports it instead.
 #[utoipa::path(get, path = "/healthz", responses(
     (status = 200, body = Health), (status = 503, body = Health)))]
 pub(crate) async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
-    if state.db().is_none() {
-        return (
+    let ok = |status| {
+        (
             StatusCode::OK,
             Json(Health {
-                status: "starting",
+                status,
                 error: None,
             }),
-        );
+        )
+    };
+    match state.storage() {
+        None => return ok("starting"),
+        Some(storage) if !storage.is_embedded() => return ok("ok"),
+        Some(_) => {}
     }
-    let error = match tokio::time::timeout(LIVENESS_DEADLINE, state.with_store(|s| s.ping())).await
-    {
-        Ok(Ok(())) => {
-            return (
-                StatusCode::OK,
-                Json(Health {
-                    status: "ok",
-                    error: None,
-                }),
-            );
-        }
+    let ping = state.query(|s| async move { s.ping().await });
+    let error = match tokio::time::timeout(LIVENESS_DEADLINE, ping).await {
+        Ok(Ok(())) => return ok("ok"),
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("the database did not answer within {LIVENESS_DEADLINE:?}"),
     };
@@ -74,14 +75,17 @@ pub(crate) async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<
     )
 }
 
-/// Readiness: 503 until the database is open and migrated, and again once draining.
+/// Readiness: 503 until the database is open and migrated, while it does not answer, and
+/// once draining.
 #[utoipa::path(get, path = "/readyz", responses(
     (status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let reason = if state.is_draining() {
         Some("draining")
-    } else if state.db().is_none() {
+    } else if state.storage().is_none() {
         Some("database not open")
+    } else if !state.is_reachable() {
+        Some("database unreachable")
     } else {
         None
     };

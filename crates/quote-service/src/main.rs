@@ -1,16 +1,18 @@
 //! `quote-service`: parse the command line, set up logging, run.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 use quote_service::{Cli, Command, exit, run};
+use quote_store::Target;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     if let Some(command) = &cli.command {
-        return maintenance(command, &cli.db);
+        return maintenance(command, &cli.db, cli.db_password_file.as_deref());
     }
     let settings = match cli.into_settings() {
         Ok(settings) => settings,
@@ -45,8 +47,22 @@ fn main() -> ExitCode {
     }
 }
 
-/// `snapshot` and `restore`: one line of outcome in the log, exit 0 or [`exit::IO`].
-fn maintenance(command: &Command, db: &std::path::Path) -> ExitCode {
+/// `snapshot` and `restore`: one line of outcome in the log, exit 0 or [`exit::IO`]; both
+/// work on a SQLite file only ([`exit::CONFIG`] for a PostgreSQL URL, saying so).
+fn maintenance(command: &Command, db: &str, password_file: Option<&Path>) -> ExitCode {
+    let name = match command {
+        Command::Snapshot { .. } => "snapshot",
+        Command::Restore { .. } => "restore",
+    };
+    let file = Target::parse(db, password_file)
+        .and_then(|target| target.sqlite_file(name).map(Path::to_path_buf));
+    let db = match &file {
+        Ok(path) => path.as_path(),
+        Err(error) => {
+            tracing::error!(%error, "database maintenance refused; nothing was changed");
+            return code(exit::CONFIG);
+        }
+    };
     let busy = Duration::from_secs(10);
     let result = match command {
         Command::Snapshot { to } => quote_store::snapshot(db, to, busy).map(|quotes| {

@@ -38,6 +38,12 @@ pub(crate) struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     db_errors: Counter,
+    // Only a remote database (the `postgres` feature) is ever unreachable; without it
+    // these stay at 0 and 1, so dashboards read the same for either build.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    db_unreachable: Counter,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    db_reachable: Gauge,
     in_flight: Gauge,
 }
 
@@ -59,6 +65,9 @@ impl Default for Metrics {
         let latency = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let db_errors = Counter::default();
         let in_flight = Gauge::default();
+        let db_unreachable = Counter::default();
+        let db_reachable = Gauge::default();
+        db_reachable.set(1);
         registry.register(
             "http_requests",
             "HTTP requests by method, route and status",
@@ -75,6 +84,16 @@ impl Default for Metrics {
             db_errors.clone(),
         );
         registry.register(
+            "db_unreachable",
+            "Checks and connection attempts that found the database unreachable",
+            db_unreachable.clone(),
+        );
+        registry.register(
+            "db_reachable",
+            "1 while the database answers, 0 while it does not",
+            db_reachable.clone(),
+        );
+        registry.register(
             "http_requests_in_flight",
             "Requests received and not yet answered",
             in_flight.clone(),
@@ -84,6 +103,8 @@ impl Default for Metrics {
             requests,
             latency,
             db_errors,
+            db_unreachable,
+            db_reachable,
             in_flight,
         }
     }
@@ -92,6 +113,18 @@ impl Default for Metrics {
 impl Metrics {
     pub(crate) fn db_error(&self) {
         self.db_errors.inc();
+    }
+
+    /// One failed reachability check or connection attempt.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn db_unreachable(&self) {
+        self.db_unreachable.inc();
+        self.db_reachable.set(0);
+    }
+
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn db_reachable(&self) {
+        self.db_reachable.set(1);
     }
 
     /// The Prometheus text exposition.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quote_store::{Database, Options};
+use quote_store::{Database, Options, Storage, Target};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot};
 
@@ -55,7 +55,9 @@ impl RunError {
 /// probes get answers (liveness yes, readiness not yet) while the database is checked and
 /// migrated; a database that fails to open stops the service with its error.
 pub async fn run(settings: Settings) -> Result<(), RunError> {
-    if let Some(dir) = settings.db.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if let Target::Sqlite(path) = &settings.db
+        && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+    {
         std::fs::create_dir_all(dir).map_err(|source| RunError::DataDir {
             path: dir.to_owned(),
             source,
@@ -106,11 +108,22 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
 
 async fn open_database(
     state: AppState,
-    path: PathBuf,
+    target: Target,
     max_size: Option<u64>,
     connections: usize,
     failed: oneshot::Sender<RunError>,
 ) {
+    // Without the `postgres` feature the match has one arm; it stays a match so that both
+    // builds read the same.
+    #[cfg_attr(
+        not(feature = "postgres"),
+        allow(clippy::infallible_destructuring_match)
+    )]
+    let path = match target {
+        Target::Sqlite(path) => path,
+        #[cfg(feature = "postgres")]
+        Target::Postgres(pg) => return open_postgres(state, *pg, connections, failed).await,
+    };
     let options = Options {
         max_size,
         ..Options::default()
@@ -123,7 +136,7 @@ async fn open_database(
     match opened {
         Ok(Ok((database, report))) => {
             // Attach before saying so: whoever reads "ready" may send a request at once.
-            state.attach_database(database, connections);
+            state.attach_storage(Storage::sqlite(database, connections));
             tracing::info!(
                 path = %path.display(),
                 schema_version = report.schema_version,
@@ -137,6 +150,113 @@ async fn open_database(
         Err(_) => {
             let _ = failed.send(RunError::DatabaseTask);
         }
+    }
+}
+
+/// PostgreSQL: connects and migrates, retrying with backoff while the server does not answer
+/// (readiness says "database not open" meanwhile, liveness stays 200), then watches it.
+/// Any other failure (a refused password, a schema newer than this build) stops the service.
+#[cfg(feature = "postgres")]
+async fn open_postgres(
+    state: AppState,
+    target: quote_store::PgTarget,
+    connections: usize,
+    failed: oneshot::Sender<RunError>,
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        match quote_store::PgStorage::open(&target, connections).await {
+            Ok((storage, report)) => {
+                let storage = Storage::Postgres(storage);
+                state.attach_storage(storage.clone());
+                tracing::info!(
+                    db = %target,
+                    schema_version = report.schema_version,
+                    applied = ?report.applied,
+                    "database open; ready"
+                );
+                tokio::spawn(watch_database(state, storage));
+                return;
+            }
+            Err(error) if error.is_unreachable() => {
+                state.metrics().db_unreachable();
+                let wait = backoff.next_wait();
+                tracing::warn!(db = %target, %error, retry_in = ?wait, "database unreachable; readiness 503");
+                tokio::time::sleep(wait).await;
+            }
+            Err(error) => {
+                let _ = failed.send(RunError::Database(error));
+                return;
+            }
+        }
+    }
+}
+
+/// How often a reachable remote database is checked.
+#[cfg(feature = "postgres")]
+const PROBE_PERIOD: Duration = Duration::from_secs(1);
+/// How long a check may take before the database counts as unreachable.
+#[cfg(feature = "postgres")]
+const PROBE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Checks a remote database for as long as the process runs: readiness follows its answers,
+/// and while it does not answer, checks back off (each one may open a new connection).
+#[cfg(feature = "postgres")]
+async fn watch_database(state: AppState, storage: Storage) {
+    let mut backoff = Backoff::default();
+    let mut reachable = true;
+    loop {
+        let error = match tokio::time::timeout(PROBE_DEADLINE, storage.ping()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(_) => Some(format!("no answer within {PROBE_DEADLINE:?}")),
+        };
+        let wait = match error {
+            None => {
+                backoff = Backoff::default();
+                state.metrics().db_reachable();
+                state.set_reachable(true);
+                if !reachable {
+                    tracing::info!("database answers again; readiness 200");
+                }
+                reachable = true;
+                PROBE_PERIOD
+            }
+            Some(error) => {
+                state.metrics().db_unreachable();
+                state.set_reachable(false);
+                let wait = backoff.next_wait();
+                if reachable {
+                    tracing::warn!(%error, retry_in = ?wait, "database unreachable; readiness 503");
+                }
+                reachable = false;
+                wait
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Exponential backoff with jitter, from 100 ms to 5 s: replicas that lost the database
+/// together do not all reconnect in the same instant.
+#[cfg(feature = "postgres")]
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+#[cfg(feature = "postgres")]
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn next_wait(&mut self) -> Duration {
+        let base = Self::FIRST
+            .saturating_mul(1 << self.failures.min(16))
+            .min(Self::MAX);
+        self.failures = self.failures.saturating_add(1);
+        // 75 % to 100 % of the base.
+        base.mul_f64(0.75 + fastrand::f64() / 4.0)
     }
 }
 

@@ -1,11 +1,11 @@
-//! Shared state of one replica: its name, the database once open, and whether it drains.
+//! Shared state of one replica: its name, the storage once open, whether the database
+//! answers, and whether the replica drains.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
-use quote_store::{Database, Store};
+use quote_store::{Database, Storage};
 use subtle::ConstantTimeEq;
-use tokio::sync::Semaphore;
 
 use crate::error::AppError;
 use crate::metrics::Metrics;
@@ -39,7 +39,9 @@ pub struct AppState(Arc<Inner>);
 struct Inner {
     instance: String,
     admin_token: Option<AdminToken>,
-    db: OnceLock<Db>,
+    storage: OnceLock<Storage>,
+    /// False while a remote database does not answer (see `server::watch_database`).
+    reachable: AtomicBool,
     draining: AtomicBool,
     metrics: Metrics,
 }
@@ -50,21 +52,23 @@ impl AppState {
         AppState(Arc::new(Inner {
             instance: instance.into(),
             admin_token,
-            db: OnceLock::new(),
+            storage: OnceLock::new(),
+            reachable: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             metrics: Metrics::default(),
         }))
     }
 
-    /// Makes the replica ready: `connections` is how many queries may run at once.
-    /// Only the first call takes effect.
+    /// Makes the replica ready on a SQLite database: `connections` is how many queries may
+    /// run at once. Only the first attach takes effect.
     pub fn attach_database(&self, database: Database, connections: usize) {
-        let _ = self.0.db.set(Db {
-            database: Arc::new(database),
-            idle: Arc::new(Mutex::new(Vec::new())),
-            permits: Arc::new(Semaphore::new(connections.max(1))),
-            writer: Arc::new(Semaphore::new(1)),
-        });
+        self.attach_storage(Storage::sqlite(database, connections));
+    }
+
+    /// Makes the replica ready on `storage`, whichever backend. Only the first attach takes
+    /// effect.
+    pub fn attach_storage(&self, storage: Storage) {
+        let _ = self.0.storage.set(storage);
     }
 
     /// Readiness turns false from here on; requests already accepted still complete.
@@ -80,8 +84,18 @@ impl AppState {
         self.0.draining.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn db(&self) -> Option<&Db> {
-        self.0.db.get()
+    /// Whether the database answered its last check (always true for an embedded one).
+    pub(crate) fn is_reachable(&self) -> bool {
+        self.0.reachable.load(Ordering::SeqCst)
+    }
+
+    /// Records the outcome of a reachability check; returns the previous value.
+    pub(crate) fn set_reachable(&self, reachable: bool) -> bool {
+        self.0.reachable.swap(reachable, Ordering::SeqCst)
+    }
+
+    pub(crate) fn storage(&self) -> Option<&Storage> {
+        self.0.storage.get()
     }
 
     pub(crate) fn admin_token(&self) -> Option<&AdminToken> {
@@ -92,96 +106,25 @@ impl AppState {
         &self.0.metrics
     }
 
-    /// Runs the read `f` on a pooled connection on the blocking pool, or 503 if the database
-    /// is not open.
-    pub(crate) async fn with_store<T, F>(&self, f: F) -> Result<T, AppError>
+    /// Runs `f` against the storage, or answers 503 if it is not open yet. A failure is
+    /// counted; an unreachable database also turns readiness off at once (the watcher turns
+    /// it back on when the database answers again).
+    pub(crate) async fn query<T, F, Fut>(&self, f: F) -> Result<T, AppError>
     where
-        T: Send + 'static,
-        F: FnOnce(&mut Store) -> Result<T, quote_store::Error> + Send + 'static,
+        F: FnOnce(Storage) -> Fut,
+        Fut: Future<Output = Result<T, quote_store::Error>>,
     {
-        self.run(Access::Read, f).await
-    }
-
-    /// Like [`Self::with_store`] for a write: writes of this process queue here, in order,
-    /// instead of competing for SQLite's file lock, whose busy handler sleeps and retries.
-    /// Other processes' writers still wait on the busy timeout.
-    pub(crate) async fn with_writer<T, F>(&self, f: F) -> Result<T, AppError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Store) -> Result<T, quote_store::Error> + Send + 'static,
-    {
-        self.run(Access::Write, f).await
-    }
-
-    async fn run<T, F>(&self, access: Access, f: F) -> Result<T, AppError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Store) -> Result<T, quote_store::Error> + Send + 'static,
-    {
-        let db = self
-            .db()
-            .ok_or(AppError::Unavailable("the database is not open yet"))?;
-        let result = db.run(access, f).await;
-        if let Err(AppError::Store(_)) = &result {
+        let storage = self
+            .storage()
+            .ok_or(AppError::Unavailable("the database is not open yet"))?
+            .clone();
+        let result = f(storage).await;
+        if let Err(error) = &result {
             self.metrics().db_error();
+            if error.is_unreachable() {
+                self.set_reachable(false);
+            }
         }
-        result
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Access {
-    Read,
-    Write,
-}
-
-/// A small connection pool: SQLite connections are not shared between threads, so each
-/// query borrows one, and the semaphore bounds how many run at once. Writes also hold the
-/// single writer permit.
-#[derive(Debug, Clone)]
-pub(crate) struct Db {
-    database: Arc<Database>,
-    idle: Arc<Mutex<Vec<Store>>>,
-    permits: Arc<Semaphore>,
-    writer: Arc<Semaphore>,
-}
-
-impl Db {
-    async fn run<T, F>(&self, access: Access, f: F) -> Result<T, AppError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Store) -> Result<T, quote_store::Error> + Send + 'static,
-    {
-        let write_permit = match access {
-            Access::Write => Some(
-                Arc::clone(&self.writer)
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| AppError::Unavailable("the database is closing"))?,
-            ),
-            Access::Read => None,
-        };
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| AppError::Unavailable("the database is closing"))?;
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let _permits = (permit, write_permit);
-            let pooled = this.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let mut store = match pooled {
-                Some(store) => store,
-                None => this.database.connect()?,
-            };
-            let result = f(&mut store);
-            this.idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(store);
-            result
-        })
-        .await
-        .map_err(|join| AppError::Internal(format!("database task failed: {join}")))?
-        .map_err(AppError::from)
+        result.map_err(AppError::from)
     }
 }

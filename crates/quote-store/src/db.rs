@@ -234,7 +234,7 @@ impl Store {
         // One more row than asked tells whether there is a next page.
         let fetch = i64::from(limit) + 1;
         let limit = limit as usize;
-        let mut quotes = self
+        let quotes = self
             .conn
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM quotes WHERE id > ?1 ORDER BY id LIMIT ?2"
@@ -244,13 +244,7 @@ impl Store {
                     .collect::<Result<Vec<_>, _>>()
             })
             .map_err(|source| Error::query("list", source))?;
-        let next = if quotes.len() > limit {
-            quotes.truncate(limit);
-            quotes.last().map(|q| q.id)
-        } else {
-            None
-        };
-        Ok(Page { quotes, next })
+        Ok(Page::from_rows(quotes, limit))
     }
 
     /// Deletes a quote; `false` if there was none with that id.

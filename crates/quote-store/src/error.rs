@@ -67,6 +67,56 @@ pub enum Error {
         #[source]
         source: rusqlite::Error,
     },
+    /// The database server did not answer (connection refused, closed or timed out). Nothing
+    /// is known to have been written; the caller may retry once it is reachable again.
+    #[error("the database is unreachable ({op}): {reason}")]
+    Unreachable { op: &'static str, reason: String },
+    #[error("the database connections are closing ({op})")]
+    Closing { op: &'static str },
+    #[error("a database task ended abnormally ({op})")]
+    Task { op: &'static str },
+    #[cfg(feature = "postgres")]
+    #[error("database query failed ({op}): {}", pg_message(source))]
+    Postgres {
+        op: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[cfg(feature = "postgres")]
+    #[error(
+        "migration {version} ({name}) failed on {database}: {}",
+        pg_message(source)
+    )]
+    MigratePostgres {
+        database: String,
+        version: u32,
+        name: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+/// A `--db` value that names no usable database. Never repeats a password.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("the PostgreSQL URL in --db is not valid: {reason}")]
+    BadUrl { reason: String },
+    #[error("cannot read the database password file {path}: {source}")]
+    PasswordFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "--db names a PostgreSQL database, but this build has no PostgreSQL support \
+         (cargo feature `postgres` of quote-service)"
+    )]
+    PostgresUnsupported,
+    #[error(
+        "`{command}` works on a SQLite file only; for a PostgreSQL database use \
+         pg_dump and pg_restore"
+    )]
+    SqliteOnly { command: &'static str },
 }
 
 impl Error {
@@ -80,4 +130,19 @@ impl Error {
             _ => Error::Query { op, source },
         }
     }
+
+    /// Whether the database could not be reached at all (a retry may succeed), as opposed
+    /// to a database that answered with an error.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Error::Unreachable { .. })
+    }
+}
+
+/// The server's own words for an error it reported ("FATAL: password authentication failed
+/// for user ..."), which tokio-postgres's `Display` reduces to "db error".
+#[cfg(feature = "postgres")]
+fn pg_message(error: &tokio_postgres::Error) -> String {
+    error
+        .as_db_error()
+        .map_or_else(|| error.to_string(), ToString::to_string)
 }

@@ -2,7 +2,8 @@
 //!
 //! Several replicas start at once on one file, so migrating happens inside one
 //! `BEGIN IMMEDIATE` transaction: the first process migrates, the others wait on the
-//! write lock (busy timeout), then find nothing left to do.
+//! write lock (busy timeout), then find nothing left to do. PostgreSQL runs the same list
+//! (`crate::pg`), each SQL step in its own dialect, under an advisory lock.
 
 use std::path::Path;
 
@@ -15,12 +16,17 @@ use crate::{Error, quote::seed_quotes};
 pub struct Migration {
     pub version: u32,
     pub name: &'static str,
-    step: Step,
+    pub(crate) step: Step,
 }
 
 #[derive(Debug)]
-enum Step {
-    Sql(&'static str),
+pub(crate) enum Step {
+    /// The same schema change in each backend's dialect.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Sql {
+        sqlite: &'static str,
+        postgres: &'static str,
+    },
     /// Loads the seed quotes: data rather than schema, but recorded the same way so a
     /// database is seeded exactly once, on first start, and deleting seeds is final.
     Seed,
@@ -31,7 +37,10 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "quotes",
-        step: Step::Sql(include_str!("../migrations/0001_quotes.sql")),
+        step: Step::Sql {
+            sqlite: include_str!("../migrations/0001_quotes.sql"),
+            postgres: include_str!("../migrations/0001_quotes.postgres.sql"),
+        },
     },
     Migration {
         version: 2,
@@ -83,7 +92,7 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<Vec<u32>, Er
             source,
         };
         match migration.step {
-            Step::Sql(sql) => tx.execute_batch(sql).map_err(fail)?,
+            Step::Sql { sqlite, .. } => tx.execute_batch(sqlite).map_err(fail)?,
             Step::Seed => {
                 let mut insert = tx
                     .prepare("INSERT INTO quotes (text, author) VALUES (?1, ?2)")

@@ -80,6 +80,20 @@ pub struct Page {
     pub next: Option<QuoteId>,
 }
 
+impl Page {
+    /// A page from up to `limit + 1` rows in id order: the extra row only says there is a
+    /// next page, whose cursor is the last id kept.
+    pub(crate) fn from_rows(mut quotes: Vec<Quote>, limit: usize) -> Page {
+        let next = if quotes.len() > limit {
+            quotes.truncate(limit);
+            quotes.last().map(|q| q.id)
+        } else {
+            None
+        };
+        Page { quotes, next }
+    }
+}
+
 /// The seed quotes loaded into a new database, parsed from `seed/quotes.tsv`
 /// (text, author, provenance). Invalid lines are a build bug, caught by the tests.
 pub fn seed_quotes() -> impl Iterator<Item = (&'static str, &'static str)> {

@@ -1,4 +1,7 @@
 //! Handlers driven with `oneshot`: status codes, bodies, and that refused requests write nothing.
+//!
+//! One suite, two backends: every test that is about the API, not about one backend, runs
+//! against SQLite and against a real PostgreSQL (`on_both_backends!`).
 
 use axum::Router;
 use axum::body::Body;
@@ -6,42 +9,100 @@ use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use proptest::prelude::*;
 use quote_service::{AppState, app};
-use quote_store::{Database, NewQuote, Options, seed_quotes};
+use quote_store::{Database, NewQuote, Options, Storage, seed_quotes};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
 const INSTANCE: &str = "replica-test";
 
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    #[cfg(feature = "postgres")]
+    Postgres,
+}
+
+/// Generates, for each named `async fn name(backend: Backend)`, the tests `sqlite::name`
+/// and `postgres::name`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Sqlite).await } )*
+        }
+        #[cfg(feature = "postgres")]
+        mod postgres {
+            $( #[tokio::test] async fn $name() { super::$name(super::Backend::Postgres).await } )*
+        }
+    };
+}
+
+on_both_backends!(
+    every_response_names_the_replica,
+    created_quote_is_served_back_at_its_location,
+    listing_pages_through_all_quotes,
+    bad_list_parameters_are_named,
+    ids_are_checked,
+    refused_writes_say_why_and_store_nothing,
+    delete_removes_once,
+    ids_are_never_reused,
+    random_is_404_when_there_are_no_quotes,
+    admin_token_guards_writes_only,
+    metrics_count_requests_by_route_and_status,
+);
+
 struct Fixture {
-    _dir: tempfile::TempDir,
-    db: Database,
+    _dir: Option<tempfile::TempDir>,
+    storage: Storage,
     state: AppState,
 }
 
 impl Fixture {
-    fn new() -> Self {
-        Self::with(None, Options::default())
+    /// A new, migrated and seeded database on `backend`; `None` when PostgreSQL is not
+    /// installed here (the harness said so; under `CI=true` it failed instead).
+    async fn new(backend: Backend) -> Option<Self> {
+        Self::with(backend, None).await
     }
 
-    fn with(token: Option<&str>, options: Options) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (db, _) = Database::open(&dir.path().join("quotes.db"), options).unwrap();
+    async fn with(backend: Backend, token: Option<&str>) -> Option<Self> {
+        let (dir, storage) = match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let (db, _) =
+                    Database::open(&dir.path().join("quotes.db"), Options::default()).unwrap();
+                (Some(dir), Storage::sqlite(db, 2))
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres => (None, postgres_storage().await?),
+        };
         let state = AppState::new(INSTANCE, token.and_then(quote_service_token));
-        state.attach_database(db.clone(), 2);
-        Fixture {
+        state.attach_storage(storage.clone());
+        Some(Fixture {
             _dir: dir,
-            db,
+            storage,
             state,
-        }
+        })
     }
 
     fn app(&self) -> Router {
         app(self.state.clone())
     }
 
-    fn count(&self) -> i64 {
-        self.db.connect().unwrap().count().unwrap()
+    async fn count(&self) -> i64 {
+        self.storage.count().await.unwrap()
     }
+}
+
+/// A fresh database on the shared test server.
+#[cfg(feature = "postgres")]
+pub(crate) async fn postgres_storage() -> Option<Storage> {
+    let pg = tests::postgres::Postgres::shared()?;
+    let url = pg.url(&pg.create_database());
+    let quote_store::Target::Postgres(target) = quote_store::Target::parse(&url, None).unwrap()
+    else {
+        unreachable!("a postgres:// URL is a PostgreSQL target");
+    };
+    let (storage, _) = quote_store::PgStorage::open(&target, 2).await.unwrap();
+    Some(Storage::Postgres(storage))
 }
 
 fn quote_service_token(token: &str) -> Option<quote_service::AdminToken> {
@@ -84,9 +145,10 @@ fn error_text(reply: &Reply) -> &str {
         .unwrap_or_else(|| panic!("no error body: {:?}", reply.body))
 }
 
-#[tokio::test]
-async fn every_response_names_the_replica() {
-    let f = Fixture::new();
+async fn every_response_names_the_replica(backend: Backend) {
+    let Some(f) = Fixture::new(backend).await else {
+        return;
+    };
     for request in [
         get("/quotes/random"),
         get("/quotes/1"),
@@ -112,9 +174,10 @@ async fn every_response_names_the_replica() {
     assert_eq!(reply.body["served_by"], INSTANCE);
 }
 
-#[tokio::test]
-async fn created_quote_is_served_back_at_its_location() {
-    let f = Fixture::new();
+async fn created_quote_is_served_back_at_its_location(backend: Backend) {
+    let Some(f) = Fixture::new(backend).await else {
+        return;
+    };
     let body = json!({"text": "Premature optimization is the root of all evil.", "author": "Donald Knuth"});
     let reply = send(f.app(), post_json("/quotes", body.to_string())).await;
     assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
@@ -127,9 +190,10 @@ async fn created_quote_is_served_back_at_its_location() {
     }
 }
 
-#[tokio::test]
-async fn listing_pages_through_all_quotes() {
-    let f = Fixture::new();
+async fn listing_pages_through_all_quotes(backend: Backend) {
+    let Some(f) = Fixture::new(backend).await else {
+        return;
+    };
     let mut after: Option<i64> = None;
     let mut seen = 0;
     loop {
@@ -148,9 +212,10 @@ async fn listing_pages_through_all_quotes() {
     assert_eq!(seen, seed_quotes().count());
 }
 
-#[tokio::test]
-async fn bad_list_parameters_are_named() {
-    let f = Fixture::new();
+async fn bad_list_parameters_are_named(backend: Backend) {
+    let Some(f) = Fixture::new(backend).await else {
+        return;
+    };
     for (uri, needle) in [
         ("/quotes?limit=0", "limit"),
         ("/quotes?limit=101", "limit"),
@@ -168,9 +233,10 @@ async fn bad_list_parameters_are_named() {
     }
 }
 
-#[tokio::test]
-async fn ids_are_checked() {
-    let f = Fixture::new();
+async fn ids_are_checked(backend: Backend) {
+    let Some(f) = Fixture::new(backend).await else {
+        return;
+    };
     for (uri, status) in [
         ("/quotes/abc", StatusCode::BAD_REQUEST),
         ("/quotes/-3", StatusCode::BAD_REQUEST),
@@ -184,10 +250,11 @@ async fn ids_are_checked() {
     }
 }
 
-#[tokio::test]
-async fn refused_writes_say_why_and_store_nothing() {
-    let f = Fixture::new();
-    let before = f.count();
+async fn refused_writes_say_why_and_store_nothing(backend: Backend) {
+    let Some(f) = Fixture::new(backend).await else {
+        return;
+    };
+    let before = f.count().await;
     let long_text = "x".repeat(1001);
     let huge = format!(r#"{{"text":"{}","author":"a"}}"#, "y".repeat(17 * 1024));
     let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
@@ -252,12 +319,13 @@ async fn refused_writes_say_why_and_store_nothing() {
             error_text(&reply)
         );
     }
-    assert_eq!(f.count(), before, "a refused request wrote something");
+    assert_eq!(f.count().await, before, "a refused request wrote something");
 }
 
-#[tokio::test]
-async fn delete_removes_once() {
-    let f = Fixture::new();
+async fn delete_removes_once(backend: Backend) {
+    let Some(f) = Fixture::new(backend).await else {
+        return;
+    };
     let delete = || Request::delete("/quotes/3").body(Body::empty()).unwrap();
     assert_eq!(send(f.app(), delete()).await.status, StatusCode::NO_CONTENT);
     assert_eq!(send(f.app(), delete()).await.status, StatusCode::NOT_FOUND);
@@ -267,21 +335,46 @@ async fn delete_removes_once() {
     );
 }
 
-#[tokio::test]
-async fn random_is_404_when_there_are_no_quotes() {
-    let f = Fixture::new();
-    let mut store = f.db.connect().unwrap();
-    for q in store.list(None, 100).unwrap().quotes {
-        store.delete(q.id).unwrap();
+async fn ids_are_never_reused(backend: Backend) {
+    let Some(f) = Fixture::new(backend).await else {
+        return;
+    };
+    let create = |n: u32| {
+        post_json(
+            "/quotes",
+            json!({"text": format!("q{n}"), "author": "a"}).to_string(),
+        )
+    };
+    let first = send(f.app(), create(1)).await.body["id"].as_i64().unwrap();
+    let delete = Request::delete(format!("/quotes/{first}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(f.app(), delete).await.status, StatusCode::NO_CONTENT);
+    let second = send(f.app(), create(2)).await.body["id"].as_i64().unwrap();
+    assert!(
+        second > first,
+        "id {first} was deleted, then {second} handed out"
+    );
+    let gone = send(f.app(), get(&format!("/quotes/{first}"))).await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+}
+
+async fn random_is_404_when_there_are_no_quotes(backend: Backend) {
+    let Some(f) = Fixture::new(backend).await else {
+        return;
+    };
+    for q in f.storage.list(None, 100).await.unwrap().quotes {
+        f.storage.delete(q.id).await.unwrap();
     }
     let reply = send(f.app(), get("/quotes/random")).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
 }
 
-#[tokio::test]
-async fn admin_token_guards_writes_only() {
-    let f = Fixture::with(Some("s3cret-token"), Options::default());
-    let before = f.count();
+async fn admin_token_guards_writes_only(backend: Backend) {
+    let Some(f) = Fixture::with(backend, Some("s3cret-token")).await else {
+        return;
+    };
+    let before = f.count().await;
     let body = r#"{"text":"Guarded.","author":"Tester"}"#;
     let with_auth = |auth: Option<&str>| {
         let mut request = post_json("/quotes", body);
@@ -305,11 +398,11 @@ async fn admin_token_guards_writes_only() {
     }
     let delete = Request::delete("/quotes/1").body(Body::empty()).unwrap();
     assert_eq!(send(f.app(), delete).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(f.count(), before);
+    assert_eq!(f.count().await, before);
     assert_eq!(send(f.app(), get("/quotes/1")).await.status, StatusCode::OK);
     let reply = send(f.app(), with_auth(Some("Bearer s3cret-token"))).await;
     assert_eq!(reply.status, StatusCode::CREATED);
-    assert_eq!(f.count(), before + 1);
+    assert_eq!(f.count().await, before + 1);
 }
 
 #[tokio::test]
@@ -392,9 +485,10 @@ async fn full_storage_is_507_and_keeps_the_data() {
     assert_eq!(count, seed_quotes().count() as i64 + created);
 }
 
-#[tokio::test]
-async fn metrics_count_requests_by_route_and_status() {
-    let f = Fixture::new();
+async fn metrics_count_requests_by_route_and_status(backend: Backend) {
+    let Some(f) = Fixture::new(backend).await else {
+        return;
+    };
     send(f.app(), get("/quotes/1")).await;
     send(f.app(), get("/quotes/2")).await;
     send(f.app(), get("/quotes/abc")).await;
@@ -430,7 +524,9 @@ async fn metrics_count_requests_by_route_and_status() {
 
 #[tokio::test]
 async fn openapi_documents_every_route() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::new(Backend::Sqlite).await else {
+        return;
+    };
     let reply = send(f.app(), get("/openapi.json")).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(reply.body["openapi"].as_str().unwrap().starts_with("3."));
@@ -460,28 +556,58 @@ async fn openapi_documents_every_route() {
 
 #[tokio::test]
 async fn version_reports_the_build() {
-    let f = Fixture::new();
+    let Some(f) = Fixture::new(Backend::Sqlite).await else {
+        return;
+    };
     let reply = send(f.app(), get("/version")).await;
     assert_eq!(reply.body["version"], quote_service::VERSION);
     assert_eq!(reply.body["instance"], INSTANCE);
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+/// The API accepts exactly what the store's rules accept, and writes exactly then.
+fn api_accepts_exactly_valid_quotes(backend: Backend) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let Some(f) = runtime.block_on(Fixture::new(backend)) else {
+        return;
+    };
+    let config = ProptestConfig {
+        cases: 64,
+        ..ProptestConfig::default()
+    };
+    let strategy = ("\\PC{0,1010}|[ \t]{0,3}", "\\PC{0,205}");
+    proptest::test_runner::TestRunner::new(config)
+        .run(&strategy, |(text, author)| {
+            runtime.block_on(async {
+                let before = f.count().await;
+                let body = json!({"text": text, "author": author}).to_string();
+                let reply = send(f.app(), post_json("/quotes", body)).await;
+                let valid = NewQuote::new(&text, &author).is_ok();
+                prop_assert_eq!(
+                    reply.status == StatusCode::CREATED,
+                    valid,
+                    "{:?}",
+                    reply.body
+                );
+                if !valid {
+                    prop_assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+                }
+                prop_assert_eq!(f.count().await, before + i64::from(valid));
+                Ok(())
+            })
+        })
+        .unwrap();
+}
 
-    /// The API accepts exactly what the store's rules accept, and writes exactly then.
-    #[test]
-    fn api_accepts_exactly_valid_quotes(text in "\\PC{0,1010}|[ \t]{0,3}", author in "\\PC{0,205}") {
-        let f = Fixture::new();
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let before = f.count();
-        let body = json!({"text": text, "author": author}).to_string();
-        let reply = runtime.block_on(send(f.app(), post_json("/quotes", body)));
-        let valid = NewQuote::new(&text, &author).is_ok();
-        prop_assert_eq!(reply.status == StatusCode::CREATED, valid, "{:?}", reply.body);
-        if !valid {
-            prop_assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
-        }
-        prop_assert_eq!(f.count(), before + i64::from(valid));
-    }
+#[test]
+fn api_accepts_exactly_valid_quotes_on_sqlite() {
+    api_accepts_exactly_valid_quotes(Backend::Sqlite);
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn api_accepts_exactly_valid_quotes_on_postgres() {
+    api_accepts_exactly_valid_quotes(Backend::Postgres);
 }

@@ -10,16 +10,21 @@ use std::time::{Duration, Instant};
 /// Failsafe for waits on events; reaching it fails the test, it never paces it.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-struct Service {
-    child: Child,
+pub(crate) struct Service {
+    pub(crate) child: Child,
     lines: Receiver<String>,
-    log: Vec<String>,
+    pub(crate) log: Vec<String>,
 }
 
 impl Service {
-    fn start(args: &[&str]) -> Service {
+    pub(crate) fn start(args: &[&str]) -> Service {
+        Service::start_with_env(args, &[])
+    }
+
+    pub(crate) fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Service {
         let mut child = tests::command(Path::new(env!("CARGO_BIN_EXE_quote-service")))
             .args(args)
+            .envs(env.iter().copied())
             .env("QUOTE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -42,7 +47,7 @@ impl Service {
     }
 
     /// Waits for a log line containing `needle` and returns it.
-    fn wait_for_log(&mut self, needle: &str) -> String {
+    pub(crate) fn wait_for_log(&mut self, needle: &str) -> String {
         let until = Instant::now() + DEADLINE;
         loop {
             let left = until.saturating_duration_since(Instant::now());
@@ -60,16 +65,25 @@ impl Service {
 
     /// Starts on port 0 and waits until the database is open; returns the bound address.
     fn ready(db: &Path, extra: &[&str]) -> (Service, SocketAddr) {
+        Service::ready_on(db.to_str().unwrap(), extra, &[])
+    }
+
+    /// Like `ready` for any `--db` value, with extra environment variables.
+    pub(crate) fn ready_on(
+        db: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Service, SocketAddr) {
         let mut args = vec![
             "--listen",
             "127.0.0.1:0",
             "--db",
-            db.to_str().unwrap(),
+            db,
             "--instance",
             "proc-0",
         ];
         args.extend_from_slice(extra);
-        let mut service = Service::start(&args);
+        let mut service = Service::start_with_env(&args, env);
         let line = service.wait_for_log("listening");
         let addr = line
             .split_whitespace()
@@ -81,7 +95,7 @@ impl Service {
         (service, addr)
     }
 
-    fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
@@ -90,7 +104,7 @@ impl Service {
     }
 
     /// Waits for the process to exit: its stderr closing is the event, then `wait` reaps it.
-    fn wait_exit(&mut self) -> ExitStatus {
+    pub(crate) fn wait_exit(&mut self) -> ExitStatus {
         let until = Instant::now() + DEADLINE;
         loop {
             let left = until.saturating_duration_since(Instant::now());
@@ -113,7 +127,7 @@ impl Drop for Service {
 }
 
 /// A minimal HTTP/1.1 exchange on a fresh connection: (status, body).
-fn http(
+pub(crate) fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
