@@ -324,7 +324,11 @@ async fn a_signed_bundle_is_rolled_out_one_replica_at_a_time_under_load_and_comm
     let text = std::fs::read_to_string(&receipts[0]).unwrap();
     std::fs::write(&forged, text.replace("\"2.0.0\"", "\"2.0.1\"")).unwrap();
     let out = verify(&[forged]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(edge_proto::exit::REFUSED),
+        "{out:?}"
+    );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("FAILED"));
 
     // A lower security version is refused, as is another product; nothing changes.

@@ -21,16 +21,10 @@ use ota_bundle::{
 };
 use serde::Serialize;
 
-/// Exit codes of `ota`.
-pub mod exit {
-    pub const OK: i32 = 0;
-    /// The bundle was refused (bad signature, corrupt, malformed).
-    pub const REFUSED: i32 = 1;
-    /// Bad command line.
-    pub const USAGE: i32 = 2;
-    /// A file could not be read or written.
-    pub const IO: i32 = 74;
-}
+/// Exit codes of `ota`: the workspace's one set (`edge_proto::exit`), shared with
+/// `edge-supervisor`: 3 refused (a bundle, a document, the device, an update not committed),
+/// 4 no supervisor answers, 74 a file could not be read or written, 2 a bad command line.
+pub use edge_proto::exit;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -146,7 +140,7 @@ pub enum Command {
         action: ReceiptAction,
     },
     /// Install a bundle on the device through its supervisor, and follow the update to its end
-    /// (exit 0 committed, 1 refused or rolled back).
+    /// (exit 0 committed, 3 refused or rolled back).
     Apply {
         #[command(flatten)]
         device: DeviceArgs,
@@ -186,7 +180,7 @@ impl DeviceArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum ReceiptAction {
     /// Verify receipts: each must be signed by the device it names, one of the enrolled keys.
-    /// Prints one line per receipt; exits 1 if any does not verify.
+    /// Prints one line per receipt; exits 3 if any does not verify.
     Verify {
         /// Enrolled device keys: one `*.pub` per device, as `edge-supervisor device-key`
         /// printed it on that device.
@@ -235,12 +229,11 @@ impl OtaError {
             OtaError::Device(_) | OtaError::NotCommitted | OtaError::Receipts { .. } => {
                 exit::REFUSED
             }
-            // As before the client was shared: no answer is an I/O failure, a wrong answer
-            // a refusal.
+            // A wrong answer is a refusal; no answer, as for `edge-supervisor status`.
             OtaError::Control(ClientError::BadReply { .. } | ClientError::TooLong { .. }) => {
                 exit::REFUSED
             }
-            OtaError::Control(_) => exit::IO,
+            OtaError::Control(_) => exit::UNREACHABLE,
         }
     }
 }

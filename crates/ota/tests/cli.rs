@@ -5,6 +5,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Output;
 
+use ota::exit;
+
 fn ota(args: &[&str]) -> Output {
     tests::command(Path::new(env!("CARGO_BIN_EXE_ota")))
         .args(args)
@@ -114,7 +116,7 @@ fn a_tampered_bundle_is_refused_with_where_and_why() {
     bytes[last] ^= 0xff;
     std::fs::write(d("bad.bundle"), &bytes).unwrap();
     let out = ota(&["verify", "--key", &d("k.pub"), &d("bad.bundle")]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(exit::REFUSED));
     let err = text(&out.stderr);
     assert!(
         err.contains("chunk 0 of etc/supervisor.toml") && err.contains("offset"),
@@ -127,7 +129,7 @@ fn a_tampered_bundle_is_refused_with_where_and_why() {
     )
     .unwrap();
     let out = ota(&["verify", "--key", &d("k.pub"), &d("garbage.bundle")]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(exit::REFUSED));
     assert!(text(&out.stderr).contains("not a quote-edge bundle"));
 }
 
@@ -161,7 +163,7 @@ fn two_of_three_signing() {
     );
     let keys = keys.display().to_string();
     let out = ota(&["verify", "--keys", &keys, &d("r.bundle")]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(exit::REFUSED));
     assert!(
         text(&out.stderr).contains("signed by 1 of the trusted keys, 2 needed"),
         "{}",
