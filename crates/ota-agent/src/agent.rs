@@ -623,14 +623,7 @@ impl Agent {
                 if let Err(error) = self.persist(self.state.rollback(&reason)) {
                     tracing::error!(%error, "cannot record the rollback");
                 }
-                let digest = self.state.slot(target.slot).bundle_digest.clone();
-                self.write_receipt(
-                    target.bundle.as_deref(),
-                    digest,
-                    "rolled_back",
-                    Some(&target.version),
-                    &reason,
-                );
+                self.write_target_receipt(&target, "rolled_back", &reason);
             }
             Action::Resume => *step = Step::Resume,
         }
@@ -698,14 +691,7 @@ impl Agent {
         match self.persist(self.state.commit(issued_at)) {
             Ok(()) => {
                 tracing::info!(version = %target.version, "update committed");
-                let digest = self.state.slot(target.slot).bundle_digest.clone();
-                self.write_receipt(
-                    target.bundle.as_deref(),
-                    digest,
-                    "committed",
-                    Some(&target.version),
-                    "",
-                );
+                self.write_target_receipt(&target, "committed", "");
             }
             // Not committed: the next start retries the trial, as after a power cut.
             Err(error) => {
@@ -762,6 +748,18 @@ impl Agent {
     /// A scan finished.
     pub fn scanned(&mut self) {
         self.scanning = false;
+    }
+
+    /// The receipt of an update that reached its slot: the slot names the bundle's digest.
+    fn write_target_receipt(&self, target: &Target, result: &str, reason: &str) {
+        let digest = self.state.slot(target.slot).bundle_digest.clone();
+        self.write_receipt(
+            target.bundle.as_deref(),
+            digest,
+            result,
+            Some(&target.version),
+            reason,
+        );
     }
 
     /// A signed receipt in `<ota>/receipts/`, and in `receipts/` beside the bundle when that

@@ -83,25 +83,33 @@ pub(crate) fn scan_inboxes(
             if judged.get(&path) == Some(&key) {
                 continue;
             }
+            let Ok(file) = open_untrusted(&path) else {
+                continue;
+            };
+            // Ranked and filtered on what the trusted keys signed, never on unverified bytes.
+            let opened =
+                trusted.map(|trusted| ota_bundle::Bundle::open(BufReader::new(file), trusted));
             // Shorter than it says: still being copied (or truncated for good). Not offered, and
             // not judged, so it is looked at again once it has grown; `apply` refuses it at once.
-            let declared = open_untrusted(&path)
-                .map(|f| ota_bundle::declared_len_unverified(BufReader::new(f)));
+            // The verified head gives the length; only when there is none (no keys, a stranger's
+            // signature) is the head read again, unverified, for the length alone.
+            let declared = match &opened {
+                Some(Ok(bundle)) => Some(Ok(bundle.file_len())),
+                _ => open_untrusted(&path)
+                    .ok()
+                    .map(|f| ota_bundle::declared_len_unverified(BufReader::new(f))),
+            };
             let incomplete = match declared {
-                Ok(Ok(declared)) => meta.len() < declared,
+                Some(Ok(declared)) => meta.len() < declared,
                 // It ends inside its own header, manifest or signatures.
-                Ok(Err(ota_bundle::BundleError::Truncated { .. })) => true,
+                Some(Err(ota_bundle::BundleError::Truncated { .. })) => true,
                 _ => false,
             };
             if incomplete {
                 tracing::debug!(bundle = %path.display(), "inbox: incomplete, not offered yet");
                 continue;
             }
-            let Ok(file) = open_untrusted(&path) else {
-                continue;
-            };
-            // Ranked and filtered on what the trusted keys signed, never on unverified bytes.
-            match trusted.map(|trusted| ota_bundle::Bundle::open(BufReader::new(file), trusted)) {
+            match opened {
                 Some(Ok(bundle)) => {
                     let digest = ota_bundle::manifest_digest(&bundle.manifest_bytes);
                     let manifest = &bundle.manifest;

@@ -1,11 +1,11 @@
 //! Exit codes and the control subcommands, as a script would see them.
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use edge_proto::exit;
 
-use crate::{fake_replicas, supervisor};
+use crate::{fake_replicas, ready, supervisor};
 
 #[test]
 fn a_configuration_error_exits_with_the_code_systemd_will_not_restart_on() {
@@ -90,19 +90,7 @@ fn status_scale_and_refusals_from_the_command_line() {
         all.extend(["--data-dir", data]);
         supervisor().args(&all).output().unwrap()
     };
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = run(&["status"]);
-        if String::from_utf8_lossy(&out.stdout).contains("1/1 ready") {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "never ready: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    ready(data, 1);
     let table = String::from_utf8_lossy(&run(&["status"]).stdout).into_owned();
     assert!(
         table.contains("REPLICA") && table.contains("replica-0") && table.contains("running"),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{fake_replicas, supervisor};
+use crate::{fake_replicas, ready, supervisor};
 
 /// A supervisor process, killed when the test ends however it ends.
 struct Running(Child);
@@ -16,27 +16,6 @@ impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// `status --json` of the supervisor with data directory `data`, when it answers.
-fn status(data: &str) -> Option<serde_json::Value> {
-    let out = supervisor()
-        .args(["status", "--json", "--data-dir", data])
-        .output()
-        .ok()?;
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-/// Waits (up to 60 s) until `n` replicas are ready; the status then.
-fn ready(data: &str, n: u64) -> serde_json::Value {
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = status(data).filter(|s| s["ready"] == n) {
-            return status;
-        }
-        assert!(Instant::now() < until, "{n} replicas never ready");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

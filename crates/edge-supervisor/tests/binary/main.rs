@@ -41,3 +41,27 @@ tcp = true
     std::fs::write(&path, config).unwrap();
     path
 }
+
+/// `status --json` of the supervisor with data directory `data`, when it answers.
+pub fn status(data: &str) -> Option<serde_json::Value> {
+    let out = supervisor()
+        .args(["status", "--json", "--data-dir", data])
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Waits (up to 60 s) until `n` replicas are ready; the status then.
+pub fn ready(data: &str, n: u64) -> serde_json::Value {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(status) = status(data).filter(|s| s["ready"] == n) {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{n} replicas never ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
