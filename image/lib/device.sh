@@ -66,8 +66,12 @@ update_field() { status_json | json "d['update'].get('$1')"; }
 update_ended() {
     [ "$(status_json | json "d['update']['state'] == 'idle' and (d['update'].get('last_result') or {}).get('result') == '$2' and (d['update'].get('last_result') or {}).get('version') == '$1'")" = True ]
 }
+# The admin token the first boot made (root only on the device); writes need it.
+admin_token() { guest 'cat /var/lib/quote-edge/admin-token' | tr -d '\r\n'; }
 post_quote() {
-    curl -s -m 10 -X POST "$base/quotes" -H 'content-type: application/json' \
+    local token
+    token=$(admin_token) && [ -n "$token" ] || return 1
+    curl -s -m 10 -X POST "$base/quotes" -H 'content-type: application/json' -H "authorization: Bearer $token" \
         -d "{\"text\":\"$1\",\"author\":\"${2:-quote-edge device}\"}" | json 'd["id"]'
 }
 quote_is() { [ "$(curl -s -m 5 "$base/quotes/$1" | json 'd["text"]' 2>/dev/null)" = "$2" ]; }

@@ -106,3 +106,43 @@ fn only_fat_and_exfat_sticks_are_mounted_and_never_probed() {
     assert!(rule.contains("--type=$env{ID_FS_TYPE}"), "{rule}");
     assert!(rule.contains("--options=ro,nodev,nosuid,noexec"), "{rule}");
 }
+
+/// The first boot's admin token (image/overlay/usr/lib/quote-edge/admin-token): 64 hex digits
+/// from the random pool, readable by its owner only, shown on the console once, and kept
+/// (never replaced) on later boots.
+#[test]
+fn the_admin_token_is_made_once_private_and_shown_only_at_first_boot() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("quote-edge");
+    let run = || {
+        let out = std::process::Command::new("sh")
+            .arg(repo().join("image/overlay/usr/lib/quote-edge/admin-token"))
+            .env("QUOTE_EDGE_DATA", &dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = run();
+    let token = std::fs::read_to_string(dir.join("admin-token")).unwrap();
+    assert_eq!(token.len(), 64, "{token:?}");
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{token:?}");
+    assert!(first.contains(&token), "the first boot shows it: {first}");
+    let mode = std::fs::metadata(dir.join("admin-token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    assert!(!dir.join("admin-token.new").exists());
+
+    let second = run();
+    assert!(
+        !second.contains(&token),
+        "a later boot does not show it: {second}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("admin-token")).unwrap(),
+        token
+    );
+}

@@ -177,9 +177,20 @@ pub(crate) async fn request(
     path: &str,
     body: &str,
 ) -> std::io::Result<(u16, String, String)> {
+    request_with(addr, method, path, body, "").await
+}
+
+/// As [`request`], with `headers` (each line ending in `\r\n`) added to the head.
+pub(crate) async fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &str,
+) -> std::io::Result<(u16, String, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
@@ -517,4 +528,69 @@ async fn stopping_leaves_nothing_running() {
     for pid in pids {
         assert!(!alive(pid), "replica {pid} outlived the supervisor");
     }
+}
+
+/// The device image's replica environment (`[service.env]` of image/recipe/supervisor.toml),
+/// run as the image runs it: writes need the admin token that the first boot leaves in the
+/// data directory, reads stay open, and the database has a size cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_replicas_need_the_admin_token_for_writes_and_cap_the_database() {
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/recipe/supervisor.toml");
+    let data = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let image = config::load(
+        Some(&recipe),
+        &Overrides {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            replicas: None,
+            data_dir: Some(data.path().to_owned()),
+            trusted_keys: Some(keys.path().to_owned()),
+        },
+    )
+    .expect("the image's supervisor.toml loads");
+    let env = &image.service.env;
+    assert_eq!(
+        env.get("QUOTE_ADMIN_TOKEN_FILE").map(String::as_str),
+        Some("{data_dir}/admin-token"),
+        "{env:?}"
+    );
+    let cap: u64 = env["QUOTE_DB_MAX_SIZE"].parse().expect("a size in bytes");
+    assert!(
+        (1 << 20..=256 << 20).contains(&cap),
+        "a cap of {cap} bytes: between 1 MiB and 256 MiB"
+    );
+
+    // What quote-edge-admin-token.service leaves at first boot.
+    let token = "5e1f0c2d9a7b48e6b3c1d0f9e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9";
+    std::fs::write(data.path().join("admin-token"), token).unwrap();
+    let (command, args) = tests::service_command(&tests::workspace_binary("quote-service"));
+    let env_table = env
+        .iter()
+        .map(|(k, v)| format!("{k} = {v:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let config =
+        format!("[service]\ncommand = {command:?}\nargs = {args:?}\nenv = {{ {env_table} }}\n");
+    let sup = Supervisor::start_in(2, &config, data.path()).await;
+    sup.all_ready(2).await;
+
+    let quote = r#"{"text":"Only the holder of the device writes.","author":"image"}"#;
+    let (status, _, body) = request(sup.addr, "POST", "/quotes", quote).await.unwrap();
+    assert_eq!(status, 401, "a write without the token: {body}");
+    let wrong = "Authorization: Bearer 0000\r\n";
+    let (status, _, body) = request_with(sup.addr, "POST", "/quotes", quote, wrong)
+        .await
+        .unwrap();
+    assert_eq!(status, 401, "a write with a wrong token: {body}");
+    let (status, _, body) = request_with(sup.addr, "DELETE", "/quotes/1", "", wrong)
+        .await
+        .unwrap();
+    assert_eq!(status, 401, "a delete with a wrong token: {body}");
+    let bearer = format!("Authorization: Bearer {token}\r\n");
+    let (status, _, body) = request_with(sup.addr, "POST", "/quotes", quote, &bearer)
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "a write with the token: {body}");
+    let (status, _, _) = get(sup.addr, "/quotes/1").await.unwrap();
+    assert_eq!(status, 200, "reads stay open");
 }

@@ -110,9 +110,17 @@ check_welcome() {
     local missing=() line
     wait_for 120 guest 'systemctl is-active quote-edge-welcome' || true
     for line in "${want[@]}"; do grep -qF "$line" "$console" || missing+=("$line"); done
+    # The admin token: shown at the disk's first boot, pointed at on later ones; root's alone.
+    local token mode
+    token=$(admin_token)
+    mode=$(guest 'stat -c %a:%U /var/lib/quote-edge/admin-token' | tr -d '\r\n')
+    [ ${#token} = 64 ] || missing+=("a 64-digit admin token (got ${#token} characters)")
+    [ "$mode" = 600:root ] || missing+=("admin token mode 600:root (got $mode)")
+    grep -qF "  $token" "$console" || grep -qF 'the admin token is in /var/lib/quote-edge/admin-token (root only)' "$console" ||
+        missing+=("the admin token or where it is")
     if [ ${#missing[@]} -eq 0 ]; then
         pass welcome "console: $(grep -F -m1 'under QEMU' "$console" | tr -d '
-'); $(grep -cF 'trusted update keys' "$console") key listing(s), test key flagged"
+'); $(grep -cF 'trusted update keys' "$console") key listing(s), test key flagged; admin token 600:root, $(grep -qF "  $token" "$console" && echo shown || echo pointed at) on the console"
     else
         fail welcome "console lacks: ${missing[*]}"
     fi
@@ -197,10 +205,13 @@ check_sigstop() {
 
 # --- persistence: a quote survives a reboot ---------------------------------------------------
 check_persistence() {
-    local text id b0 b1 got t0
+    local text id b0 b1 got t0 unauth
     text="written before reboot $(date +%s%N)"
-    id=$(curl -s -m 5 -X POST "$base/quotes" -H 'content-type: application/json' \
-        -d "{\"text\":\"$text\",\"author\":\"tests/qemu\"}" | json 'd["id"]') || { fail persistence "POST /quotes failed"; return; }
+    # The network alone cannot write: the token made at first boot is needed (401 without).
+    unauth=$(curl -s -m 5 -o /dev/null -w '%{http_code}' -X POST "$base/quotes" -H 'content-type: application/json' \
+        -d "{\"text\":\"$text\",\"author\":\"tests/qemu\"}" || true)
+    [ "$unauth" = 401 ] || { fail persistence "POST /quotes without the admin token answered $unauth, not 401"; return; }
+    id=$(post_quote "$text" tests/qemu) || { fail persistence "POST /quotes with the admin token failed"; return; }
     b0=$(boot_id)
     t0=$(now)
     # --no-block: the shell's answer must come back before systemd takes the machine down.
