@@ -535,11 +535,22 @@ async fn stopping_leaves_nothing_running() {
 /// data directory, reads stay open, and the database has a size cap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_replicas_need_the_admin_token_for_writes_and_cap_the_database() {
-    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/recipe/supervisor.toml");
+    // Both images: the Pi's configuration and the QEMU variant's own.
+    for recipe in ["supervisor.toml", "qemu/supervisor.toml"] {
+        image_replicas_need_the_token(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../image/recipe")
+                .join(recipe),
+        )
+        .await;
+    }
+}
+
+async fn image_replicas_need_the_token(recipe: &Path) {
     let data = tempfile::tempdir().unwrap();
     let keys = tempfile::tempdir().unwrap();
     let image = config::load(
-        Some(&recipe),
+        Some(recipe),
         &Overrides {
             listen: Some("127.0.0.1:0".parse().unwrap()),
             replicas: None,
@@ -547,12 +558,13 @@ async fn the_image_replicas_need_the_admin_token_for_writes_and_cap_the_database
             trusted_keys: Some(keys.path().to_owned()),
         },
     )
-    .expect("the image's supervisor.toml loads");
+    .unwrap_or_else(|e| panic!("{} does not load: {e}", recipe.display()));
     let env = &image.service.env;
     assert_eq!(
         env.get("QUOTE_ADMIN_TOKEN_FILE").map(String::as_str),
         Some("{data_dir}/admin-token"),
-        "{env:?}"
+        "{}: {env:?}",
+        recipe.display()
     );
     let cap: u64 = env["QUOTE_DB_MAX_SIZE"].parse().expect("a size in bytes");
     assert!(
