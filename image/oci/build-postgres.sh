@@ -89,6 +89,7 @@ LABEL quote-edge.stamp=$stamp
 LABEL org.opencontainers.image.description="PostgreSQL 15 from Debian bookworm packages, for quote-edge"
 DOCKERFILE
     docker rmi "$image-root" >/dev/null
+    rm -f "$tar.stamp"
 fi
 if [ ! -s "$tar" ] || [ "$(cat "$tar.stamp" 2>/dev/null)" != "$stamp" ]; then
     mkdir -p "$(dirname "$tar")"

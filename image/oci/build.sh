@@ -33,11 +33,11 @@ case "$arch" in
 esac
 command -v docker >/dev/null || die "docker is missing"
 docker info >/dev/null 2>&1 || die "the docker daemon does not answer (docker info failed)"
+cd "$repo"
+# Asked here, in the checkout: rustup answers for the toolchain rust-toolchain.toml pins.
 if command -v rustup >/dev/null && ! grep -qxF "$target" <<<"$(rustup target list --installed)"; then
     die "the Rust target $target is not installed; install it with: rustup target add $target"
 fi
-
-cd "$repo"
 version=${QUOTE_EDGE_VERSION:-$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)}
 [ -n "$version" ] || die "no version in Cargo.toml"
 image=quote-edge/quote-service
