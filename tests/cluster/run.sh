@@ -181,8 +181,12 @@ if until_true 60 all_status /readyz 200; then
 else
     fail "PostgreSQL back: /readyz is $(for r in "${replicas[@]}"; do status "$r" /readyz; done) after 60 s"
 fi
-metric=$(curl -s -m 5 "http://$(ip_of "$run-q1"):8080/metrics" | grep -E '^quote_db_unreachable_total' || true)
-info "replica 1 counted the outage: ${metric:-no quote_db_unreachable_total line}"
+metric=$(curl -s -m 5 "http://$(ip_of "$run-q1"):8080/metrics" | awk '$1 == "quote_db_unreachable_total" {print $2}' || true)
+if [ -n "$metric" ] && [ "${metric%.*}" -gt 0 ]; then
+    pass "replica 1 counted the outage in /metrics: quote_db_unreachable_total $metric"
+else
+    fail "replica 1's /metrics has no outage counted: quote_db_unreachable_total '${metric}'"
+fi
 
 # Self-healing: a replica whose process dies is restarted by the engine and is ready again.
 victim=$run-q2
