@@ -786,6 +786,11 @@ async fn a_bundle_signed_by_a_stranger_neither_outranks_nor_hides_a_trusted_one(
     sup.all_ready(1).await;
     let inbox = sup.data_dir().join("ota/inbox");
     std::fs::create_dir_all(&inbox).unwrap();
+    // Both bundles are made beside the inbox and renamed into it, the trusted one first: a
+    // scan may run between the two renames (packing under an emulator takes seconds), and the
+    // order must not depend on how fast the bundles were made.
+    let staging = sup.data_dir().join("ota/staging-for-test");
+    std::fs::create_dir_all(&staging).unwrap();
     // The better candidate on paper (security version 3) is signed by a key the device does
     // not trust: its claims rank nothing.
     let stranger = SecretKey::from_seed([99; 32]);
@@ -799,7 +804,7 @@ async fn a_bundle_signed_by_a_stranger_neither_outranks_nor_hides_a_trusted_one(
     };
     pack(
         &release,
-        &inbox.join("a.bundle"),
+        &staging.join("a.bundle"),
         &options,
         &stranger,
         |_, _| {},
@@ -807,9 +812,11 @@ async fn a_bundle_signed_by_a_stranger_neither_outranks_nor_hides_a_trusted_one(
     .unwrap();
     std::fs::copy(
         fx.bundle(GOOD, "2.0.0", 2, "quote-edge"),
-        inbox.join("b.bundle"),
+        staging.join("b.bundle"),
     )
     .unwrap();
+    std::fs::rename(staging.join("b.bundle"), inbox.join("b.bundle")).unwrap();
+    std::fs::rename(staging.join("a.bundle"), inbox.join("a.bundle")).unwrap();
     // The trusted bundle goes first and is committed; the stranger's is offered after it,
     // once, and refused, saying why.
     let after = sup
