@@ -4,13 +4,26 @@
 //! consistent slot with every acknowledged quote, and finish the update: committed (a good
 //! bundle) or rolled back (one whose release crashes).
 //!
+//! The fail points are not listed here: a first update of each bundle runs in counting mode
+//! (`QUOTE_EDGE_FAILPOINT_RECORD`), which records every point reached, how often, and how many
+//! release bytes the slot had received by then. The harness then cuts at each point, once
+//! per time it is reached, and fails if a point in the code (a `failpoint::hit("…")` in
+//! `crates/`) is reached by no update: a new point is cut without editing this file.
+//!
+//! Every cut inside the payload (at a random byte, or right after a journal mark) must resume
+//! from the last journal mark before the cut, exactly: the receipt's `resumed_bytes` is that
+//! mark's offset as the counting run recorded it, so a resume that starts over, or keeps less
+//! than it could, fails.
+//!
 //! The supervisor runs as PID 1 of its own PID namespace (`unshare --pid --fork`), so when it
 //! aborts the kernel kills its replicas with it, as a power cut would. What a process abort
 //! cannot show is the loss of the page cache; the fsync order is covered by `ota-slots`' cut
 //! tests and, on the device image, by cutting QEMU's power.
 //!
 //! `QUOTE_EDGE_POWERCUT_RANDOM` sets how many random payload offsets are tried (default 8; CI's
-//! power-cut pass runs 200). Under an emulator only a few of the points run.
+//! power-cut pass runs 200), from a seed printed at the start; `QUOTE_EDGE_POWERCUT_SEED`
+//! replays one. The harness runs natively only: under an emulator it skips, loudly, and CI's
+//! emulated pass skips it by name.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -51,8 +64,8 @@ impl Device {
         Device { data, config, addr }
     }
 
-    /// Starts the supervisor in its own PID namespace, with a fail point if given.
-    fn power_on(&self, failpoint: Option<&str>) -> Power {
+    /// Starts the supervisor in its own PID namespace, with a fail point or in counting mode.
+    fn power_on(&self, fault: Fault<'_>) -> Power {
         let (program, args) = tests::service_command(&tests::workspace_binary("edge-supervisor"));
         let mut command = Command::new("unshare");
         command
@@ -72,8 +85,14 @@ impl Device {
             } else {
                 Stdio::null()
             });
-        if let Some(point) = failpoint {
-            command.env("QUOTE_EDGE_FAILPOINT", point);
+        match fault {
+            Fault::None => {}
+            Fault::Cut(point) => {
+                command.env("QUOTE_EDGE_FAILPOINT", point);
+            }
+            Fault::Record(file) => {
+                command.env("QUOTE_EDGE_FAILPOINT_RECORD", file);
+            }
         }
         let _ = std::fs::remove_file(self.data.path().join("supervisor.sock"));
         Power(
@@ -131,6 +150,16 @@ impl Device {
     }
 }
 
+/// What the supervisor is started with.
+#[derive(Clone, Copy)]
+enum Fault<'a> {
+    None,
+    /// `NAME:N` or `slot.bytes:K`: killed there.
+    Cut(&'a str),
+    /// Counting mode: every fail point reached is appended to this file.
+    Record(&'a Path),
+}
+
 /// A powered device: killed (with everything in its PID namespace) when dropped, so that a
 /// failing test leaves nothing running.
 struct Power(Child);
@@ -159,17 +188,134 @@ fn files_of(dir: &Path) -> Vec<(PathBuf, Vec<u8>, u32)> {
         .collect()
 }
 
+/// Delivers `bundle` to a powered device through its inbox.
+fn deliver(device: &Device, bundle: &Path) {
+    let inbox = device.data.path().join("ota/inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    std::fs::copy(bundle, inbox.join("update.bundle")).unwrap();
+}
+
+/// One fail point reached in counting mode: its name and the release bytes the slot writer had
+/// been given by then.
+struct Hit {
+    name: String,
+    bytes: u64,
+}
+
+/// What one whole update of `bundle` reaches, in order, recorded in counting mode.
+fn discover(fx: &Fixture, bundle: &Path, expect: &str) -> Vec<Hit> {
+    let device = Device::new(fx);
+    let record = device.data.path().join("failpoints.log");
+    let mut child = device.power_on(Fault::Record(&record));
+    device
+        .wait(&mut child, "the first replica", |s| s.ready == 1)
+        .expect("started in counting mode");
+    deliver(&device, bundle);
+    device
+        .wait(&mut child, "the counted update to end", |s| {
+            s.update.state == UpdateState::Idle
+                && s.update
+                    .last_result
+                    .as_ref()
+                    .is_some_and(|r| r.result.as_str() == expect)
+        })
+        .expect("the supervisor died in counting mode");
+    off(child);
+    std::fs::read_to_string(&record)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| {
+            let (name, bytes) = line.rsplit_once(' ').expect("NAME BYTES");
+            Hit {
+                name: name.to_owned(),
+                bytes: bytes.parse().expect("a byte count"),
+            }
+        })
+        .collect()
+}
+
+/// One cut to make: where, in the update of which bundle (and its release), how that update
+/// must end, and where its journal marks fell.
+struct Planned<'a> {
+    point: String,
+    bundle: (&'a Path, &'a Path),
+    expect: &'a str,
+    marks: Vec<u64>,
+}
+
+/// Every `NAME:N` a cut can be aimed at: each point, once per time the update reached it.
+fn points_of(hits: &[Hit]) -> Vec<String> {
+    let mut seen: Vec<(&str, u64)> = Vec::new();
+    hits.iter()
+        .map(|hit| {
+            let n = match seen.iter_mut().find(|(name, _)| *name == hit.name) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    seen.push((&hit.name, 1));
+                    1
+                }
+            };
+            format!("{}:{n}", hit.name)
+        })
+        .collect()
+}
+
+/// The release bytes each journal mark kept, in order.
+fn marks_of(hits: &[Hit]) -> Vec<u64> {
+    hits.iter()
+        .filter(|h| h.name == "journal.recorded")
+        .map(|h| h.bytes)
+        .collect()
+}
+
+/// Every fail point named in the code: each `hit("NAME")` under `crates/`.
+fn points_in_code() -> Vec<String> {
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates");
+    let mut names: Vec<String> = crate::update::walk(&crates)
+        .into_iter()
+        .filter(|(path, _)| path.extension().is_some_and(|e| e == "rs"))
+        .flat_map(|(path, _)| {
+            let text = std::fs::read_to_string(&path).unwrap();
+            text.split("hit(\"")
+                .skip(1)
+                .filter_map(|rest| rest.split_once('"').map(|(name, _)| name.to_owned()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The release bytes a resumed install must have kept after a cut at `point`: the last journal
+/// mark at or before it (0: nothing to resume, the install starts over). `None` for a point
+/// this check does not cover (a cut before or after the payload's writes).
+fn must_keep(point: &str, marks: &[u64]) -> Option<u64> {
+    let (name, n) = point.rsplit_once(':')?;
+    let n: u64 = n.parse().ok()?;
+    match name {
+        "slot.bytes" => Some(marks.iter().copied().filter(|m| *m <= n).max().unwrap_or(0)),
+        "journal.recorded" => marks.get(usize::try_from(n).ok()? - 1).copied(),
+        _ => None,
+    }
+}
+
 /// One power cut: write quotes, deliver the bundle, cut at `point`, power on again, and check;
-/// for a committed update, that the slot holds exactly the release (`release`), bytes and modes.
+/// for a committed update, that the slot holds exactly the release (`release`), bytes and modes;
+/// for a cut inside the payload, that the install resumed from the last mark (`marks`).
+/// Returns a line for the log and the bytes the install resumed with, if it was checked.
 fn cut(
     fx: &Fixture,
     (bundle, release): (&Path, &Path),
     point: &str,
     expect: &str,
-    resumes: &mut Vec<u64>,
-) -> String {
+    marks: &[u64],
+) -> (String, Option<u64>) {
     let device = Device::new(fx);
-    let mut child = device.power_on(Some(point));
+    let mut child = device.power_on(Fault::Cut(point));
     device
         .wait(&mut child, "the first replica", |s| s.ready == 1)
         .expect("started");
@@ -190,16 +336,14 @@ fn cut(
                 .to_owned()
         })
         .collect();
-    let inbox = device.data.path().join("ota/inbox");
-    std::fs::create_dir_all(&inbox).unwrap();
-    std::fs::copy(bundle, inbox.join("update.bundle")).unwrap();
+    deliver(&device, bundle);
     let ended = device.wait(&mut child, "the cut", |s| {
         s.update.state == UpdateState::Idle && s.update.last_result.is_some()
     });
     let reached = ended.is_none();
     off(child);
 
-    let mut child = device.power_on(None);
+    let mut child = device.power_on(Fault::None);
     let status = device
         .wait(&mut child, "the update to end after the cut", |s| {
             s.ready == 1
@@ -239,9 +383,7 @@ fn cut(
             );
         }
     }
-    // A cut past the first journal mark (4 MiB) resumes: the receipt counts the kept bytes.
-    if let Some(at) = point.strip_prefix("slot.bytes:").filter(|_| reached) {
-        let at: u64 = at.parse().unwrap();
+    let resumed = must_keep(point, marks).filter(|_| reached).map(|kept| {
         let receipts: String = std::fs::read_dir(device.data.path().join("ota/receipts"))
             .unwrap()
             .flatten()
@@ -252,15 +394,14 @@ fn cut(
             .nth(1)
             .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        if at > (4 << 20) + 4096 {
-            assert!(
-                resumed >= 4 << 20,
-                "cut at {at}: restarted instead of resumed ({resumed})"
-            );
-        }
-        resumes.push(resumed);
-    }
+            .expect("the receipt counts the resumed bytes");
+        assert_eq!(
+            resumed, kept,
+            "cut at {point}: the install resumed with {resumed} bytes kept, but the last journal \
+             mark before the cut kept {kept} (marks: {marks:?})"
+        );
+        resumed
+    });
     let version = &status.update.version;
     assert!(
         status
@@ -270,11 +411,13 @@ fn cut(
         "{status:?}"
     );
     off(child);
-    format!(
-        "{point}: {}{}",
+    let line = format!(
+        "{point}: {}{}{}",
         if reached { "" } else { "not reached, " },
-        version
-    )
+        version,
+        resumed.map_or(String::new(), |r| format!(", resumed with {r} bytes kept"))
+    );
+    (line, resumed)
 }
 
 #[test]
@@ -284,13 +427,29 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
         .status()
         .is_ok_and(|s| s.success());
     if !isolated {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: `unshare --pid` needs root (CAP_SYS_ADMIN); CI runs this as root"
-        );
+        tests::skip("`unshare --pid` needs root (CAP_SYS_ADMIN); CI runs this as root");
         return;
     }
-    let emulated = std::env::var("QUOTE_EDGE_TEST_RUNNER").is_ok_and(|r| !r.is_empty());
+    if tests::emulated() {
+        // Under qemu-user a whole device (supervisor, replicas, probes) runs 10-20 times slower
+        // and its timing is not the device's; the harness checks logic that is the same on
+        // every architecture, and runs natively (README's command, and CI's 200-point pass).
+        tests::skip("under an emulator: the power-cut harness runs natively");
+        return;
+    }
+    let seed: u64 = std::env::var("QUOTE_EDGE_POWERCUT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    let _ = writeln!(
+        std::io::stderr(),
+        "power cuts: seed {seed} (QUOTE_EDGE_POWERCUT_SEED={seed} replays the random offsets)"
+    );
     let fx = Fixture::new();
     let good = (
         fx.bundle_with_data(GOOD, "2.0.0", 2, "quote-edge", PAYLOAD),
@@ -324,66 +483,77 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
         ota_bundle::pack(&rel, &out, &options, &fx.key, |_, _| {}).unwrap();
         (out, rel)
     };
-    let good = (good.0.as_path(), good.1.as_path());
-    let bad = (bad.0.as_path(), bad.1.as_path());
-    let boundary = (boundary.0.as_path(), boundary.1.as_path());
-    // Saves: 1 begin_install, 2 finish_install, 3 switch, 4 commit (or rollback).
-    let mut points: Vec<(String, (&Path, &Path), &str)> =
-        vec![("journal.recorded:1".to_owned(), boundary, "committed")];
-    for step in ["written", "synced", "renamed", "dir_synced"] {
-        for n in 1..=4 {
-            points.push((format!("state.{step}:{n}"), good, "committed"));
+    let bundles = [
+        ("good", (good.0.as_path(), good.1.as_path()), "committed"),
+        (
+            "crashing",
+            (bad.0.as_path(), bad.1.as_path()),
+            "rolled_back",
+        ),
+        (
+            "boundary",
+            (boundary.0.as_path(), boundary.1.as_path()),
+            "committed",
+        ),
+    ];
+
+    // Counting mode first: what each update reaches, and where its journal marks fall.
+    let mut reached_anywhere: Vec<String> = Vec::new();
+    let mut plan: Vec<Planned> = Vec::new();
+    let mut found = Vec::new();
+    for (what, bundle, expect) in bundles {
+        let hits = discover(&fx, bundle.0, expect);
+        let marks = marks_of(&hits);
+        let points = points_of(&hits);
+        found.push(format!(
+            "{what}: {} points reached, journal marks at {marks:?}",
+            points.len()
+        ));
+        reached_anywhere.extend(hits.iter().map(|h| h.name.clone()));
+        plan.extend(points.into_iter().map(|point| Planned {
+            point,
+            bundle,
+            expect,
+            marks: marks.clone(),
+        }));
+        if what == "good" {
+            let random: usize = std::env::var("QUOTE_EDGE_POWERCUT_RANDOM")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(8);
+            // xorshift64: never 0 from a nonzero state.
+            let mut rng = seed | 1;
+            for _ in 0..random {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let at = rng % PAYLOAD as u64;
+                plan.push(Planned {
+                    point: format!("slot.bytes:{at}"),
+                    bundle,
+                    expect,
+                    marks: marks.clone(),
+                });
+            }
         }
     }
-    for point in [
-        "slot.emptied:1",
-        "slot.file_synced:1",
-        "slot.file_synced:2",
-        "slot.dirs_synced:1",
-        "agent.snapshotted:1",
-        "agent.rolled_out:1",
-        "agent.checked:1",
-        "journal.recorded:1",
-    ] {
-        points.push((point.to_owned(), good, "committed"));
-    }
-    for point in [
-        "agent.drained:1",
-        "agent.restored:1",
-        "state.renamed:4",
-        "state.written:4",
-    ] {
-        points.push((point.to_owned(), bad, "rolled_back"));
-    }
-    let random: usize = std::env::var("QUOTE_EDGE_POWERCUT_RANDOM")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(8);
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    for _ in 0..random {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        points.push((
-            format!("slot.bytes:{}", rng % PAYLOAD as u64),
-            good,
-            "committed",
-        ));
-    }
-    if emulated {
-        // Under qemu-user a whole device (supervisor, replicas, probes) runs 10-20 times slower
-        // and its timing is not the device's; the harness checks logic that is the same on
-        // every architecture, and runs natively (README's command, and CI's 200-point pass).
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED under an emulator: the power-cut harness runs natively"
-        );
-        return;
-    }
+    let in_code = points_in_code();
+    let never: Vec<&String> = in_code
+        .iter()
+        .filter(|p| !reached_anywhere.contains(p))
+        .collect();
+    assert!(
+        never.is_empty(),
+        "fail points in the code that no update reaches, so no cut tests them: {never:?} \
+         (found: {found:?})"
+    );
+
     let mut log = Vec::new();
     let mut resumes = Vec::new();
-    for (point, bundle, expect) in &points {
-        log.push(cut(&fx, *bundle, point, expect, &mut resumes));
+    for p in &plan {
+        let (line, resumed) = cut(&fx, p.bundle, &p.point, p.expect, &p.marks);
+        log.push(line);
+        resumes.extend(resumed);
     }
     let unreached: Vec<&String> = log.iter().filter(|l| l.contains("not reached")).collect();
     assert!(
@@ -393,7 +563,11 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
     );
     let _ = writeln!(
         std::io::stderr(),
-        "{} power cuts, all consistent; payload cuts that resumed: {} of {}\n{}",
+        "{} fail points in the code, all reached; {}\n{} power cuts (seed {seed}), all \
+         consistent; payload cuts that resumed from a journal mark: {} of {}, each from the \
+         last mark before the cut\n{}",
+        in_code.len(),
+        found.join("; "),
         log.len(),
         resumes.iter().filter(|r| **r > 0).count(),
         resumes.len(),

@@ -379,12 +379,11 @@ async fn a_replica_that_never_becomes_ready_gets_no_traffic() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::print_stderr)]
 async fn a_memory_hog_is_stopped_by_its_limit_and_replaced() {
-    if std::env::var_os("QUOTE_EDGE_TEST_RUNNER").is_some() {
+    if tests::emulated() {
         // Under qemu-user the limit lands on the emulator, whose memory is not the program's;
         // limits on aarch64 are proven with cgroup v2 in the QEMU system guest instead.
-        eprintln!("skipped under an emulator: an rlimit cannot bound the emulated program");
+        tests::skip("under an emulator: an rlimit cannot bound the emulated program");
         return;
     }
     let config = format!(

@@ -753,11 +753,7 @@ impl Drop for SmallDisk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_larger_than_the_free_space_is_refused_before_the_slot_is_touched() {
     let Some(disk) = SmallDisk::mount("6m") else {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: mounting a small tmpfs needs root"
-        );
+        tests::skip("mounting a small tmpfs needs root");
         return;
     };
     let fx = Fixture::new();

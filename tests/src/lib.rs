@@ -5,6 +5,26 @@ pub mod postgres;
 use std::path::Path;
 use std::process::Command;
 
+/// Whether the tests run in CI (`CI=true`), where every test must run: a skip is a failure.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Whether the tests run under an emulator (`QUOTE_EDGE_TEST_RUNNER`, the aarch64 pass).
+pub fn emulated() -> bool {
+    std::env::var("QUOTE_EDGE_TEST_RUNNER").is_ok_and(|r| !r.is_empty())
+}
+
+/// For a test that cannot run here: says so loudly, and the caller returns. Under `CI=true`
+/// it fails instead, naming why: CI runs as root on a machine that has what every test needs,
+/// so a skip there hides a broken setup (a test CI must not run is skipped by name in
+/// `.ci/run`, where the list can be read).
+pub fn skip(why: &str) {
+    assert!(!in_ci(), "CI=true and this test would be skipped: {why}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED: {why} ***\n");
+}
+
 /// A command that runs one of our binaries. When the tests themselves run under an emulator
 /// (aarch64 under qemu-user), `QUOTE_EDGE_TEST_RUNNER` names it (for example
 /// `qemu-aarch64-static`), and the child runs through it too: without binfmt_misc the kernel

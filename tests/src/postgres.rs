@@ -101,19 +101,14 @@ impl Postgres {
         // Under qemu-user (the aarch64 pass) the PostgreSQL client is not in what ships: the
         // device's binaries are built without the `postgres` feature, and the cluster's image
         // is tested natively. Said loudly, as the power-cut harness does.
-        if std::env::var("QUOTE_EDGE_TEST_RUNNER").is_ok_and(|r| !r.is_empty()) {
-            #[allow(clippy::print_stderr, reason = "a skipped test must be visible")]
-            {
-                eprintln!(
-                    "\n*** SKIPPED under an emulator: the PostgreSQL tests run natively ***\n"
-                );
-            }
+        // CI's emulated pass skips them by name (`.ci/run`).
+        if crate::emulated() {
+            crate::skip("under an emulator: the PostgreSQL tests run natively");
             return None;
         }
         let Some(bin) = server_bin() else {
-            let ci = std::env::var("CI").is_ok_and(|v| v == "true");
             assert!(
-                !ci,
+                !crate::in_ci(),
                 "CI=true but the PostgreSQL server binaries are missing \
                  (/usr/lib/postgresql/*/bin): the PostgreSQL tests must run in CI"
             );

@@ -3,6 +3,11 @@
 //! (SIGKILL to itself) the Nth time `NAME` is reached: no unwinding, no destructor, no flush, as
 //! close to a power cut as a process can get without losing its page cache. `QUOTE_EDGE_FAILPOINT=slot.bytes:K`
 //! aborts once K bytes of release data have been written to a slot (the write is cut at K).
+//!
+//! `QUOTE_EDGE_FAILPOINT_RECORD=FILE` is the counting mode the power-cut harness starts with:
+//! every point reached appends a line `NAME BYTES` to FILE (BYTES: release bytes passed to the
+//! slot writer so far), so that the harness finds the points and how often each is reached
+//! instead of listing them by hand, and knows where each journal mark fell.
 
 /// Marks a point of the update path (after or before a write, fsync or rename).
 #[inline]
@@ -50,8 +55,35 @@ mod imp {
     }
 
     static HITS: AtomicU64 = AtomicU64::new(0);
+    /// Release bytes passed to the slot writer so far, as `cut_bytes` last saw them.
+    static BYTES: AtomicU64 = AtomicU64::new(0);
+
+    fn record_file() -> Option<&'static std::path::Path> {
+        static RECORD: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+        RECORD
+            .get_or_init(|| std::env::var_os("QUOTE_EDGE_FAILPOINT_RECORD").map(Into::into))
+            .as_deref()
+    }
 
     pub fn hit(name: &str) {
+        if let Some(path) = record_file() {
+            use std::io::Write;
+            // One write per line on an O_APPEND file: lines of concurrent points never mix.
+            let line = format!("{name} {}\n", BYTES.load(Ordering::SeqCst));
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(line.as_bytes()));
+            if let Err(e) = written {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "failpoint record {}: {e}",
+                    path.display()
+                );
+                super::abort();
+            }
+        }
         if let Some((point, n)) = config()
             && point == name
             && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n
@@ -62,6 +94,7 @@ mod imp {
     }
 
     pub fn cut_bytes(done: u64, len: usize) -> Option<usize> {
+        BYTES.store(done + len as u64, Ordering::SeqCst);
         let (point, k) = config()?;
         (point == "slot.bytes" && done <= *k && *k < done + len as u64)
             .then(|| (*k - done) as usize)
