@@ -10,6 +10,11 @@
 //! per time it is reached, and fails if a point in the code (a `failpoint::hit("…")` in
 //! `crates/`) is reached by no update: a new point is cut without editing this file.
 //!
+//! Cuts during the recovery from a cut: the power-on after a cut in the payload (the install
+//! resumes), after one right after an install began (the slot is abandoned) and after one
+//! during a rollback is counted too, and cut at every point it reaches. A release still on
+//! trial at the third start since (`max_trial_boots`) must be rolled back at that start.
+//!
 //! Every cut inside the payload (at a random byte, or right after a journal mark) must resume
 //! from the last journal mark before the cut, exactly: the receipt's `resumed_bytes` is that
 //! mark's offset as the counting run recorded it, so a resume that starts over, or keeps less
@@ -221,7 +226,12 @@ fn discover(fx: &Fixture, bundle: &Path, expect: &str) -> Vec<Hit> {
         })
         .expect("the supervisor died in counting mode");
     off(child);
-    std::fs::read_to_string(&record)
+    read_hits(&record)
+}
+
+/// The points a counting-mode run recorded in `record`.
+fn read_hits(record: &Path) -> Vec<Hit> {
+    std::fs::read_to_string(record)
         .unwrap_or_default()
         .lines()
         .map(|line| {
@@ -237,9 +247,12 @@ fn discover(fx: &Fixture, bundle: &Path, expect: &str) -> Vec<Hit> {
 /// One cut to make: where, in the update of which bundle (and its release), how that update
 /// must end, and where its journal marks fell.
 struct Planned<'a> {
-    point: String,
+    /// One point, or several: a cut at each next one during the recovery from the one before.
+    points: Vec<String>,
     bundle: (&'a Path, &'a Path),
     expect: &'a str,
+    /// What the reason of that end must say, if anything.
+    reason: Option<&'a str>,
     marks: Vec<u64>,
 }
 
@@ -271,7 +284,7 @@ fn marks_of(hits: &[Hit]) -> Vec<u64> {
         .collect()
 }
 
-/// Every fail point named in the code: each `hit("NAME")` under `crates/`.
+/// Every fail point named in the code: each `hit("area.step")` under `crates/`.
 fn points_in_code() -> Vec<String> {
     let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates");
     let mut names: Vec<String> = crate::update::walk(&crates)
@@ -282,6 +295,13 @@ fn points_in_code() -> Vec<String> {
             text.split("hit(\"")
                 .skip(1)
                 .filter_map(|rest| rest.split_once('"').map(|(name, _)| name.to_owned()))
+                // A point's name is `area.step`; prose about `hit("…")` is not a point.
+                .filter(|name| {
+                    name.contains('.')
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || "._".contains(c))
+                })
                 .collect::<Vec<_>>()
         })
         .collect();
@@ -303,19 +323,34 @@ fn must_keep(point: &str, marks: &[u64]) -> Option<u64> {
     }
 }
 
-/// One power cut: write quotes, deliver the bundle, cut at `point`, power on again, and check;
-/// for a committed update, that the slot holds exactly the release (`release`), bytes and modes;
-/// for a cut inside the payload, that the install resumed from the last mark (`marks`).
-/// Returns a line for the log and the bytes the install resumed with, if it was checked.
+/// What one run of [`cut`] found.
+struct Cut {
+    /// A line for the log.
+    line: String,
+    /// The bytes the install resumed with, when that was checked.
+    resumed: Option<u64>,
+    /// What the power-on after the cuts reached, when it ran in counting mode.
+    recovery: Vec<Hit>,
+}
+
+/// One power cut, or several in a row: write quotes, deliver the bundle, cut at `points[0]`;
+/// power on again with a cut at each next point (a cut during the recovery from a cut); then
+/// power on (in counting mode if `count_recovery`) and check: every acknowledged quote is there,
+/// no slot is left half-installed, the update ended as `expect`; for a committed update, the
+/// slot holds exactly the release (`release`), bytes and modes; for one cut inside the payload,
+/// the install resumed from the last journal mark before it (`marks`).
 fn cut(
     fx: &Fixture,
     (bundle, release): (&Path, &Path),
-    point: &str,
-    expect: &str,
+    points: &[String],
+    (expect, reason): (&str, Option<&str>),
     marks: &[u64],
-) -> (String, Option<u64>) {
+    count_recovery: bool,
+) -> Cut {
+    let point = points.join(" then ");
+    let point = point.as_str();
     let device = Device::new(fx);
-    let mut child = device.power_on(Fault::Cut(point));
+    let mut child = device.power_on(Fault::Cut(&points[0]));
     device
         .wait(&mut child, "the first replica", |s| s.ready == 1)
         .expect("started");
@@ -340,20 +375,54 @@ fn cut(
     let ended = device.wait(&mut child, "the cut", |s| {
         s.update.state == UpdateState::Idle && s.update.last_result.is_some()
     });
-    let reached = ended.is_none();
+    let mut reached = ended.is_none();
     off(child);
-
-    let mut child = device.power_on(Fault::None);
-    let status = device
-        .wait(&mut child, "the update to end after the cut", |s| {
+    for again in &points[1..] {
+        // Cut again while the device recovers from the cut before.
+        let mut child = device.power_on(Fault::Cut(again));
+        let ended = device.wait(&mut child, "the next cut", |s| {
             s.ready == 1
                 && s.update.state == UpdateState::Idle
                 && s.update
                     .last_result
                     .as_ref()
                     .is_some_and(|r| r.result.as_str() == expect)
-        })
+        });
+        reached &= ended.is_none();
+        off(child);
+    }
+
+    let record = device.data.path().join("recovery.log");
+    let mut child = device.power_on(if count_recovery {
+        Fault::Record(&record)
+    } else {
+        Fault::None
+    });
+    let status = device
+        .wait(
+            &mut child,
+            &format!("the update {expect} after a cut at {point}"),
+            |s| {
+                s.ready == 1
+                    && s.update.state == UpdateState::Idle
+                    && s.update
+                        .last_result
+                        .as_ref()
+                        .is_some_and(|r| r.result.as_str() == expect)
+            },
+        )
         .unwrap_or_else(|| panic!("the supervisor died after the cut at {point}"));
+    if let Some(reason) = reason {
+        let said = status
+            .update
+            .last_result
+            .as_ref()
+            .and_then(|r| r.reason.clone());
+        assert!(
+            said.as_deref().is_some_and(|s| s.contains(reason)),
+            "after cuts at {point}: the reason should say {reason:?}: {said:?}"
+        );
+    }
     for id in &ids {
         let (code, body) = device.http("GET", &format!("/quotes/{id}"), "");
         assert_eq!(code, 200, "quote {id} lost after a cut at {point}: {body}");
@@ -383,7 +452,11 @@ fn cut(
             );
         }
     }
-    let resumed = must_keep(point, marks).filter(|_| reached).map(|kept| {
+    let single = (points.len() == 1).then(|| points[0].as_str());
+    let resumed = single
+        .and_then(|p| must_keep(p, marks))
+        .filter(|_| reached)
+        .map(|kept| {
         let receipts: String = std::fs::read_dir(device.data.path().join("ota/receipts"))
             .unwrap()
             .flatten()
@@ -411,13 +484,22 @@ fn cut(
         "{status:?}"
     );
     off(child);
+    let recovery = if count_recovery {
+        read_hits(&record)
+    } else {
+        Vec::new()
+    };
     let line = format!(
         "{point}: {}{}{}",
         if reached { "" } else { "not reached, " },
         version,
         resumed.map_or(String::new(), |r| format!(", resumed with {r} bytes kept"))
     );
-    (line, resumed)
+    Cut {
+        line,
+        resumed,
+        recovery,
+    }
 }
 
 #[test]
@@ -501,6 +583,7 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
     let mut reached_anywhere: Vec<String> = Vec::new();
     let mut plan: Vec<Planned> = Vec::new();
     let mut found = Vec::new();
+    let mut log = Vec::new();
     for (what, bundle, expect) in bundles {
         let hits = discover(&fx, bundle.0, expect);
         let marks = marks_of(&hits);
@@ -511,12 +594,66 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
         ));
         reached_anywhere.extend(hits.iter().map(|h| h.name.clone()));
         plan.extend(points.into_iter().map(|point| Planned {
-            point,
+            points: vec![point],
             bundle,
             expect,
+            reason: None,
             marks: marks.clone(),
         }));
+        // Cuts during the recovery from a cut: the recovery is counted first (after a cut in
+        // the payload past a journal mark, the install resumes; after one right after the
+        // install began, the slot is abandoned and the install starts over; after one during
+        // a rollback, the rollback goes on), then cut at each point it reaches.
+        let firsts: Vec<String> = match what {
+            "good" => vec![
+                format!("slot.bytes:{}", marks[0] + 4096),
+                "state.renamed:1".into(),
+            ],
+            "crashing" => vec!["agent.drained:1".into()],
+            _ => vec![],
+        };
+        for first in firsts {
+            let counted = cut(
+                &fx,
+                bundle,
+                std::slice::from_ref(&first),
+                (expect, None),
+                &marks,
+                true,
+            );
+            log.push(counted.line);
+            reached_anywhere.extend(counted.recovery.iter().map(|h| h.name.clone()));
+            found.push(format!(
+                "{what}, recovering from a cut at {first}: {} points",
+                counted.recovery.len()
+            ));
+            plan.extend(
+                points_of(&counted.recovery)
+                    .into_iter()
+                    .map(|then| Planned {
+                        points: vec![first.clone(), then],
+                        bundle,
+                        expect,
+                        reason: None,
+                        marks: marks.clone(),
+                    }),
+            );
+        }
         if what == "good" {
+            // A release still on trial when the supervisor starts for the third time since
+            // (`max_trial_boots` = 3) is rolled back at that start, its database restored: a
+            // cut during the trial, then one during each trial resumed at the next two starts.
+            plan.push(Planned {
+                points: vec![
+                    "agent.rolled_out:1".into(),
+                    "agent.checked:1".into(),
+                    "agent.checked:1".into(),
+                ],
+                bundle,
+                expect: "rolled_back",
+                reason: Some("on trial through 3 supervisor starts"),
+                marks: marks.clone(),
+            });
             let random: usize = std::env::var("QUOTE_EDGE_POWERCUT_RANDOM")
                 .ok()
                 .and_then(|n| n.parse().ok())
@@ -529,9 +666,10 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
                 rng ^= rng << 17;
                 let at = rng % PAYLOAD as u64;
                 plan.push(Planned {
-                    point: format!("slot.bytes:{at}"),
+                    points: vec![format!("slot.bytes:{at}")],
                     bundle,
                     expect,
+                    reason: None,
                     marks: marks.clone(),
                 });
             }
@@ -548,12 +686,18 @@ fn a_power_cut_at_any_step_of_an_update_ends_on_a_consistent_release_with_the_da
          (found: {found:?})"
     );
 
-    let mut log = Vec::new();
     let mut resumes = Vec::new();
     for p in &plan {
-        let (line, resumed) = cut(&fx, p.bundle, &p.point, p.expect, &p.marks);
-        log.push(line);
-        resumes.extend(resumed);
+        let done = cut(
+            &fx,
+            p.bundle,
+            &p.points,
+            (p.expect, p.reason),
+            &p.marks,
+            false,
+        );
+        log.push(done.line);
+        resumes.extend(done.resumed);
     }
     let unreached: Vec<&String> = log.iter().filter(|l| l.contains("not reached")).collect();
     assert!(

@@ -89,7 +89,14 @@ fn database_command(
     let output = command
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|child| {
+            // A cut while the snapshot or the restore runs (the child dies with the device).
+            ota_slots::failpoint::hit("database.running");
+            child.wait_with_output()
+        })
         .map_err(|source| DatabaseError::Spawn {
             program: program.clone(),
             source,

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use ota_bundle::{Bundle, Chunked, ChunksError, TrustedKeys};
-use ota_slots::{Journal, Mark, RealFs, Release, SlotName, SlotWriter, State, StateFile};
+use ota_slots::{Journal, KeptFs, Mark, RealFs, Release, SlotName, SlotWriter, State, StateFile};
 
 use crate::admission::{self, Decision, Device};
 use crate::agent::{Installed, Layout, UpdateError};
@@ -130,13 +130,11 @@ impl Install {
                 resume,
             )
             .and_then(|written| {
-                durable::replace(
-                    &mut durable::StdFs,
-                    &self.layout.manifest(slot),
-                    &manifest_bytes,
-                )
-                .map(|()| written)
-                .map_err(|e| WriteFailure::Interrupted(format!("cannot keep the manifest: {e}")))
+                durable::replace(&mut KeptFs, &self.layout.manifest(slot), &manifest_bytes)
+                    .map(|()| written)
+                    .map_err(|e| {
+                        WriteFailure::Interrupted(format!("cannot keep the manifest: {e}"))
+                    })
             })
             .and_then(|written| {
                 self.keep_head(slot, head_len)
@@ -197,8 +195,7 @@ impl Install {
         if head.len() as u64 != len {
             return Err(std::io::Error::other("the bundle is shorter than its head"));
         }
-        durable::replace(&mut durable::StdFs, &self.layout.head(slot), &head)
-            .map_err(std::io::Error::other)
+        durable::replace(&mut KeptFs, &self.layout.head(slot), &head).map_err(std::io::Error::other)
     }
 
     /// The bundle, its signatures verified against the keys trusted now.

@@ -22,5 +22,5 @@ pub use journal::{Journal, Mark};
 pub use state::{
     MAX_FAILED, Outcome, Refused, Release, SlotInfo, SlotName, SlotStatus, State, Trial,
 };
-pub use store::{Fs, RealFs, StateError, StateFile};
+pub use store::{Fs, KeptFs, RealFs, StateError, StateFile};
 pub use writer::{SlotWriter, WriteError};

@@ -10,33 +10,60 @@ use durable::StdFs;
 
 use crate::State;
 
-/// The real file system, with the power-cut harness's fail points after each step (their
-/// names and the number of times each is reached are what the harness counts: keep them).
+/// The real file system for the state file, with the power-cut harness's fail points after
+/// each step (`state.written`, `state.synced`, `state.renamed`, `state.dir_synced`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealFs;
 
-impl Fs for RealFs {
-    fn write_new(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-        StdFs.write_new(path, bytes)?;
-        crate::failpoint::hit("state.written");
-        Ok(())
-    }
-    fn sync_file(&mut self, path: &Path) -> std::io::Result<()> {
-        StdFs.sync_file(path)?;
-        crate::failpoint::hit("state.synced");
-        Ok(())
-    }
-    fn rename(&mut self, from: &Path, to: &Path) -> std::io::Result<()> {
-        StdFs.rename(from, to)?;
-        crate::failpoint::hit("state.renamed");
-        Ok(())
-    }
-    fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()> {
-        StdFs.sync_dir(dir)?;
-        crate::failpoint::hit("state.dir_synced");
-        Ok(())
-    }
+/// The real file system for the files kept beside a slot (its manifest and signed head), with
+/// fail points `kept.written`, `kept.synced`, `kept.renamed`, `kept.dir_synced`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KeptFs;
+
+/// Each step of an atomic replace, then its fail point.
+macro_rules! fs_with_points {
+    ($fs:ty, hit($written:literal), hit($synced:literal), hit($renamed:literal), hit($dir_synced:literal)) => {
+        impl Fs for $fs {
+            fn write_new(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+                StdFs.write_new(path, bytes)?;
+                crate::failpoint::hit($written);
+                Ok(())
+            }
+            fn sync_file(&mut self, path: &Path) -> std::io::Result<()> {
+                StdFs.sync_file(path)?;
+                crate::failpoint::hit($synced);
+                Ok(())
+            }
+            fn rename(&mut self, from: &Path, to: &Path) -> std::io::Result<()> {
+                StdFs.rename(from, to)?;
+                crate::failpoint::hit($renamed);
+                Ok(())
+            }
+            fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()> {
+                StdFs.sync_dir(dir)?;
+                crate::failpoint::hit($dir_synced);
+                Ok(())
+            }
+        }
+    };
 }
+
+// Written as `hit("NAME")` so that the power-cut harness, which reads every `hit("…")` under
+// crates/, finds them: it fails when a point in the code is never reached.
+fs_with_points!(
+    RealFs,
+    hit("state.written"),
+    hit("state.synced"),
+    hit("state.renamed"),
+    hit("state.dir_synced")
+);
+fs_with_points!(
+    KeptFs,
+    hit("kept.written"),
+    hit("kept.synced"),
+    hit("kept.renamed"),
+    hit("kept.dir_synced")
+);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {

@@ -159,6 +159,7 @@ impl SlotWriter {
             .map_err(io)?;
         check_ours(&file, &full)?;
         file.set_len(keep).map_err(io)?;
+        crate::failpoint::hit("slot.resumed");
         writer.current = Some(Open {
             path: path.to_owned(),
             file,
