@@ -217,13 +217,7 @@ fn discover(fx: &Fixture, bundle: &Path, expect: &str) -> Vec<Hit> {
         .expect("started in counting mode");
     deliver(&device, bundle);
     device
-        .wait(&mut child, "the counted update to end", |s| {
-            s.update.state == UpdateState::Idle
-                && s.update
-                    .last_result
-                    .as_ref()
-                    .is_some_and(|r| r.result.as_str() == expect)
-        })
+        .wait(&mut child, "the counted update to end", ended_as(expect))
         .expect("the supervisor died in counting mode");
     off(child);
     read_hits(&record)
@@ -323,6 +317,18 @@ fn must_keep(point: &str, marks: &[u64]) -> Option<u64> {
     }
 }
 
+/// A device serving, its update over with result `expect`.
+fn ended_as(expect: &str) -> impl Fn(&Status) -> bool + '_ {
+    move |s| {
+        s.ready == 1
+            && s.update.state == UpdateState::Idle
+            && s.update
+                .last_result
+                .as_ref()
+                .is_some_and(|r| r.result.as_str() == expect)
+    }
+}
+
 /// What one run of [`cut`] found.
 struct Cut {
     /// A line for the log.
@@ -380,14 +386,7 @@ fn cut(
     for again in &points[1..] {
         // Cut again while the device recovers from the cut before.
         let mut child = device.power_on(Fault::Cut(again));
-        let ended = device.wait(&mut child, "the next cut", |s| {
-            s.ready == 1
-                && s.update.state == UpdateState::Idle
-                && s.update
-                    .last_result
-                    .as_ref()
-                    .is_some_and(|r| r.result.as_str() == expect)
-        });
+        let ended = device.wait(&mut child, "the next cut", ended_as(expect));
         reached &= ended.is_none();
         off(child);
     }
@@ -402,14 +401,7 @@ fn cut(
         .wait(
             &mut child,
             &format!("the update {expect} after a cut at {point}"),
-            |s| {
-                s.ready == 1
-                    && s.update.state == UpdateState::Idle
-                    && s.update
-                        .last_result
-                        .as_ref()
-                        .is_some_and(|r| r.result.as_str() == expect)
-            },
+            ended_as(expect),
         )
         .unwrap_or_else(|| panic!("the supervisor died after the cut at {point}"));
     if let Some(reason) = reason {
