@@ -95,13 +95,26 @@ pub struct QuotePage {
     pub served_by: String,
 }
 
-/// A new quote.
+/// A new quote. Each field is trimmed of surrounding white space; what is left must be 1 to
+/// its maximum characters with no control character but a new line or a tab. The schema states
+/// a little less than that (the field as sent, with at least one character that is not white
+/// space, and no other control character anywhere), so what it allows is always accepted.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateQuote {
     /// 1 to 1000 characters after trimming.
+    #[schema(
+        min_length = 1,
+        max_length = 1000,
+        pattern = r"^[^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*$"
+    )]
     pub text: String,
     /// 1 to 200 characters after trimming.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u0008\u000B-\u001F\u007F-\u009F]*$"
+    )]
     pub author: String,
 }
 
@@ -110,8 +123,11 @@ pub struct CreateQuote {
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
-    /// Return quotes with an id greater than this (the previous page's `next`).
+    /// Return quotes with an id greater than this (the previous page's `next`; 0 or absent:
+    /// from the first quote).
+    #[param(value_type = Option<i64>, minimum = 0, maximum = 9_223_372_036_854_775_807_i64)]
     pub after: Option<QuoteId>,
 }
 
@@ -168,7 +184,9 @@ fn no_quote(id: QuoteId) -> AppError {
 /// List quotes, oldest first, one page at a time.
 #[utoipa::path(get, path = "/quotes", params(ListParams), responses(
     (status = 200, body = QuotePage),
-    (status = 400, body = ErrorBody, description = "bad `limit` or `after`"),
+    (status = 400, body = ErrorBody, description = "bad `limit` or `after`, or another parameter"),
+    (status = 500, body = ErrorBody, description = "internal error (logged)"),
+    (status = 503, body = ErrorBody, description = "the database is not open, busy or unreachable"),
 ))]
 async fn list_quotes(
     State(state): State<AppState>,
@@ -203,6 +221,8 @@ async fn list_quotes(
 #[utoipa::path(get, path = "/quotes/random", responses(
     (status = 200, body = QuoteBody),
     (status = 404, body = ErrorBody, description = "there are no quotes"),
+    (status = 500, body = ErrorBody, description = "internal error (logged)"),
+    (status = 503, body = ErrorBody, description = "the database is not open, busy or unreachable"),
 ))]
 async fn random_quote(State(state): State<AppState>) -> Result<Json<QuoteBody>, AppError> {
     match state.query(|s| async move { s.random().await }).await? {
@@ -212,10 +232,12 @@ async fn random_quote(State(state): State<AppState>) -> Result<Json<QuoteBody>, 
 }
 
 /// One quote.
-#[utoipa::path(get, path = "/quotes/{id}", params(("id" = i64, Path, description = "quote id")), responses(
+#[utoipa::path(get, path = "/quotes/{id}", params(("id" = i64, Path, description = "quote id", minimum = 1, maximum = 9_223_372_036_854_775_807_i64)), responses(
     (status = 200, body = QuoteBody),
     (status = 400, body = ErrorBody, description = "the id is not a positive integer"),
-    (status = 404, body = ErrorBody),
+    (status = 404, body = ErrorBody, description = "no quote has this id"),
+    (status = 500, body = ErrorBody, description = "internal error (logged)"),
+    (status = 503, body = ErrorBody, description = "the database is not open, busy or unreachable"),
 ))]
 async fn get_quote(
     State(state): State<AppState>,
@@ -236,6 +258,8 @@ async fn get_quote(
     (status = 413, body = ErrorBody, description = "body over 16 KiB"),
     (status = 415, body = ErrorBody, description = "not `application/json`"),
     (status = 422, body = ErrorBody, description = "empty or oversized field"),
+    (status = 500, body = ErrorBody, description = "internal error (logged); nothing acknowledged"),
+    (status = 503, body = ErrorBody, description = "the database is not open, busy or unreachable; nothing written"),
     (status = 507, body = ErrorBody, description = "storage full; nothing written"),
 ))]
 async fn create_quote(
@@ -257,11 +281,13 @@ async fn create_quote(
 }
 
 /// Delete a quote.
-#[utoipa::path(delete, path = "/quotes/{id}", params(("id" = i64, Path, description = "quote id")), responses(
+#[utoipa::path(delete, path = "/quotes/{id}", params(("id" = i64, Path, description = "quote id", minimum = 1, maximum = 9_223_372_036_854_775_807_i64)), responses(
     (status = 204, description = "deleted"),
-    (status = 400, body = ErrorBody),
-    (status = 401, body = ErrorBody),
-    (status = 404, body = ErrorBody),
+    (status = 400, body = ErrorBody, description = "the id is not a positive integer"),
+    (status = 401, body = ErrorBody, description = "an admin token is configured and was not presented"),
+    (status = 404, body = ErrorBody, description = "no quote has this id"),
+    (status = 500, body = ErrorBody, description = "internal error (logged)"),
+    (status = 503, body = ErrorBody, description = "the database is not open, busy or unreachable; nothing deleted"),
 ))]
 async fn delete_quote(
     State(state): State<AppState>,
