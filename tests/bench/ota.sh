@@ -50,6 +50,22 @@ for level in 3 19; do
     measure "install into a slot level $level" sh -c 'rm -rf "$3" && exec "$0" "$1" "$2" "$3"' \
         target/release/ota-install "$bench/keys" "$bench/l$level.bundle" "$bench/device"
 done
+# RAUC on the same bytes in the same window (when installed: apt-get install rauc squashfs-tools):
+# a verity bundle with zstd level 19, as the anchors measured it, signed with a throwaway EC key.
+if command -v rauc >/dev/null && command -v mksquashfs >/dev/null; then
+    r=$bench/rauc; mkdir -p "$r/in"
+    cp "$bench/release/rootfs.ext4" "$r/in/"
+    printf '[update]\ncompatible=bench\nversion=1.0.0\n\n[bundle]\nformat=verity\n\n[image.rootfs]\nfilename=rootfs.ext4\n' \
+        >"$r/in/manifest.raucm"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$r/key.pem" \
+        -out "$r/cert.pem" -subj /CN=bench -days 1 2>/dev/null
+    measure "rauc bundle zstd-19 (verity)" sh -c 'rm -f "$0/r.raucb" && rauc bundle --cert="$0/cert.pem" --key="$0/key.pem" \
+        --mksquashfs-args="-comp zstd -Xcompression-level 19" "$0/in" "$0/r.raucb" 2>/dev/null' "$r"
+    size=$(stat -c %s "$r/r.raucb")
+    printf '%-32s %d bytes = %.1f%% of the payload\n' "  bundle size" "$size" "$(echo "$size * 100 / $payload" | bc -l)"
+else
+    echo "rauc bundle: not measured (apt-get install rauc squashfs-tools)"
+fi
 echo "hash speed on this CPU, 64 MiB (single thread): blake3 vs sha256"
 python3 - "$bench/release/rootfs.ext4" <<'PY'
 import hashlib, sys, time

@@ -40,7 +40,7 @@ pub fn pack(
     key: &SecretKey,
     progress: impl FnMut(u64, u64),
 ) -> Result<PackReport, BundleError> {
-    pack_against(dir, out, options, key, None, progress)
+    pack_against(dir, out, options, key, None, default_threads(), progress)
 }
 
 /// As [`pack`], a delta against the release `base` describes (the manifest of its bundle):
@@ -54,7 +54,15 @@ pub fn pack_delta(
     base: &Manifest,
     progress: impl FnMut(u64, u64),
 ) -> Result<PackReport, BundleError> {
-    pack_against(dir, out, options, key, Some(base), progress)
+    pack_against(
+        dir,
+        out,
+        options,
+        key,
+        Some(base),
+        default_threads(),
+        progress,
+    )
 }
 
 /// One chunk as one zstd frame (with its content size), compressed with `prefix` (the
@@ -85,18 +93,35 @@ fn compress_chunk(
 /// The chunking that runs through a release's files: each file's chunks hashed, a chunk the
 /// base already has marked `copy`, the others compressed (format 2: with the previous carried
 /// chunk of the same file as the zstd prefix) and appended to the payload.
+///
+/// A frame's prefix is the previous chunk's uncompressed bytes, known before anything is
+/// compressed, so the frames of a window of chunks are compressed on every core at once and
+/// written in order. Each frame is compressed alone with the same parameters, so the bundle
+/// is the same bytes whatever the number of threads.
 struct Chunker<'a, W: Write> {
     in_base: std::collections::HashSet<&'a str>,
     level: i32,
+    /// Compression threads; a window holds twice as many chunks.
+    threads: usize,
     /// The bundle being written, named in errors.
     out: &'a Path,
     payload: W,
-    buf: Vec<u8>,
-    /// The previous chunk of the same file, when it was carried; empty when there is none.
+    /// The last chunk of the previous window, when it was carried: the prefix of the next
+    /// window's first chunk if that one follows it in the same file.
     prev: Vec<u8>,
-    frame: Vec<u8>,
+    /// Buffers of compressed windows, for reuse.
+    spare: Vec<Vec<u8>>,
     /// Bytes of the release chunked so far.
     done: u64,
+}
+
+/// A carried chunk waiting in the window.
+struct Pending {
+    /// Its index in the file's chunk list, whose `csize` it fills.
+    index: usize,
+    data: Vec<u8>,
+    /// Whether the chunk before it in the file was carried (so is its prefix).
+    chained: bool,
 }
 
 impl<W: Write> Chunker<'_, W> {
@@ -108,52 +133,50 @@ impl<W: Write> Chunker<'_, W> {
         size: u64,
         mut progress: impl FnMut(u64),
     ) -> Result<FileEntry, BundleError> {
-        let write_err = |source| BundleError::Write {
-            path: self.out.to_owned(),
-            source,
-        };
         let read_err = |source| BundleError::Release {
             path: full.to_owned(),
             reason: format!("cannot read: {source}"),
         };
-        self.prev.clear();
         let file = File::open(full).map_err(read_err)?;
         let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o755;
         let mut reader = BufReader::new(file);
         let mut whole = blake3::Hasher::new();
         let mut chunks = Vec::new();
+        let mut window: Vec<Pending> = Vec::with_capacity(2 * self.threads);
+        let mut chained = false;
         let mut remaining = size;
         while remaining > 0 {
             let n = remaining.min(CHUNK_SIZE) as usize;
-            let chunk = &mut self.buf[..n];
-            reader.read_exact(chunk).map_err(read_err)?;
-            whole.update(chunk);
-            let hash = blake3::hash(chunk).to_hex().to_string();
-            if self.in_base.contains(hash.as_str()) {
-                chunks.push(Chunk {
-                    hash,
-                    size: n as u64,
-                    csize: None,
-                    copy: true,
-                });
-                self.prev.clear();
+            let mut data = self.spare.pop().unwrap_or_default();
+            data.resize(n, 0);
+            reader.read_exact(&mut data).map_err(read_err)?;
+            whole.update(&data);
+            let hash = blake3::hash(&data).to_hex().to_string();
+            let copy = self.in_base.contains(hash.as_str());
+            chunks.push(Chunk {
+                hash,
+                size: n as u64,
+                csize: None,
+                copy,
+            });
+            if copy {
+                self.spare.push(data);
             } else {
-                compress_chunk(self.level, &self.prev, chunk, &mut self.frame)
-                    .map_err(write_err)?;
-                self.payload.write_all(&self.frame).map_err(write_err)?;
-                chunks.push(Chunk {
-                    hash,
-                    size: n as u64,
-                    csize: Some(self.frame.len() as u64),
-                    copy: false,
+                window.push(Pending {
+                    index: chunks.len() - 1,
+                    data,
+                    chained,
                 });
-                self.prev.clear();
-                self.prev.extend_from_slice(chunk);
             }
+            chained = !copy;
             remaining -= n as u64;
             self.done += n as u64;
+            if window.len() == 2 * self.threads {
+                self.compress_window(&mut window, &mut chunks)?;
+            }
             progress(self.done);
         }
+        self.compress_window(&mut window, &mut chunks)?;
         Ok(FileEntry {
             path: relative.to_owned(),
             mode,
@@ -162,14 +185,88 @@ impl<W: Write> Chunker<'_, W> {
             chunks,
         })
     }
+
+    /// Compresses the window's chunks on `threads` threads, appends the frames in order and
+    /// records their sizes; keeps the last chunk as the next window's prefix.
+    fn compress_window(
+        &mut self,
+        window: &mut Vec<Pending>,
+        chunks: &mut [Chunk],
+    ) -> Result<(), BundleError> {
+        if window.is_empty() {
+            return Ok(());
+        }
+        let write_err = |source| BundleError::Write {
+            path: self.out.to_owned(),
+            source,
+        };
+        let prefix = |j: usize| -> &[u8] {
+            match (window[j].chained, j) {
+                (false, _) => &[],
+                (true, 0) => &self.prev,
+                (true, j) => &window[j - 1].data,
+            }
+        };
+        let mut frames: Vec<Vec<u8>> = (0..window.len())
+            .map(|_| self.spare.pop().unwrap_or_default())
+            .collect();
+        let level = self.level;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let slots: Vec<std::sync::Mutex<&mut Vec<u8>>> =
+            frames.iter_mut().map(std::sync::Mutex::new).collect();
+        let results: Vec<std::io::Result<()>> = std::thread::scope(|scope| {
+            let work = || -> std::io::Result<()> {
+                loop {
+                    let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if j >= window.len() {
+                        return Ok(());
+                    }
+                    let mut frame = slots[j].lock().expect("one thread per frame");
+                    compress_chunk(level, prefix(j), &window[j].data, &mut frame)?;
+                }
+            };
+            let helpers: Vec<_> = (1..self.threads.min(window.len()))
+                .map(|_| scope.spawn(work))
+                .collect();
+            let mut results = vec![work()];
+            results.extend(helpers.into_iter().map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("a compression thread panicked")))
+            }));
+            results
+        });
+        drop(slots);
+        results
+            .into_iter()
+            .collect::<std::io::Result<()>>()
+            .map_err(write_err)?;
+        for (pending, frame) in window.iter().zip(&frames) {
+            self.payload.write_all(frame).map_err(write_err)?;
+            chunks[pending.index].csize = Some(frame.len() as u64);
+        }
+        self.spare.extend(frames);
+        let mut drained = window.drain(..);
+        let last = drained.next_back().expect("not empty");
+        self.spare.extend(drained.map(|p| p.data));
+        self.spare
+            .push(std::mem::replace(&mut self.prev, last.data));
+        Ok(())
+    }
 }
 
-fn pack_against(
+/// Compression threads for `pack`: every core the process may use.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// [`pack`] or [`pack_delta`], compressing on `threads` threads (at least one).
+pub(crate) fn pack_against(
     dir: &Path,
     out: &Path,
     options: &PackOptions,
     key: &SecretKey,
     base: Option<&Manifest>,
+    threads: usize,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<PackReport, BundleError> {
     let in_base: std::collections::HashSet<&str> = base
@@ -192,11 +289,11 @@ fn pack_against(
     let mut chunker = Chunker {
         in_base,
         level: options.level,
+        threads: threads.max(1),
         out,
         payload: BufWriter::new(&mut payload),
-        buf: vec![0u8; CHUNK_SIZE as usize],
-        prev: Vec::with_capacity(CHUNK_SIZE as usize),
-        frame: Vec::new(),
+        prev: Vec::new(),
+        spare: Vec::new(),
         done: 0,
     };
     let mut entries = Vec::with_capacity(files.len());

@@ -512,3 +512,93 @@ fn resuming_from_any_position_a_walk_handed_out_gives_the_rest_of_the_same_chunk
     };
     assert!(error.to_string().contains("resume position"), "{error}");
 }
+
+/// A release of one file of `chunks` chunks (the last one short), where chunk `i` is
+/// compressible text seeded by `seed(i)`, and a small second file.
+fn chunked_release(dir: &Path, chunks: usize, seed: impl Fn(usize) -> u32) {
+    let mut data = Vec::new();
+    for i in 0..chunks {
+        let len = if i + 1 == chunks {
+            1000
+        } else {
+            crate::CHUNK_SIZE as usize
+        };
+        let mut x = seed(i);
+        data.extend((0..len).map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            b'a' + ((x >> 16) % 13) as u8
+        }));
+    }
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::write(dir.join("bin/big"), data).unwrap();
+    std::fs::write(dir.join("bin/small"), b"small").unwrap();
+}
+
+#[test]
+fn bundles_are_the_same_bytes_whatever_the_number_of_compression_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base_dir, new_dir) = (dir.path().join("base"), dir.path().join("new"));
+    // Chunks 3 and 7 are the base's (carried as copies, which break the chain of prefixes);
+    // the others are new.
+    chunked_release(&base_dir, 11, |i| i as u32);
+    chunked_release(&new_dir, 11, |i| {
+        if i == 3 || i == 7 {
+            i as u32
+        } else {
+            1000 + i as u32
+        }
+    });
+    let base_bundle = dir.path().join("base.bundle");
+    pack(&base_dir, &base_bundle, &options(), &key(1), |_, _| {}).unwrap();
+    let base = Bundle::open(
+        std::fs::read(&base_bundle).unwrap().as_slice(),
+        &trusting(&[&key(1)], 1),
+    )
+    .unwrap()
+    .manifest;
+    for delta in [None, Some(&base)] {
+        let packed: Vec<Vec<u8>> = [1, 2, 3, 8]
+            .into_iter()
+            .map(|threads| {
+                let out = dir.path().join(format!("{threads}.bundle"));
+                crate::pack::pack_against(
+                    &new_dir,
+                    &out,
+                    &options(),
+                    &key(1),
+                    delta,
+                    threads,
+                    |_, _| {},
+                )
+                .unwrap();
+                std::fs::read(out).unwrap()
+            })
+            .collect();
+        assert!(
+            packed.iter().all(|b| *b == packed[0]),
+            "threads change the bundle (delta: {})",
+            delta.is_some()
+        );
+        let bundle = Bundle::open(packed[0].as_slice(), &trusting(&[&key(1)], 1)).unwrap();
+        let copies = bundle
+            .manifest
+            .files
+            .iter()
+            .flat_map(|f| &f.chunks)
+            .filter(|c| c.copy)
+            .count();
+        // In the delta: chunks 3 and 7 of bin/big, and bin/small (unchanged).
+        assert_eq!(copies, if delta.is_some() { 3 } else { 0 });
+        // Every carried chunk decompresses (with its prefix) and hashes right.
+        let mut seen = 0;
+        bundle
+            .chunks(|_: &FileEntry, _, chunk| {
+                if let Chunked::Data(_) = chunk {
+                    seen += 1;
+                }
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert_eq!(seen, 12 - copies);
+    }
+}
