@@ -150,7 +150,16 @@ pub fn restore_database(
     }
     let dir = layout.dir.join("rollback");
     create_dir(&dir)?;
-    let export = dir.join(format!("{}-trial-quotes.jsonl", unix_now()));
+    // A name no earlier export has: a restore redone within the same second (after a cut
+    // during the first, which may have finished) must not replace the first one's export.
+    let now = unix_now();
+    let export = (0u32..)
+        .map(|n| match n {
+            0 => dir.join(format!("{now}-trial-quotes.jsonl")),
+            n => dir.join(format!("{now}-{n}-trial-quotes.jsonl")),
+        })
+        .find(|path| path.symlink_metadata().is_err())
+        .expect("a free name");
     database_command(
         command,
         release_dir,

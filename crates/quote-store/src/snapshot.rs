@@ -84,13 +84,24 @@ pub fn snapshot(db: &Path, to: &Path, busy: Duration) -> Result<u64, SnapshotErr
 
 /// Puts the snapshot back into the live database `db`, in one transaction, after writing the
 /// `quotes` rows that the snapshot lacks to `export` as JSON lines (one object per row, every
-/// column by name), synced before the restore begins.
+/// column by name), synced before the restore begins. An existing `export` is never replaced:
+/// after a restore cut short once it was done, it may be the only copy of those rows.
 pub fn restore(
     db: &Path,
     snapshot: &Path,
     export: &Path,
     busy: Duration,
 ) -> Result<RestoreReport, SnapshotError> {
+    if export.symlink_metadata().is_ok() {
+        return Err(SnapshotError::Io {
+            op: "write the export to",
+            path: export.to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "it exists, and an earlier export is never replaced",
+            ),
+        });
+    }
     let source = open(snapshot, OpenFlags::SQLITE_OPEN_READ_ONLY, busy)?;
     let mut live = open(db, OpenFlags::SQLITE_OPEN_READ_WRITE, busy)?;
     let exported = export_new_rows(&live, snapshot, export)?;

@@ -325,6 +325,36 @@ fn restore_undoes_a_newer_schema_and_exports_every_row_written_since_the_snapsho
 }
 
 #[test]
+fn a_restore_done_again_never_replaces_the_first_export() {
+    let (dir, path) = temp_db();
+    let (_, mut store) = open(&path);
+    let snap = dir.path().join("snapshot.db");
+    crate::snapshot(&path, &snap, std::time::Duration::from_secs(5)).unwrap();
+    store.create(&quote("only in the first export")).unwrap();
+    let export = dir.path().join("trial-quotes.jsonl");
+    let busy = std::time::Duration::from_secs(5);
+    assert_eq!(
+        crate::restore(&path, &snap, &export, busy)
+            .unwrap()
+            .exported,
+        1
+    );
+    // The same restore again (as after a cut that came once the first had finished): nothing
+    // is left to export, and the first export, the only copy of its row, stays.
+    let error = crate::restore(&path, &snap, &export, busy).unwrap_err();
+    assert!(
+        error.to_string().contains("never replaced")
+            && error.to_string().contains("trial-quotes.jsonl"),
+        "{error}"
+    );
+    assert!(
+        std::fs::read_to_string(&export)
+            .unwrap()
+            .contains("only in the first export")
+    );
+}
+
+#[test]
 fn snapshot_of_a_missing_database_is_an_error_naming_it() {
     let (dir, path) = temp_db();
     let error = crate::snapshot(
