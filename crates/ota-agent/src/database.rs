@@ -158,7 +158,10 @@ pub fn restore_database(
             0 => dir.join(format!("{now}-trial-quotes.jsonl")),
             n => dir.join(format!("{now}-{n}-trial-quotes.jsonl")),
         })
-        .find(|path| path.symlink_metadata().is_err())
+        .find(|path| {
+            path.symlink_metadata()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        })
         .expect("a free name");
     database_command(
         command,

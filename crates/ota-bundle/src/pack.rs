@@ -254,9 +254,15 @@ impl<W: Write> Chunker<'_, W> {
     }
 }
 
-/// Compression threads for `pack`: every core the process may use.
+/// Most compression threads `pack` uses: each holds a level-19 zstd context (about 40 MiB) and
+/// two chunks of the window, so a big build host does not turn into gigabytes.
+const MAX_THREADS: usize = 8;
+
+/// Compression threads for `pack`: every core the process may use, up to [`MAX_THREADS`].
 fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(MAX_THREADS)
 }
 
 /// [`pack`] or [`pack_delta`], compressing on `threads` threads (at least one).

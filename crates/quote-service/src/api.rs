@@ -253,7 +253,7 @@ async fn get_quote(
 /// Store a new quote. When the answer is 201, the quote is committed and on disk.
 #[utoipa::path(post, path = "/quotes", request_body = CreateQuote, responses(
     (status = 201, body = QuoteBody, headers(("location" = String, description = "/quotes/{id}"))),
-    (status = 400, body = ErrorBody, description = "malformed JSON or missing fields"),
+    (status = 400, body = ErrorBody, description = "malformed JSON, a missing, unknown or repeated field"),
     (status = 401, body = ErrorBody, description = "an admin token is configured and was not presented"),
     (status = 413, body = ErrorBody, description = "body over 16 KiB"),
     (status = 415, body = ErrorBody, description = "not `application/json`"),

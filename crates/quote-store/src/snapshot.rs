@@ -92,7 +92,11 @@ pub fn restore(
     export: &Path,
     busy: Duration,
 ) -> Result<RestoreReport, SnapshotError> {
-    if export.symlink_metadata().is_ok() {
+    // Anything but "not found" (it exists, or cannot be looked at) is not a free name.
+    if !export
+        .symlink_metadata()
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    {
         return Err(SnapshotError::Io {
             op: "write the export to",
             path: export.to_owned(),
