@@ -138,7 +138,8 @@ pub fn snapshot_database(
 }
 
 /// Puts the snapshot back with the binary in `release_dir`, exporting the trial's quotes to
-/// `<ota>/rollback/<unix time>-trial-quotes.jsonl`.
+/// `<ota>/rollback/<unix time>-trial-quotes.jsonl` (or `<unix time>-N-trial-quotes.jsonl`
+/// when that name is taken).
 pub fn restore_database(
     layout: &Layout,
     command: &ReleaseCommand,
