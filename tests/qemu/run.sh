@@ -28,7 +28,9 @@
 #   powercut      a hard power cut of QEMU in the middle of an update, then boot again with
 #                 the stick still in: a consistent version serves, with the quotes
 #
-# Each check prints PASS/FAIL with what it measured; the exit status is the number of failures.
+# Each check prints PASS/FAIL with what it measured, then the number of failures; the exit status
+# is 0 when every check passed, 1 when one failed (or the device did not boot), 2 when it could not
+# start (no image, a missing tool).
 #   tests/qemu/run.sh [CHECK...]        (default: all, in the order above)
 # Environment: QEMU_HTTP_PORT (default: a free port), KEEP=1 keeps the work directory.
 set -euo pipefail
@@ -151,7 +153,10 @@ check_self_heal() {
         (for _ in $(seq 100); do curl -s -m 5 -o /dev/null -w '%{http_code}\n' "$base/quotes/random" || true; done >"$work/heal-$c.log") &
         clients+=($!)
     done
-    sleep 1 # let the stream start; the kill must happen while requests are in flight
+    # The kill must land while requests are in flight: after every client's first answer.
+    for c in 1 2 3 4; do
+        wait_for 30 test -s "$work/heal-$c.log" || { fail self-heal "client $c got no answer in 30 s"; return; }
+    done
     guest "kill -9 $pid"
     wait_for 20 replaced 1 "$pid" || true
     wait "${clients[@]}"
@@ -257,8 +262,10 @@ check_grow_resume() {
 
 # --- hang: starve PID 1; the i6300esb must reset the machine ---------------------------------
 check_hang() {
-    local b0 t0 b1 wd
+    local b0 t0 b1 wd seen action
     b0=$(boot_id)
+    # The QMP log spans every QEMU start of this run: only events after this line count.
+    seen=$(wc -l <"$events" 2>/dev/null || echo 0)
     wd=$(guest 'cat /sys/class/watchdog/watchdog0/identity /sys/class/watchdog/watchdog0/timeout /sys/class/watchdog/watchdog0/state 2>&1 | paste -sd" "')
     t0=$(now)
     # SCHED_FIFO spinners on every CPU with RT throttling off: nothing of normal priority runs
@@ -268,9 +275,14 @@ check_hang() {
     wait_for 30 http_down || { fail hang "the guest still answers 30 s after starving its CPUs"; return; }
     local hung
     hung=$(since "$t0")
-    if wait_for 120 grep -q '"WATCHDOG"' "$events" && wait_for 120 http_ok && wait_for 60 guest true; then
+    if wait_for 120 sh -c "tail -n +$((seen + 1)) '$events' | grep -q '\"WATCHDOG\"'" && wait_for 120 http_ok && wait_for 60 guest true; then
         b1=$(boot_id)
-        pass hang "watchdog ($wd) fired: QMP $(grep -m1 WATCHDOG "$events" | json 'd["data"]' 2>/dev/null); HTTP down after $hung s, serving again after $(since "$t0") s, boot id changed: $([ "$b0" != "$b1" ] && echo yes || echo NO)"
+        action=$(tail -n +$((seen + 1)) "$events" | grep -m1 '"WATCHDOG"' | json 'd["data"]["action"]' 2>/dev/null || true)
+        if [ "$action" = reset ] && [ -n "$b1" ] && [ "$b0" != "$b1" ]; then
+            pass hang "watchdog ($wd) fired: QMP WATCHDOG action '$action' (this boot's event); HTTP down after $hung s, serving again after $(since "$t0") s, boot id changed"
+        else
+            fail hang "a watchdog event, but action '$action' (want reset) and boot id $b0 -> $b1"
+        fi
     else
         fail hang "no watchdog reset within 120 s (watchdog: $wd); QMP events: $(tail -3 "$events" | tr '\n' ' ')"
     fi
