@@ -1,5 +1,6 @@
 //! Shared helpers for the workspace integration tests and their fake programs.
 
+pub mod crashfs;
 pub mod postgres;
 
 use std::path::Path;

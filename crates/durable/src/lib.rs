@@ -133,6 +133,19 @@ pub fn persist(fs: &mut impl Fs, temp: &Path, path: &Path) -> Result<(), Error> 
         .map_err(failed(path, Step::SyncDirectory))
 }
 
+/// Creates `dir` and its missing parents, like `std::fs::create_dir_all`, and fsyncs the
+/// directory above each one it made, so that the new names outlive a power cut: without it a
+/// file synced inside a directory made a moment ago can vanish with the directory.
+pub fn create_dir_all(dir: &Path) -> std::io::Result<()> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    std::fs::create_dir_all(dir)?;
+    // Deepest first is fine: each fsync makes one name durable, in any order, before return.
+    for made in missing {
+        StdFs.sync_dir(parent(made))?;
+    }
+    Ok(())
+}
+
 fn failed(path: &Path, step: Step) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_owned();
     move |source| Error { path, step, source }

@@ -113,8 +113,9 @@ fn database_command(
     })
 }
 
+/// Made durably: the snapshot and the exports go in it, and outlive a cut only if its name does.
 fn create_dir(path: &Path) -> Result<(), DatabaseError> {
-    std::fs::create_dir_all(path).map_err(|source| DatabaseError::CreateDir {
+    durable::create_dir_all(path).map_err(|source| DatabaseError::CreateDir {
         path: path.to_owned(),
         source,
     })

@@ -476,7 +476,10 @@ impl Install {
             if chunks == 0 {
                 continue;
             }
-            let mut file = std::fs::File::open(dir.join(&entry.path)).ok()?;
+            let Ok(mut file) = std::fs::File::open(dir.join(&entry.path)) else {
+                tracing::warn!(path = %entry.path, "a file the interrupted install wrote is missing; starting over");
+                return None;
+            };
             // A file before the mark's was finished (cut to length) before the mark was made.
             if f < mark.file as usize && file.metadata().ok()?.len() != entry.size {
                 tracing::warn!(path = %entry.path, "the interrupted install left a file of the wrong length; starting over");
@@ -484,7 +487,10 @@ impl Install {
             }
             for chunk in entry.chunks.iter().take(chunks) {
                 let bytes = &mut buf[..chunk.size as usize];
-                file.read_exact(bytes).ok()?;
+                if file.read_exact(bytes).is_err() {
+                    tracing::warn!(path = %entry.path, "a file the interrupted install wrote is short; starting over");
+                    return None;
+                }
                 if ota_bundle::chunk_hash(bytes) != chunk.hash {
                     tracing::warn!(path = %entry.path, "the interrupted install's data does not match; starting over");
                     return None;

@@ -46,8 +46,16 @@ fn device_key(path: &Path) -> Result<SecretKey, ReceiptError> {
         .mode(0o600)
         .open(path)
         .map_err(|e| key_error(e.to_string()))?;
+    // Synced, name and all: a device whose key changed after a cut would sign receipts a
+    // fleet no longer recognises.
     file.write_all(key.to_line().as_bytes())
-        .and_then(|()| file.sync_all())
+        .and_then(|()| ota_slots::failpoint::sync("device_key.synced", || file.sync_all()))
+        .and_then(|()| {
+            ota_slots::failpoint::sync("device_key.dir_synced", || {
+                let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+                std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+            })
+        })
         .map_err(|e| key_error(e.to_string()))?;
     Ok(key)
 }
@@ -87,7 +95,7 @@ pub fn write(
     );
     // Never over an earlier receipt: two updates can end within the same second.
     let write_one = |dir: &Path| -> std::io::Result<PathBuf> {
-        std::fs::create_dir_all(dir)?;
+        durable::create_dir_all(dir)?;
         for n in 0u32.. {
             let path = match n {
                 0 => dir.join(format!("{stem}.receipt")),
@@ -102,7 +110,11 @@ pub fn write(
                 other => other?,
             };
             file.write_all(text.as_bytes())?;
-            file.sync_all()?;
+            ota_slots::failpoint::sync("receipt.synced", || file.sync_all())?;
+            // The receipt's name too: a receipt is what a fleet counts.
+            ota_slots::failpoint::sync("receipt.dir_synced", || {
+                std::fs::File::open(dir)?.sync_all()
+            })?;
             return Ok(path);
         }
         unreachable!("the loop returns or fails by n = 1000")

@@ -8,6 +8,8 @@
 //! every point reached appends a line `NAME BYTES` to FILE (BYTES: release bytes passed to the
 //! slot writer so far), so that the harness finds the points and how often each is reached
 //! instead of listing them by hand, and knows where each journal mark fell.
+//!
+//! `QUOTE_EDGE_FAILPOINT_SKIP_SYNC=NAME` leaves out the fsync named NAME (see [`sync`]).
 
 /// Marks a point of the update path (after or before a write, fsync or rename).
 #[inline]
@@ -16,6 +18,21 @@ pub fn hit(name: &str) {
     imp::hit(name);
     #[cfg(not(feature = "failpoints"))]
     let _ = name;
+}
+
+/// Runs `fsync`, an fsync of the update path named `name`, unless a failpoints build was told
+/// to leave this one out (`QUOTE_EDGE_FAILPOINT_SKIP_SYNC=NAME`): the switch with which the
+/// power-cut harness, whose disk drops what was not synced, proves that it notices a missing
+/// fsync. Names are `area.synced` (a file) and `area.dir_synced` (a directory).
+#[inline]
+pub fn sync(name: &str, fsync: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    if imp::skip_sync(name) {
+        return Ok(());
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+    fsync()
 }
 
 /// For a write of `len` bytes after `done` bytes: how many to write before the abort, if the
@@ -91,6 +108,13 @@ mod imp {
             tracing_free_note(name);
             super::abort();
         }
+    }
+
+    pub fn skip_sync(name: &str) -> bool {
+        static SKIP: OnceLock<Option<String>> = OnceLock::new();
+        SKIP.get_or_init(|| std::env::var("QUOTE_EDGE_FAILPOINT_SKIP_SYNC").ok())
+            .as_deref()
+            == Some(name)
     }
 
     pub fn cut_bytes(done: u64, len: usize) -> Option<usize> {

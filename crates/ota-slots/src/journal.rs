@@ -33,6 +33,9 @@ pub struct Mark {
 pub struct Journal {
     path: PathBuf,
     generation: u64,
+    /// Whether the journal's name is known to be durable (its directory fsynced since this
+    /// value was made): a record in a file whose name a cut can take away keeps nothing.
+    named: bool,
 }
 
 impl Journal {
@@ -40,6 +43,7 @@ impl Journal {
         let mut journal = Journal {
             path: dir.join("install.journal"),
             generation: 0,
+            named: false,
         };
         journal.generation = journal.records().map_or(0, |(g, _)| g);
         journal
@@ -63,7 +67,8 @@ impl Journal {
             .max_by_key(|(generation, _)| *generation)
     }
 
-    /// Writes `mark` as the newest record and fsyncs it.
+    /// Writes `mark` as the newest record and fsyncs it (and, the first time, the directory,
+    /// so that the file's name outlives a cut too).
     pub fn record(&mut self, mark: &Mark) -> std::io::Result<()> {
         self.generation += 1;
         let mut file = OpenOptions::new()
@@ -73,13 +78,19 @@ impl Journal {
             .open(&self.path)?;
         file.seek(SeekFrom::Start((self.generation % 2) * RECORD as u64))?;
         file.write_all(&encode(self.generation, mark))?;
-        file.sync_data()?;
+        crate::failpoint::sync("journal.synced", || file.sync_data())?;
+        if !self.named {
+            let dir = self.path.parent().unwrap_or(Path::new("."));
+            crate::failpoint::sync("journal.dir_synced", || File::open(dir)?.sync_all())?;
+            self.named = true;
+        }
         crate::failpoint::hit("journal.recorded");
         Ok(())
     }
 
     /// Forgets the install (it finished, or will not be resumed).
     pub fn clear(&mut self) -> std::io::Result<()> {
+        self.named = false;
         match std::fs::remove_file(&self.path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),

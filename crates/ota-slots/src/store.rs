@@ -30,7 +30,7 @@ macro_rules! fs_with_points {
                 Ok(())
             }
             fn sync_file(&mut self, path: &Path) -> std::io::Result<()> {
-                StdFs.sync_file(path)?;
+                crate::failpoint::sync($synced, || StdFs.sync_file(path))?;
                 crate::failpoint::hit($synced);
                 Ok(())
             }
@@ -40,7 +40,7 @@ macro_rules! fs_with_points {
                 Ok(())
             }
             fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()> {
-                StdFs.sync_dir(dir)?;
+                crate::failpoint::sync($dir_synced, || StdFs.sync_dir(dir))?;
                 crate::failpoint::hit($dir_synced);
                 Ok(())
             }

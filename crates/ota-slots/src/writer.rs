@@ -87,7 +87,7 @@ impl SlotWriter {
         if dir.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
             std::fs::remove_file(dir).map_err(io)?;
         }
-        std::fs::create_dir_all(dir).map_err(io)?;
+        writer.dirs.extend(make_dirs(dir).map_err(io)?);
         prune(dir, Path::new(""), &keep, &parents)?;
         collect_dirs(dir, &mut writer.dirs);
         crate::failpoint::hit("slot.emptied");
@@ -174,9 +174,11 @@ impl SlotWriter {
     /// that a journal mark may cover it.
     pub fn sync(&mut self) -> Result<(), WriteError> {
         if let Some(open) = &self.current {
-            open.file.sync_data().map_err(|source| WriteError::Io {
-                path: self.dir.join(&open.path),
-                source,
+            crate::failpoint::sync("slot.synced", || open.file.sync_data()).map_err(|source| {
+                WriteError::Io {
+                    path: self.dir.join(&open.path),
+                    source,
+                }
             })?;
         }
         self.sync_dirs()
@@ -184,12 +186,12 @@ impl SlotWriter {
 
     fn sync_dirs(&self) -> Result<(), WriteError> {
         for dir in &self.dirs {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|source| WriteError::Io {
+            crate::failpoint::sync("slot.dirs_synced", || File::open(dir)?.sync_all()).map_err(
+                |source| WriteError::Io {
                     path: dir.clone(),
                     source,
-                })?;
+                },
+            )?;
         }
         Ok(())
     }
@@ -281,7 +283,13 @@ impl SlotWriter {
                 path: parent.to_owned(),
                 source,
             })?;
-            self.dirs.push(parent.to_owned());
+            // Every directory made on the way is synced with the rest, or a cut could take
+            // away the name of one in the middle (`share` of `share/doc/x`).
+            for made in parent.ancestors().take_while(|d| *d != self.dir) {
+                if !self.dirs.iter().any(|d| d == made) {
+                    self.dirs.push(made.to_owned());
+                }
+            }
         }
         // A file kept by `update` is reused; a link is never followed (and `update` removed
         // any).
@@ -323,7 +331,7 @@ impl SlotWriter {
             open.file
                 .set_permissions(std::fs::Permissions::from_mode(open.mode & 0o755))
                 .map_err(io)?;
-            open.file.sync_all().map_err(io)?;
+            crate::failpoint::sync("slot.file_synced", || open.file.sync_all()).map_err(io)?;
             crate::failpoint::hit("slot.file_synced");
         }
         Ok(())
@@ -382,6 +390,21 @@ fn check_ours(file: &File, path: &Path) -> Result<(), WriteError> {
 }
 
 /// Every directory under `dir` (to be synced at the end of a resumed install).
+/// Creates `dir` and its missing parents (`create_dir_all`); returns the directories whose
+/// entries that changed: the nearest one that existed and each one made but `dir` (already
+/// in the writer's list). They are fsynced with the slot, or a cut could take away the slot's
+/// own name (`ota/slots/b` on a first install) and every journal mark with it.
+fn make_dirs(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    std::fs::create_dir_all(dir)?;
+    Ok(missing
+        .iter()
+        .filter_map(|made| made.parent())
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .collect())
+}
+
 fn collect_dirs(dir: &Path, into: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
