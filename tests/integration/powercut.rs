@@ -583,6 +583,22 @@ fn cut(
             );
         }
     }
+    // Exactly one receipt of this outcome: none lost to a cut before it was written (it is
+    // saved as due with the outcome), none written twice by the start after one.
+    let receipts: Vec<String> = std::fs::read_dir(device.data.join("ota/receipts"))
+        .map(|dir| {
+            dir.flatten()
+                .map(|e| std::fs::read_to_string(e.path()).unwrap())
+                .filter(|r| r.contains(&format!("\"result\":\"{expect}\"")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        receipts.len(),
+        1,
+        "after cuts at {point}: {} receipts of the {expect} update, wanted 1: {receipts:?}",
+        receipts.len()
+    );
     let single = (points.len() == 1).then(|| points[0].as_str());
     let resumed = single
         .and_then(|p| must_keep(p, marks))

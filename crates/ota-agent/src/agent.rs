@@ -24,6 +24,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use edge_proto::{Progress, UpdateOutcome, UpdateResult, UpdateState, UpdateStatus};
 use ota_slots::{Journal, Outcome, RealFs, Release, SlotName, State, StateFile, failpoint};
 
+use crate::receipt::Due;
+
 use crate::database::{
     DatabaseError, HealthError, ReleaseCommand, health_commands, restore_database,
     snapshot_database,
@@ -304,6 +306,7 @@ impl Agent {
         };
         let (state, machine) =
             settle_trial(&layout, &settings, &release_command, &file, state, timings)?;
+        let state = write_receipt_due(&layout, &settings, &file, state)?;
         let releases = HashMap::from([(0, state.active)]);
         // During a trial resumed at start, the release updated from is the previous one.
         let from = version_of(&state, state.previous.unwrap_or(state.active));
@@ -445,7 +448,15 @@ impl Agent {
                 error.to_string()
             })),
             OtaEvent::HealthChecked(result) => Event::HealthChecked(result.map_err(|e| e.to_string())),
-            OtaEvent::Recorded => Event::Recorded,
+            OtaEvent::Recorded => {
+                if self.state.receipt_due.is_some() {
+                    // Still due after a failed save: written again (once) at the next start.
+                    if let Err(error) = self.persist(Ok(self.state.receipt_written())) {
+                        tracing::warn!(%error, "cannot mark the receipt written");
+                    }
+                }
+                Event::Recorded
+            }
             OtaEvent::Restored(result) => Event::Restored(result.map_err(|error| {
                 tracing::error!(%error, "the database could not be restored from the snapshot");
                 error.to_string()
@@ -620,10 +631,8 @@ impl Agent {
             }
             Action::RecordRollback { target, reason } => {
                 failpoint::hit("agent.restored");
-                if let Err(error) = self.persist(self.state.rollback(&reason)) {
-                    tracing::error!(%error, "cannot record the rollback");
-                }
-                self.write_target_receipt(&target, "rolled_back", &reason);
+                let due = self.target_receipt(&target, "rolled_back", &reason);
+                return self.record_outcome(self.state.rollback(&reason), due, "rollback");
             }
             Action::Resume => *step = Step::Resume,
         }
@@ -666,7 +675,7 @@ impl Agent {
         if refusal.offer_again {
             self.judged.remove(bundle);
         }
-        self.write_receipt(Some(bundle), None, "refused", None, &refusal.reason);
+        self.write_receipt(Some(bundle), "refused", &refusal.reason);
         if !refusal.slot_touched {
             self.refusal = Some(UpdateResult {
                 result: UpdateOutcome::Refused,
@@ -688,18 +697,13 @@ impl Agent {
         } else {
             target.issued_at
         };
-        match self.persist(self.state.commit(issued_at)) {
-            Ok(()) => {
-                tracing::info!(version = %target.version, "update committed");
-                self.write_target_receipt(&target, "committed", "");
-            }
-            // Not committed: the next start retries the trial, as after a power cut.
-            Err(error) => {
-                tracing::error!(%error, "cannot record the commit");
-                return Some(Event::Recorded);
-            }
+        let due = self.target_receipt(&target, "committed", "");
+        let recorded = self.record_outcome(self.state.commit(issued_at), due, "commit");
+        if recorded.is_none() {
+            tracing::info!(version = %target.version, "update committed");
         }
-        None
+        // Not committed: the next start retries the trial, as after a power cut.
+        recorded
     }
 
     /// Saves the state a verb produced (temporary file, fsync, rename) and adopts it.
@@ -751,35 +755,26 @@ impl Agent {
     }
 
     /// The receipt of an update that reached its slot: the slot names the bundle's digest.
-    fn write_target_receipt(&self, target: &Target, result: &str, reason: &str) {
+    fn target_receipt(&self, target: &Target, result: &str, reason: &str) -> Due {
         let digest = self.state.slot(target.slot).bundle_digest.clone();
-        self.write_receipt(
-            target.bundle.as_deref(),
-            digest,
-            result,
-            Some(&target.version),
-            reason,
-        );
+        let bundle = target.bundle.as_deref();
+        self.receipt(bundle, digest, &target.version, result, reason)
     }
 
-    /// A signed receipt in `<ota>/receipts/`, and in `receipts/` beside the bundle when that
-    /// directory is writable or `remount_sticks` may make it so (a USB stick carries the
-    /// fleet's audit trail back). Written on a blocking task, never on the dispatcher's loop
-    /// (which alone feeds the watchdogs: a slow stick must not get the device reset); reports
-    /// [`OtaEvent::Recorded`].
-    fn write_receipt(
+    /// A receipt of the update begun at the last `spawn_install`, ending now.
+    fn receipt(
         &self,
         bundle: Option<&Path>,
         bundle_digest: Option<String>,
+        to: &str,
         result: &str,
-        version: Option<&str>,
         reason: &str,
-    ) {
+    ) -> Due {
         let receipt = crate::receipt::Receipt {
             device: String::new(),
             from: self.from.clone(),
             bundle_digest,
-            to: version.unwrap_or("").to_owned(),
+            to: to.to_owned(),
             result: result.to_owned(),
             reason: reason.to_owned(),
             bundle: bundle
@@ -790,26 +785,112 @@ impl Agent {
             resumed_bytes: self.resumed,
             unchanged_bytes: self.unchanged,
         };
-        let mut dirs = vec![self.layout.dir.join("receipts")];
-        if let Some(parent) = bundle
-            .and_then(Path::parent)
-            .filter(|p| !p.as_os_str().is_empty())
-        {
-            dirs.push(parent.join("receipts"));
+        receipt_due(&self.layout, receipt, bundle)
+    }
+
+    /// Saves `next`, the outcome of a trial, with its receipt due, then writes the receipt
+    /// (see [`Agent::write_due`]; the machine hears [`Event::Recorded`] when it is written).
+    /// Not saved: logged, no receipt (the outcome it would report is not the device's), and
+    /// `Recorded` at once.
+    fn record_outcome(
+        &mut self,
+        next: Result<State, ota_slots::Refused>,
+        due: Due,
+        what: &str,
+    ) -> Option<Event> {
+        let json = due.to_json();
+        match self.persist(next.map(|s| s.with_receipt_due(json))) {
+            Ok(()) => {
+                self.write_due(due);
+                None
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot record the {what}");
+                Some(Event::Recorded)
+            }
         }
+    }
+
+    /// A signed receipt of a refusal (nothing saved: a refusal changes no state).
+    fn write_receipt(&self, bundle: Option<&Path>, result: &str, reason: &str) {
+        self.write_due(self.receipt(bundle, None, "", result, reason));
+    }
+
+    /// Writes `due` into `<ota>/receipts/`, and into `receipts/` beside the bundle when that
+    /// directory is writable or `remount_sticks` may make it so (a USB stick carries the
+    /// fleet's audit trail back). Written on a blocking task, never on the dispatcher's loop
+    /// (which alone feeds the watchdogs: a slow stick must not get the device reset); reports
+    /// [`OtaEvent::Recorded`], upon which a receipt due in the state is marked written.
+    fn write_due(&self, due: Due) {
         let key = self.layout.dir.join("device.key");
-        let remount_under = if self.settings.remount_sticks {
-            self.settings.inbox.clone()
-        } else {
-            Vec::new()
-        };
+        let remount_under = self.remount_under();
         let notify = Arc::clone(&self.notify);
         tokio::task::spawn_blocking(move || {
-            if let Err(error) = crate::receipt::write(&key, receipt, &dirs, &remount_under) {
+            if let Err(error) = crate::receipt::write(&key, due.receipt, &due.dirs, &remount_under)
+            {
                 tracing::warn!(%error, "cannot write the install receipt");
             }
             notify(OtaEvent::Recorded);
         });
+    }
+
+    fn remount_under(&self) -> Vec<PathBuf> {
+        if self.settings.remount_sticks {
+            self.settings.inbox.clone()
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// `receipt`, to go into `<ota>/receipts/` and beside `bundle`.
+fn receipt_due(layout: &Layout, receipt: crate::receipt::Receipt, bundle: Option<&Path>) -> Due {
+    let mut dirs = vec![layout.dir.join("receipts")];
+    if let Some(parent) = bundle
+        .and_then(Path::parent)
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        dirs.push(parent.join("receipts"));
+    }
+    Due { receipt, dirs }
+}
+
+/// A receipt the last run saved as due and did not get to write (a cut came first): written
+/// now, then marked written. Failures are logged; a receipt that cannot be written stays due.
+fn write_receipt_due(
+    layout: &Layout,
+    settings: &Settings,
+    file: &StateFile,
+    state: State,
+) -> Result<State, UpdateError> {
+    let Some(json) = state.receipt_due.clone() else {
+        return Ok(state);
+    };
+    let remount_under = if settings.remount_sticks {
+        settings.inbox.clone()
+    } else {
+        Vec::new()
+    };
+    let written = Due::from_json(&json)
+        .map_err(|e| e.to_string())
+        .and_then(|due| {
+            crate::receipt::write(
+                &layout.dir.join("device.key"),
+                due.receipt,
+                &due.dirs,
+                &remount_under,
+            )
+            .map_err(|e| e.to_string())
+        });
+    match written {
+        Ok(()) => {
+            tracing::info!("a receipt due from before the last stop was written");
+            Ok(file.save(&mut RealFs, &state.receipt_written())?)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "a receipt due from before the last stop cannot be written");
+            Ok(state)
+        }
     }
 }
 
@@ -873,7 +954,28 @@ fn settle_trial(
             if let Err(error) = restore_database(layout, release_command, &dir) {
                 tracing::error!(%error, "the database could not be restored from the snapshot");
             }
-            state = file.save(&mut RealFs, &state.rollback(&reason)?)?;
+            // Its receipt, due with the outcome: written by `write_receipt_due` right after.
+            // What was not kept across the starts is said as such: the start time of the
+            // update (0) and the bytes an install resumed or kept (0).
+            let due = receipt_due(
+                layout,
+                crate::receipt::Receipt {
+                    device: String::new(),
+                    from: version_of(&state, previous),
+                    bundle_digest: state.slot(trial.slot).bundle_digest.clone(),
+                    to: version.clone(),
+                    result: "rolled_back".to_owned(),
+                    reason: reason.clone(),
+                    bundle: None,
+                    started_at: 0,
+                    finished_at: unix_now(),
+                    resumed_bytes: 0,
+                    unchanged_bytes: 0,
+                },
+                None,
+            );
+            let next = state.rollback(&reason)?.with_receipt_due(due.to_json());
+            state = file.save(&mut RealFs, &next)?;
             Ok((state, Machine::new(timings)))
         }
         Restart::Retry => {

@@ -73,6 +73,28 @@ pub fn device_id(key_path: &Path) -> Result<String, ReceiptError> {
     Ok(device_key(key_path)?.public().id().to_string())
 }
 
+/// A receipt to write, and where: saved in the OTA state together with the outcome it reports
+/// (`State::receipt_due`), so that a power cut before it is written leaves it due, to be written
+/// at the next start. Writing one twice leaves one file: the signature is deterministic, and an
+/// identical receipt already under its name counts as written.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Due {
+    pub receipt: Receipt,
+    /// The device's `receipts/` first, then the stick's, if any.
+    pub dirs: Vec<PathBuf>,
+}
+
+impl Due {
+    /// The form the state file keeps.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a receipt serialises")
+    }
+
+    pub fn from_json(json: &str) -> Result<Due, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+}
+
 /// Signs `receipt` and writes it into each of `dirs` (created if missing); the first
 /// directory must work, the others (a stick) are tried and logged, and never through a link.
 /// A read-only mount holding one of the others is remounted read-write for the write and
@@ -106,6 +128,12 @@ pub fn write(
                 .create_new(true)
                 .open(&path)
             {
+                // This very receipt, written before a cut: synced again, not written twice.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && same(&path, &text) => {
+                    std::fs::File::open(&path)?.sync_all()?;
+                    std::fs::File::open(dir)?.sync_all()?;
+                    return Ok(path);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => continue,
                 other => other?,
             };
@@ -138,6 +166,9 @@ pub fn write(
         {
             result = with_writable_mount(dir, remount_under, || write_one(dir));
         }
+        if i == 0 && result.is_ok() {
+            ota_slots::failpoint::hit("receipt.written");
+        }
         match result {
             Ok(path) => tracing::info!(receipt = %path.display(), "install receipt written"),
             Err(source) if i == 0 => {
@@ -152,6 +183,15 @@ pub fn write(
         }
     }
     Ok(())
+}
+
+/// Whether the file at `path` holds exactly `text` (read no further than that).
+fn same(path: &Path, text: &str) -> bool {
+    use std::io::Read;
+    let mut held = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(text.len() as u64 + 1).read_to_end(&mut held))
+        .is_ok_and(|_| held == text.as_bytes())
 }
 
 /// Runs `f` with the mount holding `dir` remounted read-write, and remounts it read-only
@@ -324,6 +364,29 @@ mod tests {
         std::fs::create_dir(&others_dir).unwrap();
         let others = enrolled(&others_dir, &[&other_key]);
         assert!(Receipt::verify(&bytes, &others).is_err());
+    }
+
+    #[test]
+    fn a_due_receipt_written_again_after_a_cut_leaves_one_file_and_a_new_one_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("device.key");
+        let out = dir.path().join("receipts");
+        let due = Due {
+            receipt: receipt("2.0.0"),
+            dirs: vec![out.clone()],
+        };
+        // What the state file keeps gives back the same receipt.
+        let again = Due::from_json(&due.to_json()).unwrap();
+        assert_eq!(again, due);
+        write(&key, due.receipt, &due.dirs, &[]).unwrap();
+        write(&key, again.receipt, &again.dirs, &[]).unwrap();
+        let count = || std::fs::read_dir(&out).unwrap().count();
+        assert_eq!(count(), 1, "the same receipt written twice is one file");
+        // Another receipt ending in the same second (another update) is never lost: its own file.
+        let mut other = receipt("2.0.0");
+        other.reason = "another update".into();
+        write(&key, other, std::slice::from_ref(&out), &[]).unwrap();
+        assert_eq!(count(), 2);
     }
 
     #[test]

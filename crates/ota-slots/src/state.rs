@@ -114,6 +114,12 @@ pub struct State {
     /// Downgrade permits used up (document ids), so that one cannot lower the device twice.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub used_permits: Vec<String>,
+    /// The receipt of the outcome recorded here, not yet written: the agent's own document,
+    /// opaque to this crate. It is saved with the outcome in one atomic replace, so that a cut
+    /// before the receipt is on disk leaves it due (written at the next start), and cleared
+    /// once it is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt_due: Option<String>,
 }
 
 /// A verb not allowed in the current state.
@@ -161,6 +167,7 @@ impl State {
             highest_security_version: 0,
             highest_issued_at: 0,
             last_result: None,
+            receipt_due: None,
         }
     }
 
@@ -318,6 +325,20 @@ impl State {
             reason: reason.to_owned(),
         });
         Ok(next)
+    }
+
+    /// This state with `receipt` due: saved together, the outcome and its receipt.
+    pub fn with_receipt_due(mut self, receipt: String) -> State {
+        self.receipt_due = Some(receipt);
+        self
+    }
+
+    /// The receipt that was due is written.
+    pub fn receipt_written(&self) -> State {
+        State {
+            receipt_due: None,
+            ..self.clone()
+        }
     }
 
     fn expect(&self, slot: SlotName, expected: SlotStatus) -> Result<(), Refused> {
