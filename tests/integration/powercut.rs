@@ -599,11 +599,23 @@ fn cut(
         "after cuts at {point}: {} receipts of the {expect} update, wanted 1: {receipts:?}",
         receipts.len()
     );
-    let single = (points.len() == 1).then(|| points[0].as_str());
-    let resumed = single
-        .and_then(|p| must_keep(p, marks))
-        .filter(|_| reached)
-        .map(|kept| {
+    // A payload cut resumes from its mark; cuts once the release is on trial (the agent's
+    // steps after the switch, the trial resumed at each start) must not make the receipt
+    // forget it. (A cut before the switch, at `agent.snapshotted`, offers the bundle again:
+    // a new install, which finds the bytes unchanged rather than resumed.)
+    const ON_TRIAL: [&str; 4] = [
+        "agent.rolled_out",
+        "agent.drained",
+        "agent.restored",
+        "agent.checked",
+    ];
+    let on_trial = |p: &String| ON_TRIAL.iter().any(|t| p.starts_with(&format!("{t}:")));
+    let resumed = match points {
+        [first, later @ ..] if later.iter().all(on_trial) => must_keep(first, marks),
+        _ => None,
+    }
+    .filter(|_| reached)
+    .map(|kept| {
         let receipts: String = std::fs::read_dir(device.data.join("ota/receipts"))
             .unwrap()
             .flatten()

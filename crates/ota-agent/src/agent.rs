@@ -307,6 +307,11 @@ impl Agent {
         let (state, machine) =
             settle_trial(&layout, &settings, &release_command, &file, state, timings)?;
         let state = write_receipt_due(&layout, &settings, &file, state)?;
+        // A trial resumed at start reports what its install did before the restart.
+        let (started_at, resumed, unchanged) =
+            state.trial.as_ref().map_or((unix_now(), 0, 0), |t| {
+                (t.started_at, t.resumed_bytes, t.unchanged_bytes)
+            });
         let releases = HashMap::from([(0, state.active)]);
         // During a trial resumed at start, the release updated from is the previous one.
         let from = version_of(&state, state.previous.unwrap_or(state.active));
@@ -329,10 +334,10 @@ impl Agent {
             releases,
             judged: HashMap::new(),
             scanning: false,
-            started_at: unix_now(),
+            started_at,
             refusal: None,
-            resumed: 0,
-            unchanged: 0,
+            resumed,
+            unchanged,
             verified: HashMap::new(),
             from,
         })
@@ -584,7 +589,12 @@ impl Agent {
             }
             Action::Switch { slot } => {
                 failpoint::hit("agent.snapshotted");
-                let switched = self.persist(self.state.switch(slot)).map_err(|error| {
+                let (started, resumed, unchanged) = (self.started_at, self.resumed, self.unchanged);
+                let next = self
+                    .state
+                    .switch(slot)
+                    .map(|s| s.with_trial_report(started, resumed, unchanged));
+                let switched = self.persist(next).map_err(|error| {
                     tracing::error!(%error, "cannot record the switch; the update is not started");
                     error.to_string()
                 });
@@ -954,9 +964,8 @@ fn settle_trial(
             if let Err(error) = restore_database(layout, release_command, &dir) {
                 tracing::error!(%error, "the database could not be restored from the snapshot");
             }
-            // Its receipt, due with the outcome: written by `write_receipt_due` right after.
-            // What was not kept across the starts is said as such: the start time of the
-            // update (0) and the bytes an install resumed or kept (0).
+            // Its receipt, due with the outcome: written by `write_receipt_due` right after,
+            // with what the trial kept across the starts.
             let due = receipt_due(
                 layout,
                 crate::receipt::Receipt {
@@ -967,10 +976,10 @@ fn settle_trial(
                     result: "rolled_back".to_owned(),
                     reason: reason.clone(),
                     bundle: None,
-                    started_at: 0,
+                    started_at: trial.started_at,
                     finished_at: unix_now(),
-                    resumed_bytes: 0,
-                    unchanged_bytes: 0,
+                    resumed_bytes: trial.resumed_bytes,
+                    unchanged_bytes: trial.unchanged_bytes,
                 },
                 None,
             );

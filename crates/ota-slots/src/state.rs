@@ -83,6 +83,15 @@ pub struct Trial {
     pub slot: SlotName,
     /// Starts of the trial release so far (counted by the agent, which gives up past a limit).
     pub attempts: u32,
+    /// What the update's receipt reports, kept across starts: when it began (Unix seconds),
+    /// the bytes its install resumed after a cut and those it found unchanged in the slot
+    /// (0 in a state saved before these were kept).
+    #[serde(default)]
+    pub started_at: u64,
+    #[serde(default)]
+    pub resumed_bytes: u64,
+    #[serde(default)]
+    pub unchanged_bytes: u64,
 }
 
 /// How the last update ended.
@@ -276,7 +285,13 @@ impl State {
         let mut next = self.clone();
         next.previous = Some(self.active);
         next.active = Release::Slot(slot);
-        next.trial = Some(Trial { slot, attempts: 0 });
+        next.trial = Some(Trial {
+            slot,
+            attempts: 0,
+            started_at: 0,
+            resumed_bytes: 0,
+            unchanged_bytes: 0,
+        });
         Ok(next)
     }
 
@@ -327,6 +342,16 @@ impl State {
         Ok(next)
     }
 
+    /// This state's trial with what its receipt will report (see [`Trial`]); no trial: as is.
+    pub fn with_trial_report(mut self, started_at: u64, resumed: u64, unchanged: u64) -> State {
+        if let Some(trial) = &mut self.trial {
+            trial.started_at = started_at;
+            trial.resumed_bytes = resumed;
+            trial.unchanged_bytes = unchanged;
+        }
+        self
+    }
+
     /// This state with `receipt` due: saved together, the outcome and its receipt.
     pub fn with_receipt_due(mut self, receipt: String) -> State {
         self.receipt_due = Some(receipt);
@@ -369,6 +394,24 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_saved_before_trial_reports_and_due_receipts_still_loads() {
+        let (state, slot) = installed(&State::factory(), "d", "2.0.0", 2);
+        let state = state.switch(slot).unwrap().with_trial_report(7, 8, 9);
+        let mut json: serde_json::Value = serde_json::to_value(&state).unwrap();
+        let trial = json["trial"].as_object_mut().unwrap();
+        for field in ["started_at", "resumed_bytes", "unchanged_bytes"] {
+            assert!(trial.remove(field).is_some(), "{field} is saved");
+        }
+        let old: State = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            old,
+            state.with_trial_report(0, 0, 0),
+            "the fields an older supervisor did not write read as 0"
+        );
+        assert_eq!(old.receipt_due, None);
+    }
 
     fn installed(state: &State, digest: &str, version: &str, sv: u64) -> (State, SlotName) {
         let (s, slot) = state.begin_install(digest, version, sv).unwrap();
