@@ -55,6 +55,21 @@ http_ok() { curl -sf -m 2 -o /dev/null "$base/quotes/random"; }
 http_down() { ! curl -sf -m 1 -o /dev/null "$base/quotes/random"; }
 boot_id() { guest 'cat /proc/sys/kernel/random/boot_id' 10; }
 served_by() { curl -s -m 2 -o /dev/null -D - "$base/quotes/random" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-served-by" {print $2}'; }
+# stays SECONDS CMD...: CMD succeeds at every poll (each 0.5 s) for SECONDS; fails at once when
+# it does not. For an absence ("not retried"), which no event can announce.
+stays() {
+    local deadline
+    deadline=$(python3 -c "import time; print(time.monotonic() + $1)")
+    shift
+    while python3 -c "import sys,time; sys.exit(time.monotonic() > $deadline)"; do
+        "$@" >/dev/null 2>&1 || return 1
+        sleep 0.5
+    done
+}
+# journal_cursor: where the supervisor's journal ends now (for journal_since).
+journal_cursor() { guest 'journalctl -u edge-supervisor -n 1 --show-cursor -o cat' | tr -d '\r' | sed -n 's/^-- cursor: //p'; }
+# journal_since CURSOR: the supervisor's log lines after CURSOR.
+journal_since() { guest "journalctl -u edge-supervisor -o cat --after-cursor='$1'" 60 | tr -d '\r'; }
 # Predicates for wait_for.
 ready_count_is() { [ "$(status_json | json 'sum(r["ready"] for r in d["replicas"])')" = "$1" ]; }
 all_ready() { ready_count_is 3; }
@@ -62,6 +77,30 @@ replaced() { [ "$(status_json | json "d['replicas'][$1]['ready'] and d['replicas
 last_exit_is() { [ "$(status_json | json "(d['replicas'][$1]['last_exit'] or {}).get('reason')")" = "$2" ]; }
 restarted_since() { [ "$(guest 'systemctl show -p NRestarts --value edge-supervisor')" -gt "$1" ]; }
 update_field() { status_json | json "d['update'].get('$1')"; }
+# install_journaled: an install is under way with a journal mark on the disk (the slot is
+# `installing`, install.journal holds a mark): a cut now must resume, not start over.
+install_journaled() {
+    guest "test -s /var/lib/quote-edge/ota/install.journal && grep -q '\"installing\"' /var/lib/quote-edge/ota/state.json"
+}
+# boot_resumed: this boot's agent resumed an interrupted install from its journal mark.
+boot_resumed() { guest "journalctl -b -u edge-supervisor -o cat | grep -q 'resuming an interrupted install'"; }
+# resumed_bytes VERSION: the bytes the committed install of VERSION kept from before a cut, as its
+# signed receipt on the device says.
+resumed_bytes() {
+    guest "grep -l '\"$1\"' /var/lib/quote-edge/ota/receipts/*committed*.receipt | xargs cat" |
+        { grep -o '"resumed_bytes":[0-9]*' || true; } | cut -d: -f2 | head -1
+}
+# scan_seconds: the agent's inbox scan interval in whole seconds, as the device's configuration
+# sets it, or its default (2 s: `[ota] scan_interval`, crates/ota-agent/src/settings.rs).
+scan_seconds() {
+    local set
+    set=$(guest "grep -o '^scan_interval = \"[0-9]*s\"' /etc/quote-edge/supervisor.toml || true" | tr -dc 0-9)
+    echo "${set:-2}"
+}
+# same_result JSON: the agent is idle and its last result is still JSON (as `json` printed it).
+same_result() { [ "$(update_field state)" = idle ] && [ "$(status_json | json 'd["update"]["last_result"]')" = "$1" ]; }
+# update_state_in STATE...: the agent is in one of these states.
+update_state_in() { local state; state=$(update_field state) && [[ " $* " == *" $state "* ]]; }
 # update_ended VERSION RESULT: the agent is idle and its last result is RESULT for VERSION.
 update_ended() {
     [ "$(status_json | json "d['update']['state'] == 'idle' and (d['update'].get('last_result') or {}).get('result') == '$2' and (d['update'].get('last_result') or {}).get('version') == '$1'")" = True ]
@@ -122,9 +161,10 @@ boot_with() {
     wait_for 300 http_ok && wait_for 60 guest true
 }
 
-# stick NAME KIND VERSION SECURITY_VERSION: a FAT stick image holding one bundle signed with the
-# test key the image trusts, of a release whose quote-service is the image's own (good) or a
-# script that exits 3 (crashes). Prints the image's path.
+# stick NAME KIND VERSION SECURITY_VERSION [DATA_MIB]: a FAT stick image holding one bundle
+# signed with the test key the image trusts, of a release whose quote-service is the image's own
+# (good) or a script that exits 3 (crashes), with DATA_MIB of incompressible share/data.bin
+# (default none: a long install, with a journal mark every 4 MiB). Prints the image's path.
 stick() {
     [ -n "$ota_tool" ] || { echo "no ota tool: cargo build -p ota (or set OTA)" >&2; return 2; }
     local rel=$work/rel-$1
@@ -135,10 +175,16 @@ stick() {
         printf '#!/bin/sh\necho "release %s cannot start" >&2\nexit 3\n' "$3" > "$rel/bin/quote-service"
         chmod 755 "$rel/bin/quote-service"
     fi
+    if [ "${5:-0}" -gt 0 ]; then
+        mkdir -p "$rel/share"
+        head -c "$(($5 << 20))" /dev/urandom > "$rel/share/data.bin"
+    fi
     "$ota_tool" pack --key "$device_repo/ota/keys/test-signing.key" --version "$3" --security-version "$4" \
         --level 3 --out "$work/$1.bundle" "$rel" >/dev/null
     rm -f "$work/$1.img"
-    mkfs.vfat -C -n STICK "$work/$1.img" 16384 >/dev/null
+    # 1 KiB blocks: the bundle and 8 MiB to spare (receipts, the FAT itself), 16 MiB at least.
+    local blocks=$(( $(stat -c %s "$work/$1.bundle") / 1024 + 8192 ))
+    mkfs.vfat -C -n STICK "$work/$1.img" "$(( blocks > 16384 ? blocks : 16384 ))" >/dev/null
     mcopy -i "$work/$1.img" "$work/$1.bundle" ::update.bundle
     echo "$work/$1.img"
 }

@@ -12,7 +12,8 @@
 #   replicas      answers come from 3 distinct replicas (X-Served-By)
 #   self-heal     kill -9 of a replica inside the guest loses no client request
 #   oom           a replica's cgroup pushed past memory.max is OOM-killed by the kernel,
-#                 reported as oom_kill by `edge-supervisor status --json`, and replaced
+#                 reported as oom_kill by `edge-supervisor status --json`, and replaced by a
+#                 ready one
 #   sigstop       SIGSTOP of the supervisor: systemd's WatchdogSec kills and restarts it
 #   persistence   a quote written before a reboot is there after it
 #   grow-resume   a power cut between growing the partition and growing its file system (made
@@ -21,12 +22,16 @@
 #   hang          all CPUs starved by real-time spinners (PID 1 can no longer feed the
 #                 i6300esb): the hardware watchdog resets the machine and it serves again
 #   ota           a USB stick with a signed bundle plugged into the running device: the new
-#                 version is rolled out, tried and committed; a quote written before is still
-#                 there; the signed receipt is on the stick, mounted read-only again
+#                 version is rolled out one replica at a time (every rotation change logged
+#                 keeps 2 of 3 ready), tried and committed; a quote written before is still
+#                 there; the receipt on the stick verifies against the device's key (a changed
+#                 copy does not), and the stick is mounted read-only again
 #   ota-rollback  power off, plug a stick with a bundle whose service crashes, boot: rolled
 #                 back automatically, the previous version serves, quotes intact, not retried
-#   powercut      a hard power cut of QEMU in the middle of an update, then boot again with
-#                 the stick still in: a consistent version serves, with the quotes
+#                 (idle on the same result for three scan intervals, one install logged)
+#   powercut      hard power cuts of QEMU during an update, the stick still in: one in the
+#                 payload after a journal mark (the next boot resumes from it: the receipt's
+#                 resumed bytes), one during the rollout or trial; then committed, quotes intact
 #
 # Each check prints PASS/FAIL with what it measured, then the number of failures; the exit status
 # is 0 when every check passed, 1 when one failed (or the device did not boot), 2 when it could not
@@ -184,9 +189,12 @@ check_oom() {
     if wait_for 120 last_exit_is 2 oom_kill; then
         local killed
         killed=$(since "$t0")
-        wait_for 20 replaced 2 "$pid" || true
-        out=$(status_json | json 'd["replicas"][2]["last_exit"], d["replicas"][2]["pid"], d["replicas"][2]["ready"]')
-        pass oom "replica-2 (pid $pid, cgroup $cg, memory.max $max) OOM-killed, seen in status after $killed s; now: $out; kernel: $(guest "dmesg | grep -c 'Memory cgroup out of memory'") cgroup OOM lines"
+        if ! wait_for 60 replaced 2 "$pid"; then
+            fail oom "replica-2 (pid $pid) was OOM-killed but not replaced by a ready one within 60 s: $(status_json | json 'd["replicas"][2]')"
+            return
+        fi
+        out=$(status_json | json 'd["replicas"][2]["last_exit"]["reason"], d["replicas"][2]["pid"], d["replicas"][2]["ready"]')
+        pass oom "replica-2 (pid $pid, cgroup $cg, memory.max $max) OOM-killed, seen in status after $killed s, replaced by a ready replica $(since "$t0") s after the push (last_exit, pid, ready: $out); kernel: $(guest "dmesg | grep -c 'Memory cgroup out of memory'") cgroup OOM lines"
     else
         fail oom "replica-2 (pid $pid, memory.max $max): no oom_kill in status: $(status_json | json 'd["replicas"][2]')"
     fi
@@ -295,21 +303,40 @@ check_ota() {
     text="before the update $(date +%s%N)"
     id=$(post_quote "$text") || { fail ota "POST failed"; return; }
     img=$(stick v2 good 2.0.0 2)
+    local cursor
+    cursor=$(journal_cursor)
     t0=$(now)
     # Plugged into the running device: udev mounts it, the inbox scan finds the bundle.
     plug_stick "$img" || { fail ota "cannot plug the stick in (QMP)"; return; }
     if wait_for 300 update_ended 2.0.0 committed && wait_for 60 all_ready; then
-        local releases
+        local releases rotation receipt verified tampered
         releases=$(status_json | json '",".join(sorted(set(r.get("release") or "?" for r in d["replicas"])))')
         mount=$(guest 'findmnt -no OPTIONS -T /run/quote-edge/usb/*/update.bundle' | cut -d, -f1)
+        # One replica at a time: every change of the rotation the supervisor logged during the
+        # rollout (each one, not a sample) left at least 2 of the 3 replicas ready.
+        rotation=$(journal_since "$cursor" | python3 -c '
+import re, sys
+sizes = [len(re.findall(r"replica-\d+", l)) for l in sys.stdin if "rotation changed" in l]
+print(len(sizes), min(sizes) if sizes else 0)')
         pull_stick
-        # Read on the host from the stick's own file system: the receipt really is on it.
-        receipts=$(mdir -b -i "$img" ::/receipts 2>/dev/null | grep -c 'committed\.receipt$' || true)
+        # Read on the host from the stick's own file system: the receipt is on it, and it is
+        # signed by this device's key (and a changed copy is refused).
+        receipt=$(mdir -b -i "$img" ::/receipts 2>/dev/null | grep 'committed\.receipt$' || true)
+        mkdir -p "$work/device-keys"
+        guest 'edge-supervisor device-key --data-dir /var/lib/quote-edge' | tr -d '\r' >"$work/device-keys/device.pub"
+        verified=no tampered=accepted
+        if [ "$(wc -l <<<"$receipt")" = 1 ] && mcopy -n -i "$img" "$receipt" "$work/ota.receipt"; then
+            "$ota_tool" receipt verify --device-keys "$work/device-keys" "$work/ota.receipt" >/dev/null && verified=yes
+            sed 's/2\.0\.0/2.0.1/' "$work/ota.receipt" >"$work/tampered.receipt"
+            "$ota_tool" receipt verify --device-keys "$work/device-keys" "$work/tampered.receipt" >/dev/null 2>&1 ||
+                tampered=refused
+        fi
         if [ "$(update_field version)" = 2.0.0 ] && [ "$releases" = 2.0.0 ] && quote_is "$id" "$text" &&
-            [ "$receipts" = 1 ] && [ "$mount" = ro ]; then
-            pass ota "USB stick plugged in: 2.0.0 committed $(since "$t0") s later; replicas run $releases; quote $id intact; signed receipt on the stick, which is mounted $mount again"
+            [ "${rotation% *}" -ge 2 ] && [ "${rotation#* }" -ge 2 ] &&
+            [ "$verified" = yes ] && [ "$tampered" = refused ] && [ "$mount" = ro ]; then
+            pass ota "USB stick plugged in: 2.0.0 committed $(since "$t0") s later; replicas run $releases; rotation changed ${rotation% *} times during the rollout, never below ${rotation#* } of 3 ready; quote $id intact; receipt on the stick verified against the device key (a changed copy refused); the stick is mounted $mount again"
         else
-            fail ota "after commit: version $(update_field version), replicas $releases, quote $id: $(curl -s "$base/quotes/$id"), receipts on the stick: $receipts, mount: $mount"
+            fail ota "after commit: version $(update_field version), replicas $releases, rotation (changes, fewest ready): $rotation, quote $id: $(curl -s "$base/quotes/$id"), receipt on the stick: ${receipt:-none} (verified: $verified, changed copy $tampered), mount: $mount"
         fi
     else
         fail ota "no commit of 2.0.0: $(status_json | json 'd["update"]')"
@@ -325,9 +352,21 @@ check_ota_rollback() {
     img=$(stick v3 crashes 3.0.0 3)
     t0=$(now)
     boot_with "$img" || { fail ota-rollback "the device did not come back with the stick"; return; }
-    if wait_for 300 update_ended 3.0.0 rolled_back && wait_for 60 all_ready && sleep 5 &&
-        [ "$(update_field state)" = idle ] && [ "$(update_field version)" = "$before" ] && quote_is "$id" "$text"; then
-        pass ota-rollback "bundle 3.0.0 (crashes) rolled back $(since "$t0") s after power-on: $(status_json | json 'd["update"]["last_result"]["reason"]'); $before serving, quote $id intact, not retried"
+    if wait_for 300 update_ended 3.0.0 rolled_back && wait_for 60 all_ready; then
+        local result scan window installs
+        result=$(status_json | json 'd["update"]["last_result"]')
+        # "Not retried" is an absence: the agent stays idle on the same result for three scan
+        # intervals (the bundle is still on the stick, seen at every scan), and this boot's log
+        # shows the one install.
+        scan=$(scan_seconds)
+        window=$((3 * scan))
+        if stays "$window" same_result "$result" &&
+            installs=$(guest "journalctl -b -u edge-supervisor -o cat | grep -c 'inbox: installing'" | tr -d '\r') &&
+            [ "$installs" = 1 ] && [ "$(update_field version)" = "$before" ] && quote_is "$id" "$text"; then
+            pass ota-rollback "bundle 3.0.0 (crashes) rolled back $(since "$t0") s after power-on: $(status_json | json 'd["update"]["last_result"]["reason"]'); $before serving, quote $id intact; not retried: idle on the same result for ${window} s (3 scan intervals), 1 install in this boot's log"
+        else
+            fail ota-rollback "after the rollback: $(status_json | json 'd["update"]'), installs in this boot's log: ${installs:-?} (wanted 1), version $(update_field version) (wanted $before)"
+        fi
     else
         fail ota-rollback "after the crashing bundle: $(status_json | json 'd["update"]')"
     fi
@@ -335,26 +374,44 @@ check_ota_rollback() {
 
 check_powercut() {
     [ -n "$ota_tool" ] || { fail powercut "no ota tool"; return; }
-    local text id img state t0 version
+    local text id img t0 version second resumed
     text="before the power cut $(date +%s%N)"
     id=$(post_quote "$text") || { fail powercut "POST failed"; return; }
-    img=$(stick v4 good 4.0.0 4)
+    # 32 MiB that do not compress: a journal mark every 4 MiB and an install that lasts.
+    img=$(stick v4 good 4.0.0 4 32)
     boot_with "$img" || { fail powercut "the device did not come back with the stick"; return; }
-    # Cut the power as soon as the update is under way (installing, rolling out or on trial).
-    wait_for 300 sh -c "[ \"\$(python3 '$device_lib/guest.py' '$shell' 'edge-supervisor status --json --data-dir /var/lib/quote-edge' | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"update\"][\"state\"])')\" != idle ]" || true
-    state=$(update_field state)
+    # Cut 1, in the payload: once a journal mark is on the disk and the slot is `installing`.
+    if ! wait_for 300 install_journaled; then
+        fail powercut "never saw a journal mark of the install: $(status_json | json 'd["update"]')"
+        return
+    fi
     t0=$(now)
+    power_cut
+    start_qemu keep "$img"
+    wait_for 300 http_ok && wait_for 60 guest true || { fail powercut "no power-on after the first cut"; return; }
+    # The cut landed mid-install, with a mark, and this boot resumed from it (not from zero).
+    if ! wait_for 120 boot_resumed; then
+        fail powercut "the boot after a cut mid-install did not resume: $(guest "journalctl -b -u edge-supervisor -o cat | grep -i interrupted" | tr -d '\r')"
+        return
+    fi
+    # Cut 2, after the install: during the rollout or the trial of the resumed release.
+    if ! wait_for 300 update_state_in snapshotting rolling_out trial checking; then
+        fail powercut "the resumed install never reached its rollout: $(status_json | json 'd["update"]')"
+        return
+    fi
+    second=$(update_field state)
     power_cut
     start_qemu keep "$img"
     if wait_for 300 http_ok && wait_for 60 guest true && wait_for 300 update_ended 4.0.0 committed && wait_for 60 all_ready; then
         version=$(update_field version)
-        if quote_is "$id" "$text" && [ "$version" = 4.0.0 ]; then
-            pass powercut "power cut while the agent was '$state'; after power-on the update finished: $version committed $(since "$t0") s later; quote $id intact"
+        resumed=$(resumed_bytes 4.0.0)
+        if quote_is "$id" "$text" && [ "$version" = 4.0.0 ] && [ "${resumed:-0}" -gt 0 ]; then
+            pass powercut "cut mid-install after a journal mark, then resumed with $resumed bytes kept (the receipt); cut again while '$second'; 4.0.0 committed $(since "$t0") s after the first cut; quote $id intact"
         else
-            fail powercut "after the cut ($state): version $version, quote $id: $(curl -s "$base/quotes/$id")"
+            fail powercut "after two cuts: version $version, resumed bytes ${resumed:-none}, quote $id: $(curl -s "$base/quotes/$id")"
         fi
     else
-        fail powercut "after the cut ($state): $(status_json | json 'd["update"]' 2>&1)"
+        fail powercut "after the second cut ($second): $(status_json | json 'd["update"]' 2>&1)"
     fi
 }
 
