@@ -282,7 +282,7 @@ step_powercut() {
     plug_stick "$img"
     local ok=0
     wait_for 300 install_journaled || ok=1
-    run_guest 'grep -o "\"status\":\"installing\"" /var/lib/quote-edge/ota/state.json; ls -l /var/lib/quote-edge/ota/install.journal'
+    run_guest 'grep -o "\"status\": *\"installing\"" /var/lib/quote-edge/ota/state.json; ls -l /var/lib/quote-edge/ota/install.journal'
     power_cut
     say "Power on again, the stick still in: the install resumes from its last journal mark."
     t0=$(now)

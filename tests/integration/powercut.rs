@@ -256,10 +256,16 @@ impl Drop for Power {
         // and only then does `unshare` return. When `wait` returns, nothing holds the disk.
         let pid = self.0.id();
         let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
+        let mut killed = false;
         for child in children.unwrap_or_default().split_whitespace() {
             if let Some(child) = child.parse().ok().and_then(rustix::process::Pid::from_raw) {
-                let _ = rustix::process::kill_process(child, rustix::process::Signal::KILL);
+                killed |=
+                    rustix::process::kill_process(child, rustix::process::Signal::KILL).is_ok();
             }
+        }
+        if !killed {
+            // PID 1 already gone, or not found: `unshare --kill-child` takes it down with it.
+            let _ = self.0.kill();
         }
         let _ = self.0.wait();
     }
@@ -588,6 +594,8 @@ fn cut(
     let receipts: Vec<String> = std::fs::read_dir(device.data.join("ota/receipts"))
         .map(|dir| {
             dir.flatten()
+                // A receipt is a `*.receipt`; a temporary file a cut left is not one.
+                .filter(|e| e.path().extension().is_some_and(|x| x == "receipt"))
                 .map(|e| std::fs::read_to_string(e.path()).unwrap())
                 .filter(|r| r.contains(&format!("\"result\":\"{expect}\"")))
                 .collect()
@@ -619,6 +627,7 @@ fn cut(
         let receipts: String = std::fs::read_dir(device.data.join("ota/receipts"))
             .unwrap()
             .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "receipt"))
             .map(|e| std::fs::read_to_string(e.path()).unwrap())
             .collect();
         let resumed: u64 = receipts

@@ -394,8 +394,10 @@ check_powercut() {
         fail powercut "the boot after a cut mid-install did not resume: $(guest "journalctl -b -u edge-supervisor -o cat | grep -i interrupted" | tr -d '\r')"
         return
     fi
-    # Cut 2, after the install: during the rollout or the trial of the resumed release.
-    if ! wait_for 300 update_state_in snapshotting rolling_out trial checking; then
+    # Cut 2, once the resumed release is on trial: during its rollout, trial or checks (not
+    # while snapshotting or switching: a cut before the switch is saved offers the bundle
+    # again, a new install that finds the bytes unchanged rather than resumed).
+    if ! wait_for 300 update_state_in rolling_out trial checking; then
         fail powercut "the resumed install never reached its rollout: $(status_json | json 'd["update"]')"
         return
     fi

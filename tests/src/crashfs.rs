@@ -7,13 +7,15 @@
 //! away everything unsynced, and mounts what is left: what LazyFS (a FUSE file system built to
 //! find crash-consistency bugs) does by default, and SQLite's crash-test VFS.
 //!
-//! The model is the worst case POSIX allows, not one file system's habits: a file created,
+//! The model drops everything unsynced, whatever one file system would keep: a file created,
 //! written and fsynced but whose directory was never fsynced is gone after the cut (ext4 in
 //! `data=ordered` would usually keep it), and a name made durable by a directory fsync points
 //! at an empty file when the file itself was never fsynced (ext4 and vfat may persist the
-//! rename before the data). It does not tear writes (all of an unsynced write is lost, never a
-//! part) and does not reorder them (nothing unsynced survives): the cut drops every unsynced
-//! change at once.
+//! rename before the data). It is one crash outcome, not all of them: it does not tear writes
+//! (all of an unsynced write is lost, never a part), does not keep some unsynced changes and
+//! lose others (an unsynced name that survives with its data lost, which real file systems
+//! can do, is never produced), and persists a rename across two directories one directory at
+//! a time (the harness's code never renames across directories unsynced).
 //!
 //! [`Disk`] is the model, with no FUSE in it, so its rules are tested without root; the FUSE
 //! adapter below only translates.

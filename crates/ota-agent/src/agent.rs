@@ -211,8 +211,11 @@ pub enum OtaEvent {
     Snapshotted(Result<(), DatabaseError>),
     HealthChecked(Result<(), HealthError>),
     Restored(Result<(), DatabaseError>),
-    /// The receipt of an outcome is written (or could not be: logged).
-    Recorded,
+    /// The receipt of an outcome is written (or could not be: logged). `due_written`: it
+    /// was the receipt the state holds as due, and it is on the device now.
+    Recorded {
+        due_written: bool,
+    },
 }
 
 /// Where the agent's tasks report their [`OtaEvent`]s (the dispatcher's queue); always called
@@ -306,7 +309,7 @@ impl Agent {
         };
         let (state, machine) =
             settle_trial(&layout, &settings, &release_command, &file, state, timings)?;
-        let state = write_receipt_due(&layout, &settings, &file, state)?;
+        let state = write_receipt_due(&layout, &file, state);
         // A trial resumed at start reports what its install did before the restart.
         let (started_at, resumed, unchanged) =
             state.trial.as_ref().map_or((unix_now(), 0, 0), |t| {
@@ -453,12 +456,14 @@ impl Agent {
                 error.to_string()
             })),
             OtaEvent::HealthChecked(result) => Event::HealthChecked(result.map_err(|e| e.to_string())),
-            OtaEvent::Recorded => {
-                if self.state.receipt_due.is_some() {
-                    // Still due after a failed save: written again (once) at the next start.
-                    if let Err(error) = self.persist(Ok(self.state.receipt_written())) {
-                        tracing::warn!(%error, "cannot mark the receipt written");
-                    }
+            OtaEvent::Recorded { due_written } => {
+                // Only the due receipt's own successful write clears it: one not written stays
+                // due, for the next start (a refusal's receipt never touches it).
+                if due_written
+                    && self.state.receipt_due.is_some()
+                    && let Err(error) = self.persist(Ok(self.state.receipt_written()))
+                {
+                    tracing::warn!(%error, "cannot mark the receipt written; it is written again (once) at the next start");
                 }
                 Event::Recorded
             }
@@ -811,7 +816,7 @@ impl Agent {
         let json = due.to_json();
         match self.persist(next.map(|s| s.with_receipt_due(json))) {
             Ok(()) => {
-                self.write_due(due);
+                self.write_due(due, true);
                 None
             }
             Err(error) => {
@@ -823,24 +828,27 @@ impl Agent {
 
     /// A signed receipt of a refusal (nothing saved: a refusal changes no state).
     fn write_receipt(&self, bundle: Option<&Path>, result: &str, reason: &str) {
-        self.write_due(self.receipt(bundle, None, "", result, reason));
+        self.write_due(self.receipt(bundle, None, "", result, reason), false);
     }
 
     /// Writes `due` into `<ota>/receipts/`, and into `receipts/` beside the bundle when that
     /// directory is writable or `remount_sticks` may make it so (a USB stick carries the
     /// fleet's audit trail back). Written on a blocking task, never on the dispatcher's loop
     /// (which alone feeds the watchdogs: a slow stick must not get the device reset); reports
-    /// [`OtaEvent::Recorded`], upon which a receipt due in the state is marked written.
-    fn write_due(&self, due: Due) {
+    /// [`OtaEvent::Recorded`], upon which the receipt due in the state (`is_due`: this is it)
+    /// is marked written if it was.
+    fn write_due(&self, due: Due, is_due: bool) {
         let key = self.layout.dir.join("device.key");
         let remount_under = self.remount_under();
         let notify = Arc::clone(&self.notify);
         tokio::task::spawn_blocking(move || {
-            if let Err(error) = crate::receipt::write(&key, due.receipt, &due.dirs, &remount_under)
-            {
+            let written = crate::receipt::write(&key, due.receipt, &due.dirs, &remount_under);
+            if let Err(error) = &written {
                 tracing::warn!(%error, "cannot write the install receipt");
             }
-            notify(OtaEvent::Recorded);
+            notify(OtaEvent::Recorded {
+                due_written: is_due && written.is_ok(),
+            });
         });
     }
 
@@ -866,40 +874,36 @@ fn receipt_due(layout: &Layout, receipt: crate::receipt::Receipt, bundle: Option
 }
 
 /// A receipt the last run saved as due and did not get to write (a cut came first): written
-/// now, then marked written. Failures are logged; a receipt that cannot be written stays due.
-fn write_receipt_due(
-    layout: &Layout,
-    settings: &Settings,
-    file: &StateFile,
-    state: State,
-) -> Result<State, UpdateError> {
+/// now on the device, then marked written. Failures are logged, never fatal; a receipt that
+/// cannot be written stays due.
+fn write_receipt_due(layout: &Layout, file: &StateFile, state: State) -> State {
     let Some(json) = state.receipt_due.clone() else {
-        return Ok(state);
+        return state;
     };
-    let remount_under = if settings.remount_sticks {
-        settings.inbox.clone()
-    } else {
-        Vec::new()
-    };
+    // The device's copy only: at start a stick is not mounted yet (its directory would be
+    // made on the tmpfs below the mount point), and a stick that hangs must not hold up the
+    // start while the hardware watchdog runs. The copy on the device is what a fleet collects.
     let written = Due::from_json(&json)
         .map_err(|e| e.to_string())
         .and_then(|due| {
-            crate::receipt::write(
-                &layout.dir.join("device.key"),
-                due.receipt,
-                &due.dirs,
-                &remount_under,
-            )
-            .map_err(|e| e.to_string())
+            let dirs: Vec<PathBuf> = due.dirs.first().cloned().into_iter().collect();
+            crate::receipt::write(&layout.dir.join("device.key"), due.receipt, &dirs, &[])
+                .map_err(|e| e.to_string())
         });
     match written {
         Ok(()) => {
-            tracing::info!("a receipt due from before the last stop was written");
-            Ok(file.save(&mut RealFs, &state.receipt_written())?)
+            tracing::info!("a receipt due from before the last stop was written on the device");
+            match file.save(&mut RealFs, &state.receipt_written()) {
+                Ok(saved) => saved,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot mark the receipt written; written again (once) at the next start");
+                    state
+                }
+            }
         }
         Err(error) => {
-            tracing::warn!(%error, "a receipt due from before the last stop cannot be written");
-            Ok(state)
+            tracing::warn!(%error, "a receipt due from before the last stop cannot be written; it stays due");
+            state
         }
     }
 }
@@ -1209,7 +1213,10 @@ mod tests {
         assert_eq!(agent.status().state, UpdateState::Recording);
         assert_eq!(agent.state.active, Release::Slot(slot));
         let recorded = next(&rx);
-        assert!(matches!(recorded, OtaEvent::Recorded), "{recorded:?}");
+        assert!(
+            matches!(recorded, OtaEvent::Recorded { due_written: true }),
+            "{recorded:?}"
+        );
         assert_eq!(agent.on_event(recorded, t0 + trial), Step::None);
         assert!(agent.is_idle());
         let receipts = std::fs::read_dir(dir.path().join("ota/receipts")).unwrap();

@@ -40,23 +40,34 @@ fn device_key(path: &Path) -> Result<SecretKey, ReceiptError> {
         return SecretKey::load(path).map_err(|e| key_error(e.to_string()));
     }
     let key = SecretKey::generate().map_err(|e| key_error(e.to_string()))?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| key_error(e.to_string()))?;
-    // Synced, name and all: a device whose key changed after a cut would sign receipts a
-    // fleet no longer recognises.
-    file.write_all(key.to_line().as_bytes())
-        .and_then(|()| ota_slots::failpoint::sync("device_key.synced", || file.sync_all()))
-        .and_then(|()| {
-            ota_slots::failpoint::sync("device_key.dir_synced", || {
-                let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-                std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
-            })
-        })
-        .map_err(|e| key_error(e.to_string()))?;
+    // Whole or absent after a cut, never a name on an empty file (a device whose key changed
+    // or broke would sign receipts no fleet recognises, or none): written under a temporary
+    // name with mode 0600, fsynced, named without replacing anything, the directory fsynced.
+    let temp = path.with_extension("key.tmp");
+    let made = (|| -> std::io::Result<bool> {
+        let _ = std::fs::remove_file(&temp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)?;
+        file.write_all(key.to_line().as_bytes())?;
+        ota_slots::failpoint::sync("device_key.synced", || file.sync_all())?;
+        if !place(&temp, path)? {
+            std::fs::remove_file(&temp)?;
+            return Ok(false);
+        }
+        ota_slots::failpoint::sync("device_key.dir_synced", || {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+        })?;
+        Ok(true)
+    })()
+    .map_err(|e| key_error(e.to_string()))?;
+    if !made {
+        // Made meanwhile by someone else: that one is the device's key.
+        return SecretKey::load(path).map_err(|e| key_error(e.to_string()));
+    }
     Ok(key)
 }
 
@@ -118,34 +129,38 @@ pub fn write(
     // Never over an earlier receipt: two updates can end within the same second.
     let write_one = |dir: &Path| -> std::io::Result<PathBuf> {
         durable::create_dir_all(dir)?;
-        for n in 0u32.. {
+        // Whole or absent after a cut, never a name on an empty file: written under a
+        // temporary name, fsynced, named without replacing anything (never over an earlier
+        // receipt: two updates can end within the same second), the directory fsynced.
+        let temp = dir.join(format!(".{stem}.receipt.tmp"));
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(text.as_bytes())?;
+        ota_slots::failpoint::sync("receipt.synced", || file.sync_all())?;
+        drop(file);
+        for n in 0u32..1000 {
             let path = match n {
                 0 => dir.join(format!("{stem}.receipt")),
                 n => dir.join(format!("{stem}-{n}.receipt")),
             };
-            let mut file = match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                // This very receipt, written before a cut: synced again, not written twice.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && same(&path, &text) => {
-                    std::fs::File::open(&path)?.sync_all()?;
-                    std::fs::File::open(dir)?.sync_all()?;
-                    return Ok(path);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => continue,
-                other => other?,
-            };
-            file.write_all(text.as_bytes())?;
-            ota_slots::failpoint::sync("receipt.synced", || file.sync_all())?;
-            // The receipt's name too: a receipt is what a fleet counts.
-            ota_slots::failpoint::sync("receipt.dir_synced", || {
-                std::fs::File::open(dir)?.sync_all()
-            })?;
-            return Ok(path);
+            if place(&temp, &path)? {
+                // The receipt's name too: a receipt is what a fleet counts.
+                ota_slots::failpoint::sync("receipt.dir_synced", || {
+                    std::fs::File::open(dir)?.sync_all()
+                })?;
+                return Ok(path);
+            }
+            // This very receipt, written before a cut: synced again, not written twice.
+            if same(&path, &text) {
+                std::fs::remove_file(&temp)?;
+                std::fs::File::open(&path)?.sync_all()?;
+                std::fs::File::open(dir)?.sync_all()?;
+                return Ok(path);
+            }
         }
-        unreachable!("the loop returns or fails by n = 1000")
+        let _ = std::fs::remove_file(&temp);
+        Err(std::io::Error::other(
+            "1000 receipts of the same second and result already",
+        ))
     };
     for (i, dir) in dirs.iter().enumerate() {
         // A stick is anyone's: its `receipts` (or the bundle's directory) may be a link to
@@ -183,6 +198,25 @@ pub fn write(
         }
     }
     Ok(())
+}
+
+/// Gives `temp` the name `path` unless that name is taken (`renameat2` with
+/// `RENAME_NOREPLACE`; where the file system refuses the flag, a rename after a look, enough
+/// for the agent, the one writer). False: the name is taken, `temp` is left as it was.
+fn place(temp: &Path, path: &Path) -> std::io::Result<bool> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    use rustix::io::Errno;
+    match renameat_with(CWD, temp, CWD, path, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(true),
+        Err(Errno::EXIST) => Ok(false),
+        Err(Errno::INVAL | Errno::NOSYS) => {
+            if path.symlink_metadata().is_ok() {
+                return Ok(false);
+            }
+            std::fs::rename(temp, path).map(|()| true)
+        }
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// Whether the file at `path` holds exactly `text` (read no further than that).
@@ -387,6 +421,35 @@ mod tests {
         other.reason = "another update".into();
         write(&key, other, std::slice::from_ref(&out), &[]).unwrap();
         assert_eq!(count(), 2);
+    }
+
+    #[test]
+    fn what_a_cut_leaves_half_written_is_never_taken_for_a_receipt_or_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("device.key");
+        let out = dir.path().join("receipts");
+        std::fs::create_dir(&out).unwrap();
+        // Cuts before the renames: temporary files with part of their content.
+        std::fs::write(dir.path().join("device.key.tmp"), b"").unwrap();
+        let id = device_id(&key).unwrap();
+        let stem = format!("2-{id}-committed");
+        std::fs::write(
+            out.join(format!(".{stem}.receipt.tmp")),
+            b"quote-edge-signed",
+        )
+        .unwrap();
+        write(&key, receipt("2.0.0"), std::slice::from_ref(&out), &[]).unwrap();
+        let names: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(names[0].ends_with("-committed.receipt"), "{names:?}");
+        assert_eq!(device_id(&key).unwrap(), id, "the key was made whole, once");
+        assert!(!dir.path().join("device.key.tmp").exists());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

@@ -389,7 +389,6 @@ fn check_ours(file: &File, path: &Path) -> Result<(), WriteError> {
     Ok(())
 }
 
-/// Every directory under `dir` (to be synced at the end of a resumed install).
 /// Creates `dir` and its missing parents (`create_dir_all`); returns the directories whose
 /// entries that changed: the nearest one that existed and each one made but `dir` (already
 /// in the writer's list). They are fsynced with the slot, or a cut could take away the slot's
@@ -405,6 +404,7 @@ fn make_dirs(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// Every directory under `dir` (to be synced at the end of a resumed install).
 fn collect_dirs(dir: &Path, into: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
