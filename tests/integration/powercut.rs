@@ -20,6 +20,13 @@
 //! mark's offset as the counting run recorded it, so a resume that starts over, or keeps less
 //! than it could, fails.
 //!
+//! The database starts with about 700 KiB of quotes, so that the snapshot and the restore of each
+//! update are long enough to be cut in the middle: the release's database tool (a child of the
+//! supervisor) has its own points, `store.vacuuming` (while `VACUUM INTO` runs, its copy partly
+//! written) and `store.restoring` (pages copied, more to come). A child cannot take the device
+//! down by dying, so it freezes and leaves a file saying so (`QUOTE_EDGE_FAILPOINT_HALT`); the
+//! harness then cuts the power.
+//!
 //! The supervisor runs as PID 1 of its own PID namespace (`unshare --pid --fork`), so when it
 //! aborts the kernel kills its replicas with it, as a power cut would. Its data directory is a
 //! crash disk (`tests::crashfs`, FUSE): after the last process is gone, the disk drops every
@@ -50,6 +57,9 @@ const DEADLINE: Duration = Duration::from_secs(90);
 const PAYLOAD: usize = 6 << 20;
 /// Quotes one update may be written during, at most.
 const MAX_TRIAL_WRITES: usize = 2000;
+/// Quotes of 1,000 characters the database starts with (about 700 KiB): more than the snapshot's
+/// page cache (256 KiB) and than one restore step (64 pages), so both can be cut midway.
+const SEEDED_QUOTES: usize = 600;
 
 struct Device {
     /// The data partition: a disk that drops what was not synced at each power-off. Declared
@@ -66,10 +76,41 @@ struct Device {
     skip_sync: Option<&'static str>,
 }
 
-/// The fixture, and the fsync the supervisor leaves out, if any (the harness must then fail).
+/// The fixture, the database every device starts with, and the fsync the supervisor leaves
+/// out, if any (the harness must then fail).
 struct Bench {
     fx: Fixture,
+    database: PathBuf,
     skip_sync: Option<&'static str>,
+}
+
+impl Bench {
+    fn new(skip_sync: Option<&'static str>) -> Bench {
+        let fx = Fixture::new();
+        let database = fx.dir.path().join("seeded.db");
+        let (db, _) = quote_store::Database::open(&database, quote_store::Options::default())
+            .expect("a new database");
+        drop(db);
+        let mut conn = rusqlite::Connection::open(&database).unwrap();
+        let tx = conn.transaction().unwrap();
+        for i in 0..SEEDED_QUOTES {
+            let text = format!("{i:04} {}", "seeded quote ".repeat(77));
+            tx.execute(
+                "INSERT INTO quotes (text, author) VALUES (?1, 'Seed')",
+                [&text[..1000]],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        // One self-contained file: the WAL folded into it.
+        conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
+        drop(conn);
+        Bench {
+            fx,
+            database,
+            skip_sync,
+        }
+    }
 }
 
 impl Device {
@@ -78,6 +119,8 @@ impl Device {
         let data = root.path().join("data");
         std::fs::create_dir(&data).unwrap();
         let disk = CrashFs::mount(&data).expect("the crash disk mounts (root, /dev/fuse)");
+        std::fs::copy(&bench.database, data.join("quotes.db")).unwrap();
+        disk.sync_all();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -150,6 +193,8 @@ impl Device {
             }
         }
         let _ = std::fs::remove_file(self.root.path().join("supervisor.sock"));
+        let _ = std::fs::remove_file(self.halt_file());
+        command.env("QUOTE_EDGE_FAILPOINT_HALT", self.halt_file());
         Power(
             command
                 .spawn()
@@ -167,7 +212,13 @@ impl Device {
         }
     }
 
-    /// Polls the status until `condition`, or the process ends (returns None then).
+    /// Where a frozen child of the supervisor says that it reached its fail point.
+    fn halt_file(&self) -> PathBuf {
+        self.root.path().join("halted")
+    }
+
+    /// Polls the status until `condition`, or the device stops at its fail point: the process
+    /// ended, or a child froze there (returns None then).
     fn wait(
         &self,
         child: &mut Power,
@@ -176,6 +227,9 @@ impl Device {
     ) -> Option<Status> {
         let until = Instant::now() + DEADLINE;
         loop {
+            if self.halt_file().exists() {
+                return None;
+            }
             if let Some(status) = self.status()
                 && condition(&status)
             {
@@ -753,10 +807,7 @@ fn power_cuts(skip_sync: Option<&'static str>) {
         std::io::stderr(),
         "power cuts: seed {seed} (QUOTE_EDGE_POWERCUT_SEED={seed} replays the random offsets)"
     );
-    let bench = Bench {
-        fx: Fixture::new(),
-        skip_sync,
-    };
+    let bench = Bench::new(skip_sync);
     let fx = &bench.fx;
     let good = (
         fx.bundle_with_data(GOOD, "2.0.0", 2, "quote-edge", PAYLOAD),

@@ -94,7 +94,9 @@ pub fn release_command(spec: &ServiceSpec, data_dir: &Path) -> ota_agent::Releas
             .args(&launch.args)
             .env_clear()
             .envs(std::env::vars().filter(|(k, _)| k == "PATH"))
-            .envs(&launch.env);
+            .envs(&launch.env)
+            // The power-cut harness's fail points reach inside the tool (failpoints builds).
+            .envs(failpoint::inherited());
         command
     })
 }

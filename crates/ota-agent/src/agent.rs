@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edge_proto::{Progress, UpdateOutcome, UpdateResult, UpdateState, UpdateStatus};
-use ota_slots::{Journal, Outcome, RealFs, Release, SlotName, State, StateFile, failpoint};
+use ota_slots::{Journal, Outcome, RealFs, Release, SlotName, State, StateFile};
 
 use crate::receipt::Due;
 

@@ -94,7 +94,7 @@ fn database_command(
         .spawn()
         .and_then(|child| {
             // A cut while the snapshot or the restore runs (the child dies with the device).
-            ota_slots::failpoint::hit("database.running");
+            failpoint::hit("database.running");
             child.wait_with_output()
         })
         .map_err(|source| DatabaseError::Spawn {

@@ -52,12 +52,12 @@ fn device_key(path: &Path) -> Result<SecretKey, ReceiptError> {
             .mode(0o600)
             .open(&temp)?;
         file.write_all(key.to_line().as_bytes())?;
-        ota_slots::failpoint::sync("device_key.synced", || file.sync_all())?;
+        failpoint::sync("device_key.synced", || file.sync_all())?;
         if !place(&temp, path)? {
             std::fs::remove_file(&temp)?;
             return Ok(false);
         }
-        ota_slots::failpoint::sync("device_key.dir_synced", || {
+        failpoint::sync("device_key.dir_synced", || {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
             std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
         })?;
@@ -135,7 +135,7 @@ pub fn write(
         let temp = dir.join(format!(".{stem}.receipt.tmp"));
         let mut file = std::fs::File::create(&temp)?;
         file.write_all(text.as_bytes())?;
-        ota_slots::failpoint::sync("receipt.synced", || file.sync_all())?;
+        failpoint::sync("receipt.synced", || file.sync_all())?;
         drop(file);
         for n in 0u32..1000 {
             let path = match n {
@@ -144,7 +144,7 @@ pub fn write(
             };
             if place(&temp, &path)? {
                 // The receipt's name too: a receipt is what a fleet counts.
-                ota_slots::failpoint::sync("receipt.dir_synced", || {
+                failpoint::sync("receipt.dir_synced", || {
                     std::fs::File::open(dir)?.sync_all()
                 })?;
                 return Ok(path);
@@ -182,7 +182,7 @@ pub fn write(
             result = with_writable_mount(dir, remount_under, || write_one(dir));
         }
         if i == 0 && result.is_ok() {
-            ota_slots::failpoint::hit("receipt.written");
+            failpoint::hit("receipt.written");
         }
         match result {
             Ok(path) => tracing::info!(receipt = %path.display(), "install receipt written"),

@@ -78,13 +78,13 @@ impl Journal {
             .open(&self.path)?;
         file.seek(SeekFrom::Start((self.generation % 2) * RECORD as u64))?;
         file.write_all(&encode(self.generation, mark))?;
-        crate::failpoint::sync("journal.synced", || file.sync_data())?;
+        failpoint::sync("journal.synced", || file.sync_data())?;
         if !self.named {
             let dir = self.path.parent().unwrap_or(Path::new("."));
-            crate::failpoint::sync("journal.dir_synced", || File::open(dir)?.sync_all())?;
+            failpoint::sync("journal.dir_synced", || File::open(dir)?.sync_all())?;
             self.named = true;
         }
-        crate::failpoint::hit("journal.recorded");
+        failpoint::hit("journal.recorded");
         Ok(())
     }
 

@@ -12,7 +12,6 @@
 //! did. Every state change is a pure function on [`State`] (tested without a disk), persisted by
 //! [`StateFile::save`] (temporary file, fsync, rename, fsync of the directory).
 
-pub mod failpoint;
 mod journal;
 mod state;
 mod store;

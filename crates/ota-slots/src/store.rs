@@ -26,22 +26,22 @@ macro_rules! fs_with_points {
         impl Fs for $fs {
             fn write_new(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
                 StdFs.write_new(path, bytes)?;
-                crate::failpoint::hit($written);
+                failpoint::hit($written);
                 Ok(())
             }
             fn sync_file(&mut self, path: &Path) -> std::io::Result<()> {
-                crate::failpoint::sync($synced, || StdFs.sync_file(path))?;
-                crate::failpoint::hit($synced);
+                failpoint::sync($synced, || StdFs.sync_file(path))?;
+                failpoint::hit($synced);
                 Ok(())
             }
             fn rename(&mut self, from: &Path, to: &Path) -> std::io::Result<()> {
                 StdFs.rename(from, to)?;
-                crate::failpoint::hit($renamed);
+                failpoint::hit($renamed);
                 Ok(())
             }
             fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()> {
-                crate::failpoint::sync($dir_synced, || StdFs.sync_dir(dir))?;
-                crate::failpoint::hit($dir_synced);
+                failpoint::sync($dir_synced, || StdFs.sync_dir(dir))?;
+                failpoint::hit($dir_synced);
                 Ok(())
             }
         }

@@ -90,7 +90,7 @@ impl SlotWriter {
         writer.dirs.extend(make_dirs(dir).map_err(io)?);
         prune(dir, Path::new(""), &keep, &parents)?;
         collect_dirs(dir, &mut writer.dirs);
-        crate::failpoint::hit("slot.emptied");
+        failpoint::hit("slot.emptied");
         Ok(writer)
     }
 
@@ -159,7 +159,7 @@ impl SlotWriter {
             .map_err(io)?;
         check_ours(&file, &full)?;
         file.set_len(keep).map_err(io)?;
-        crate::failpoint::hit("slot.resumed");
+        failpoint::hit("slot.resumed");
         writer.current = Some(Open {
             path: path.to_owned(),
             file,
@@ -174,7 +174,7 @@ impl SlotWriter {
     /// that a journal mark may cover it.
     pub fn sync(&mut self) -> Result<(), WriteError> {
         if let Some(open) = &self.current {
-            crate::failpoint::sync("slot.synced", || open.file.sync_data()).map_err(|source| {
+            failpoint::sync("slot.synced", || open.file.sync_data()).map_err(|source| {
                 WriteError::Io {
                     path: self.dir.join(&open.path),
                     source,
@@ -186,7 +186,7 @@ impl SlotWriter {
 
     fn sync_dirs(&self) -> Result<(), WriteError> {
         for dir in &self.dirs {
-            crate::failpoint::sync("slot.dirs_synced", || File::open(dir)?.sync_all()).map_err(
+            failpoint::sync("slot.dirs_synced", || File::open(dir)?.sync_all()).map_err(
                 |source| WriteError::Io {
                     path: dir.clone(),
                     source,
@@ -217,9 +217,9 @@ impl SlotWriter {
                 got: index,
             });
         }
-        if let Some(cut) = crate::failpoint::cut_bytes(self.written, bytes.len()) {
+        if let Some(cut) = failpoint::cut_bytes(self.written, bytes.len()) {
             let _ = open.file.write_all_at(&bytes[..cut], open.offset);
-            crate::failpoint::abort();
+            failpoint::abort();
         }
         self.scratch.resize(bytes.len(), 0);
         // A short file or a read error only means "write it".
@@ -255,7 +255,7 @@ impl SlotWriter {
     pub fn finish(mut self) -> Result<u64, WriteError> {
         self.finish_file()?;
         self.sync_dirs()?;
-        crate::failpoint::hit("slot.dirs_synced");
+        failpoint::hit("slot.dirs_synced");
         Ok(self.written)
     }
 
@@ -331,8 +331,8 @@ impl SlotWriter {
             open.file
                 .set_permissions(std::fs::Permissions::from_mode(open.mode & 0o755))
                 .map_err(io)?;
-            crate::failpoint::sync("slot.file_synced", || open.file.sync_all()).map_err(io)?;
-            crate::failpoint::hit("slot.file_synced");
+            failpoint::sync("slot.file_synced", || open.file.sync_all()).map_err(io)?;
+            failpoint::hit("slot.file_synced");
         }
         Ok(())
     }

@@ -52,6 +52,16 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotE
     move |source| SnapshotError::Io { op, path, source }
 }
 
+/// The page cache of the connection taking a snapshot, in KiB (SQLite's default is 2 MiB). VACUUM
+/// INTO gives the copy the same cache, so this bounds the memory a snapshot takes on a small
+/// device, and the copy is written to flash as it goes rather than all at its end.
+const SNAPSHOT_CACHE_KIB: u32 = 256;
+
+/// Pages copied per step of a restore. The destination's write transaction stays open from the
+/// first step to the last (SQLite's backup API commits it only when the copy is done), so a cut
+/// between steps leaves the old content; steps only let the copy be watched.
+const RESTORE_STEP_PAGES: std::ffi::c_int = 64;
+
 fn open(path: &Path, flags: OpenFlags, busy: Duration) -> Result<Connection, SnapshotError> {
     let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
         .map_err(sqlite("open", path))?;
@@ -62,9 +72,14 @@ fn open(path: &Path, flags: OpenFlags, busy: Duration) -> Result<Connection, Sna
 /// Copies the live database `db` to `to` (replaced atomically: temporary file, fsync, rename,
 /// fsync of the directory). Returns the number of quotes in the copy.
 pub fn snapshot(db: &Path, to: &Path, busy: Duration) -> Result<u64, SnapshotError> {
-    let conn = open(db, OpenFlags::SQLITE_OPEN_READ_ONLY, busy)?;
+    #[cfg_attr(not(feature = "failpoints"), expect(unused_mut))]
+    let mut conn = open(db, OpenFlags::SQLITE_OPEN_READ_ONLY, busy)?;
+    conn.pragma_update(None, "cache_size", -i64::from(SNAPSHOT_CACHE_KIB))
+        .map_err(sqlite("configure", db))?;
     let tmp = to.with_extension("tmp");
     remove_if_present(&tmp)?;
+    #[cfg(feature = "failpoints")]
+    watch_copy(&mut conn, &tmp);
     let target = tmp.to_str().ok_or_else(|| SnapshotError::Io {
         op: "name",
         path: tmp.clone(),
@@ -111,14 +126,26 @@ pub fn restore(
     let exported = export_new_rows(&live, snapshot, export)?;
     let backup =
         rusqlite::backup::Backup::new(&source, &mut live).map_err(sqlite("restore", db))?;
-    // -1: every page in one step, so the destination changes in a single transaction. A
-    // replica holding the write lock makes the step busy: retry within the busy timeout.
+    #[cfg(feature = "failpoints")]
+    let mut restoring_hit = false;
+    // A replica holding the write lock makes the first step busy: retry within the busy
+    // timeout. Once a step has copied pages, the destination stays locked until the last.
     let started = std::time::Instant::now();
     loop {
         use rusqlite::backup::StepResult;
-        match backup.step(-1).map_err(sqlite("restore", db))? {
+        match backup
+            .step(RESTORE_STEP_PAGES)
+            .map_err(sqlite("restore", db))?
+        {
             StepResult::Done => break,
-            StepResult::More => {}
+            StepResult::More => {
+                // Provably mid-restore: pages copied, more to come, nothing committed.
+                #[cfg(feature = "failpoints")]
+                if !restoring_hit {
+                    restoring_hit = true;
+                    failpoint::hit("store.restoring");
+                }
+            }
             StepResult::Busy | StepResult::Locked if started.elapsed() < busy => {
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -139,6 +166,26 @@ pub fn restore(
     live.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         .map_err(sqlite("checkpoint", db))?;
     Ok(RestoreReport { exported })
+}
+
+/// The fail point `store.vacuuming`, reached once, provably in the middle of the copy: while the
+/// `VACUUM INTO` statement runs (SQLite calls the progress handler only then) and once its
+/// output has bytes in the file.
+#[cfg(feature = "failpoints")]
+fn watch_copy(conn: &mut Connection, tmp: &Path) {
+    let tmp = tmp.to_owned();
+    let mut reached = false;
+    conn.progress_handler(
+        100,
+        Some(move || {
+            if !reached && std::fs::metadata(&tmp).is_ok_and(|m| m.len() > 0) {
+                reached = true;
+                failpoint::hit("store.vacuuming");
+            }
+            false
+        }),
+    )
+    .expect("a progress handler is always accepted");
 }
 
 fn export_new_rows(

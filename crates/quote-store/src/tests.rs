@@ -325,6 +325,40 @@ fn restore_undoes_a_newer_schema_and_exports_every_row_written_since_the_snapsho
 }
 
 #[test]
+fn a_restore_of_many_steps_puts_back_exactly_the_snapshot() {
+    let (dir, path) = temp_db();
+    let (_, mut store) = open(&path);
+    // About 1 MiB: several restore steps of 64 pages, and more than the snapshot's cache.
+    store.conn.execute_batch("BEGIN").unwrap();
+    for i in 0..1000 {
+        store
+            .create(&quote(&format!("{i:03} {}", "x".repeat(990))))
+            .unwrap();
+    }
+    store.conn.execute_batch("COMMIT").unwrap();
+    let before = store.count().unwrap();
+    let snap = dir.path().join("snapshot.db");
+    let busy = std::time::Duration::from_secs(5);
+    crate::snapshot(&path, &snap, busy).unwrap();
+    assert!(std::fs::metadata(&snap).unwrap().len() > 3 * 64 * 4096);
+    store
+        .conn
+        .execute("DELETE FROM quotes WHERE id % 2 = 0", [])
+        .unwrap();
+    store.create(&quote("written during the trial")).unwrap();
+    let export = dir.path().join("trial-quotes.jsonl");
+    let report = crate::restore(&path, &snap, &export, busy).unwrap();
+    assert_eq!(report.exported, 1);
+    let (_, fresh) = open(&path);
+    assert_eq!(fresh.count().unwrap(), before);
+    let check: String = fresh
+        .conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
+#[test]
 fn a_restore_done_again_never_replaces_the_first_export() {
     let (dir, path) = temp_db();
     let (_, mut store) = open(&path);

@@ -1,22 +1,35 @@
-//! Fault injection for the power-cut tests (built only with the `failpoints` feature; without
-//! it every function here is an empty inline). `QUOTE_EDGE_FAILPOINT=NAME:N` kills the process
-//! (SIGKILL to itself) the Nth time `NAME` is reached: no unwinding, no destructor, no flush, as
-//! close to a power cut as a process can get without losing its page cache. `QUOTE_EDGE_FAILPOINT=slot.bytes:K`
-//! aborts once K bytes of release data have been written to a slot (the write is cut at K).
+//! Fault injection for the power-cut harness (the `enabled` feature, which each crate's
+//! `failpoints` feature turns on; without it every function here is an empty inline).
+//! `QUOTE_EDGE_FAILPOINT=NAME:N` stops the process the Nth time `NAME` is reached: no
+//! unwinding, no destructor, no flush, as close to a power cut as a process can get without
+//! losing its page cache. `QUOTE_EDGE_FAILPOINT=slot.bytes:K` aborts once K bytes of release data
+//! have been written to a slot (the write is cut at K).
+//!
+//! How a point stops the process: a process that is not the init of its PID namespace freezes
+//! (SIGSTOP: every thread at once, nothing more written) after creating the file named by
+//! `QUOTE_EDGE_FAILPOINT_HALT`, and the harness, seeing that file, cuts the power. That is how a
+//! child of the supervisor (the release's database tool, mid-`VACUUM INTO`) takes the whole
+//! device down: killing itself would only fail one command. The supervisor, PID 1 of the
+//! harness's namespace, where SIGSTOP is ignored, kills itself, which takes the namespace down.
+//! Without the variable every process kills itself.
 //!
 //! `QUOTE_EDGE_FAILPOINT_RECORD=FILE` is the counting mode the power-cut harness starts with:
 //! every point reached appends a line `NAME BYTES` to FILE (BYTES: release bytes passed to the
 //! slot writer so far), so that the harness finds the points and how often each is reached
-//! instead of listing them by hand, and knows where each journal mark fell.
+//! instead of listing them by hand, and knows where each journal mark fell. A point reached in
+//! a child process is counted from 1 in that process.
 //!
 //! `QUOTE_EDGE_FAILPOINT_SKIP_SYNC=NAME` leaves out the fsync named NAME (see [`sync`]).
+//!
+//! [`inherited`] is what a process passes on to the children it starts with a clean
+//! environment, so that their points take part.
 
 /// Marks a point of the update path (after or before a write, fsync or rename).
 #[inline]
 pub fn hit(name: &str) {
-    #[cfg(feature = "failpoints")]
+    #[cfg(feature = "enabled")]
     imp::hit(name);
-    #[cfg(not(feature = "failpoints"))]
+    #[cfg(not(feature = "enabled"))]
     let _ = name;
 }
 
@@ -26,11 +39,11 @@ pub fn hit(name: &str) {
 /// fsync. Names are `area.synced` (a file) and `area.dir_synced` (a directory).
 #[inline]
 pub fn sync(name: &str, fsync: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
-    #[cfg(feature = "failpoints")]
+    #[cfg(feature = "enabled")]
     if imp::skip_sync(name) {
         return Ok(());
     }
-    #[cfg(not(feature = "failpoints"))]
+    #[cfg(not(feature = "enabled"))]
     let _ = name;
     fsync()
 }
@@ -39,13 +52,28 @@ pub fn sync(name: &str, fsync: impl FnOnce() -> std::io::Result<()>) -> std::io:
 /// configured byte offset falls inside this write.
 #[inline]
 pub fn cut_bytes(done: u64, len: usize) -> Option<usize> {
-    #[cfg(feature = "failpoints")]
+    #[cfg(feature = "enabled")]
     return imp::cut_bytes(done, len);
-    #[cfg(not(feature = "failpoints"))]
+    #[cfg(not(feature = "enabled"))]
     {
         let _ = (done, len);
         None
     }
+}
+
+/// The fail point variables of this process (`QUOTE_EDGE_FAILPOINT*`) in an enabled build, for a
+/// child started with a clean environment; none otherwise.
+pub fn inherited() -> impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)> {
+    #[cfg(feature = "enabled")]
+    let vars: Vec<_> = std::env::vars_os()
+        .filter(|(k, _)| {
+            k.to_str()
+                .is_some_and(|k| k.starts_with("QUOTE_EDGE_FAILPOINT"))
+        })
+        .collect();
+    #[cfg(not(feature = "enabled"))]
+    let vars = Vec::new();
+    vars.into_iter()
 }
 
 /// Ends the process now, as `kill -9` would: SIGKILL cannot be caught or delayed (not even
@@ -55,7 +83,7 @@ pub fn abort() -> ! {
     std::process::abort()
 }
 
-#[cfg(feature = "failpoints")]
+#[cfg(feature = "enabled")]
 mod imp {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,6 +134,7 @@ mod imp {
             && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n
         {
             tracing_free_note(name);
+            halt();
             super::abort();
         }
     }
@@ -122,6 +151,24 @@ mod imp {
         let (point, k) = config()?;
         (point == "slot.bytes" && done <= *k && *k < done + len as u64)
             .then(|| (*k - done) as usize)
+    }
+
+    /// Freezes the process after saying so in `QUOTE_EDGE_FAILPOINT_HALT`'s file; returns
+    /// only where SIGSTOP is ignored (the init of a PID namespace) or no file is asked for.
+    fn halt() {
+        let Some(file) = std::env::var_os("QUOTE_EDGE_FAILPOINT_HALT") else {
+            return;
+        };
+        if rustix::process::getpid().is_init() {
+            return;
+        }
+        if let Err(e) = std::fs::write(&file, b"") {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "failpoint halt file: {e}");
+            return;
+        }
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
     }
 
     fn tracing_free_note(name: &str) {
