@@ -23,7 +23,8 @@ device_init() {
     base=http://127.0.0.1:$port
     shell=$work/shell.sock
     console=$work/console.log
-    events=$work/qmp-events.log
+    # QMP events: one log per QEMU start (start_qemu names it), so none outlives its boot.
+    events= qemu_starts=0
     control=$work/control.sock
     qemu_pid= qmp_pid=
     sticks=0
@@ -139,6 +140,8 @@ start_qemu() {
         QEMU_SHELL=$shell QEMU_MONITOR=$work/qmp.sock QEMU_CONTROL=$control \
         "$device_repo/image/run-qemu.sh" &
     qemu_pid=$!
+    qemu_starts=$((qemu_starts + 1))
+    events=$work/qmp-events.$qemu_starts.log
     python3 "$device_lib/qmp-events.py" "$work/qmp.sock" "$events" &
     qmp_pid=$!
 }

@@ -272,7 +272,8 @@ check_grow_resume() {
 check_hang() {
     local b0 t0 b1 wd seen action
     b0=$(boot_id)
-    # The QMP log spans every QEMU start of this run: only events after this line count.
+    # This QEMU start's own QMP log (a watchdog reset keeps the same QEMU), and in it only the
+    # events after this line: an earlier check's reset cannot pass this one.
     seen=$(wc -l <"$events" 2>/dev/null || echo 0)
     wd=$(guest 'cat /sys/class/watchdog/watchdog0/identity /sys/class/watchdog/watchdog0/timeout /sys/class/watchdog/watchdog0/state 2>&1 | paste -sd" "')
     t0=$(now)
