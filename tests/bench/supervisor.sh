@@ -4,7 +4,8 @@
 #   tests/bench/supervisor.sh [TRIALS] [DURATION] [CHAOS_SECONDS] [CONNECTIONS]
 #                                        (defaults: 50, 10s, 60, 32)
 #
-# (a) crash -> replacement ready, (b) hang -> out of rotation, (c) hang -> replacement ready,
+# (a) crash -> replacement ready (replicas that say READY=1, then the same with replicas that
+#     never speak), (b) hang -> out of rotation, (c) hang -> replacement ready,
 #     p50/p99 over TRIALS each (supervisor_trials.py, through the control socket);
 # (d) GET /quotes/random through the supervisor vs HAProxy in front of the same 3 replicas vs
 #     one replica direct, the same wrk load in one run;
@@ -66,6 +67,25 @@ idle_rss=$(rss_kib "$sup")
 echo "edge-supervisor benchmark on $(nproc) cores, $(date -u +%FT%TZ)"
 echo "(a)-(c) failure trials, $trials each (edge defaults: probe period 250ms, timeout 200ms, threshold 2)"
 python3 tests/bench/supervisor_trials.py "$socket" crash "$trials"
+# The same crashes with replicas that never say they are ready (NOTIFY_SOCKET removed by `env`,
+# which execs, so the pid stays the replica's): the startup probe's polling alone, as before
+# the readiness socket. A second supervisor, idle meanwhile, on its own ports and data.
+cat >"$work/silent.toml" <<TOML
+listen = "127.0.0.1:18210"
+admin_listen = ""
+data_dir = "$work/silent"
+[service]
+command = "env"
+args = ["-u", "NOTIFY_SOCKET", "$PWD/target/release/quote-service"]
+[restart]
+reset_after = "10ms"
+budget = 100000
+TOML
+EDGE_LOG=warn target/release/edge-supervisor run --config "$work/silent.toml" 2>"$work/silent.log" &
+silent=$!; pids+=("$silent")
+for _ in $(seq 400); do [ -S "$work/silent/supervisor.sock" ] && break; sleep 0.05; done
+python3 tests/bench/supervisor_trials.py "$work/silent/supervisor.sock" crash "$trials" | sed 's/^crash ->/crash (replicas silent, polled only) ->/'
+kill "$silent"; wait "$silent" 2>/dev/null || true
 python3 tests/bench/supervisor_trials.py "$socket" hang "$trials"
 
 ports=$(status_json | python3 -c 'import json,sys; print(" ".join(str(r["port"]) for r in json.load(sys.stdin)["replicas"]))')

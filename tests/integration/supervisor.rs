@@ -253,6 +253,38 @@ async fn scaling_spreads_requests_over_replicas_that_share_one_database() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_says_it_is_ready_is_probed_then_not_after_its_startup_delay() {
+    // The first startup probe is due an hour after the spawn: only quote-service's `READY=1`
+    // on the supervisor's readiness socket can bring a replica into rotation before that.
+    let config = format!(
+        "{}[probes.startup]\ninitial_delay = \"1h\"\n",
+        quote_service()
+    );
+    let sup = Supervisor::start(2, &config).await;
+    let status = sup.all_ready(2).await;
+    for replica in &status.replicas {
+        let pid = replica.pid.expect("running");
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let socket = format!(
+            "NOTIFY_SOCKET={}",
+            sup.data_dir().join("ready.sock").display()
+        );
+        assert!(
+            String::from_utf8_lossy(&environ).contains(&socket),
+            "replica {pid} was not given {socket}"
+        );
+    }
+    // A replaced replica says it again: the word is per process.
+    let pid = pid_of(&status, "replica-0");
+    signal(pid, "KILL");
+    sup.wait_for("replica-0 replaced and ready", |s| {
+        s.ready == 2 && s.replicas.iter().all(|r| r.pid.is_some_and(|p| p != pid))
+    })
+    .await;
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_replica_under_a_client_loop_fails_no_request() {
     let sup = Supervisor::start(3, &quote_service()).await;
     let before = sup.all_ready(3).await;

@@ -13,5 +13,6 @@ mod metrics;
 mod probe;
 mod process;
 mod proxy;
+mod ready;
 pub mod supervisor;
 mod watchdog;

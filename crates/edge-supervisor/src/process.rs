@@ -158,13 +158,15 @@ impl LogRing {
     }
 }
 
-/// Starts a replica in its own process group with its output captured. Returns the pid and a
-/// future that resolves when the process has exited.
+/// Starts a replica in its own process group with its output captured, told where to say it
+/// is ready (`ready_socket`). Returns the pid and a future that resolves when the process has
+/// exited.
 pub fn spawn(
     launch: &Launch,
     replica: &str,
     logs: &LogRing,
     echo: bool,
+    ready_socket: Option<&Path>,
 ) -> std::io::Result<(
     u32,
     impl Future<Output = std::io::Result<ExitStatus>> + Send + 'static,
@@ -182,6 +184,10 @@ pub fn spawn(
         .kill_on_drop(false);
     for key in PRIVATE_ENV {
         command.env_remove(key);
+    }
+    // Not systemd's socket (removed above) but the supervisor's own: see `ready.rs`.
+    if let Some(path) = ready_socket {
+        command.env("NOTIFY_SOCKET", path);
     }
     sys::die_with_supervisor(&mut command);
     let mut child = command.spawn()?;

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +26,7 @@ use crate::limits::{CgroupHandle, Limiter};
 use crate::metrics::{KindLabels, Metrics, RestartLabels};
 use crate::process::{self, LogRing};
 use crate::proxy::{self, Backend, Router};
+use crate::ready::ReadySocket;
 use crate::watchdog::{HardwareWatchdog, Systemd, WatchdogError};
 
 /// The supervisor's version, as reported in `status`.
@@ -89,6 +91,10 @@ enum Event {
     RouterDrained,
     /// The OTA agent's blocking work finished.
     Ota(OtaEvent),
+    /// A replica said it is ready (`READY=1` on the readiness socket).
+    Ready {
+        pid: u32,
+    },
 }
 
 struct Dispatcher {
@@ -111,6 +117,8 @@ struct Dispatcher {
     agent: Agent,
     /// The last update result counted in the metrics.
     result_seen: Option<edge_proto::UpdateResult>,
+    /// The socket replicas say they are ready on (`NOTIFY_SOCKET`), if it could be bound.
+    ready_socket: Option<PathBuf>,
 }
 
 /// Runs the supervisor until SIGTERM or SIGINT, then stops in order: the public address stops
@@ -128,6 +136,7 @@ pub struct Bound {
     admin: Option<TcpListener>,
     control: UnixListener,
     hardware: Option<HardwareWatchdog>,
+    ready: Option<ReadySocket>,
 }
 
 impl Bound {
@@ -162,12 +171,14 @@ impl Bound {
             Some(w) => Some(HardwareWatchdog::open(&w.device, w.timeout)?),
             None => None,
         };
+        let ready = ReadySocket::bind(&settings.data_dir);
         Ok(Bound {
             settings: Arc::new(settings),
             public,
             admin,
             control,
             hardware,
+            ready,
         })
     }
 
@@ -189,6 +200,7 @@ impl Bound {
             admin,
             control: control_socket,
             hardware,
+            ready,
         } = self;
         let (limiter, limits) = Limiter::detect(&settings.resources);
         tracing::info!(
@@ -210,6 +222,15 @@ impl Bound {
             control: control_socket,
         };
         let stop_router = servers.spawn(&settings, backends, &metrics, &events);
+        let ready_socket = ready.map(|socket| {
+            let path = socket.path().to_owned();
+            let events = events.clone();
+            tokio::spawn(socket.serve(move |pid| {
+                // A full inbox drops the word: the replica is polled as if it had not spoken.
+                let _ = events.try_send(Event::Ready { pid });
+            }));
+            path
+        });
 
         let notify = {
             let events = events.clone();
@@ -250,6 +271,7 @@ impl Bound {
             stopping: false,
             result_seen: agent.status().last_result,
             agent,
+            ready_socket,
         };
 
         dispatcher.run(inbox, stop, &stop_router).await;
@@ -440,6 +462,11 @@ impl Dispatcher {
                 let _ = reply.send(answer);
             }
             Event::RouterDrained => self.model.shutdown(now),
+            Event::Ready { pid } => {
+                if self.model.notified(pid, now) {
+                    tracing::debug!(pid, "replica says it is ready; probing now");
+                }
+            }
             Event::Ota(event) => self.ota_event(event, now),
         }
     }
@@ -662,7 +689,13 @@ impl Dispatcher {
         };
         let values = self.placeholders(slot, port, revision);
         let launch = process::launch(&self.settings.service, &values);
-        match process::spawn(&launch, &replica, &self.logs, true) {
+        match process::spawn(
+            &launch,
+            &replica,
+            &self.logs,
+            true,
+            self.ready_socket.as_deref(),
+        ) {
             Ok((pid, exited)) => {
                 let events = self.events.clone();
                 tokio::spawn(async move {

@@ -143,6 +143,7 @@ async fn open_database(
                 applied = ?report.applied,
                 "database open; ready"
             );
+            tell_ready();
         }
         Ok(Err(error)) => {
             let _ = failed.send(RunError::Database(error));
@@ -150,6 +151,18 @@ async fn open_database(
         Err(_) => {
             let _ = failed.send(RunError::DatabaseTask);
         }
+    }
+}
+
+/// Says `READY=1` on `NOTIFY_SOCKET` (sd_notify's protocol), with this process's pid, which
+/// is how edge-supervisor tells replicas apart; without the variable nothing is sent. A hint
+/// only: the supervisor still probes, and keeps polling a replica whose word is lost.
+fn tell_ready() {
+    use sd_notify::NotifyState;
+    if let Err(error) =
+        sd_notify::notify(&[NotifyState::Ready, NotifyState::MainPid(std::process::id())])
+    {
+        tracing::debug!(%error, "cannot say ready on NOTIFY_SOCKET");
     }
 }
 
@@ -175,6 +188,7 @@ async fn open_postgres(
                     applied = ?report.applied,
                     "database open; ready"
                 );
+                tell_ready();
                 tokio::spawn(watch_database(state, storage));
                 return;
             }

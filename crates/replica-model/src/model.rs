@@ -118,6 +118,10 @@ struct Track {
     in_flight: bool,
     successes: u32,
     failures: u32,
+    /// The process said it is ready (see [`Model::notified`]); only the first word counts.
+    told: bool,
+    /// Told while a probe was in flight: if that one fails, probe again at once.
+    again_at_once: bool,
 }
 
 impl Track {
@@ -127,6 +131,8 @@ impl Track {
             in_flight: false,
             successes: 0,
             failures: 0,
+            told: false,
+            again_at_once: false,
         }
     }
 }
@@ -384,6 +390,27 @@ impl Model {
         self.tick(now);
     }
 
+    /// The process `pid` said it is ready (`READY=1` on the notify socket): its startup probe
+    /// runs now instead of at the next period, or again at once if the one in flight fails.
+    /// A hint, never trusted: the probe decides, and only a process's first word counts, so a
+    /// chatty or lying sender costs at most one probe. Returns whether the word was taken.
+    pub fn notified(&mut self, pid: u32, now: Instant) -> bool {
+        let Some(startup) = self.slots.iter_mut().find_map(|s| match &mut s.phase {
+            Phase::Starting { inc, startup } if inc.pid == pid && !startup.told => Some(startup),
+            _ => None,
+        }) else {
+            return false;
+        };
+        startup.told = true;
+        if startup.in_flight {
+            startup.again_at_once = true;
+        } else {
+            startup.next_at = startup.next_at.min(now);
+        }
+        self.tick(now);
+        true
+    }
+
     /// A replica process exited (`cause` is how: code, signal, OOM kill).
     pub fn exited(&mut self, pid: u32, cause: Cause, now: Instant) {
         if let Some(i) = self.retiring.iter().position(|r| r.pid == pid) {
@@ -456,6 +483,8 @@ impl Model {
                         startup.failures += 1;
                         if startup.failures >= startup_limit {
                             failed = Some((inc.pid, Cause::StartupTimeout(error)));
+                        } else if std::mem::take(&mut startup.again_at_once) {
+                            startup.next_at = now;
                         }
                     }
                 }

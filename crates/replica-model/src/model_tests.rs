@@ -174,6 +174,81 @@ fn all_replicas_start_at_once_and_become_ready_through_startup_then_readiness() 
     assert_eq!(h.ready(), ["replica-0", "replica-1", "replica-2"]);
 }
 
+/// The startup probes sent so far (and forgets them, as if answered later).
+fn startup_probes(h: &mut Harness) -> usize {
+    let n = h
+        .log
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                Action::Probe {
+                    kind: ProbeKind::Startup,
+                    ..
+                }
+            )
+        })
+        .count();
+    h.log.clear();
+    n
+}
+
+#[test]
+fn a_replica_that_says_it_is_ready_is_probed_at_once_not_at_the_next_period() {
+    let mut h = Harness::new(1);
+    // The first startup probe goes out at the spawn and fails: not listening yet.
+    h.answer(|_, _| false);
+    assert_eq!(
+        startup_probes(&mut h),
+        0,
+        "the next one waits for the period"
+    );
+    h.advance(5 * MS);
+    assert_eq!(startup_probes(&mut h), 0);
+    let pid = h.pid_of("replica-0");
+    assert!(h.model.notified(pid, h.now));
+    h.settle();
+    let probes: Vec<_> = h.log.clone();
+    assert_eq!(startup_probes(&mut h), 1, "probed at once: {probes:?}");
+    h.log = probes;
+    h.answer(|_, _| true);
+    h.answer(|_, _| true);
+    assert_eq!(
+        h.ready(),
+        ["replica-0"],
+        "ready 5 ms after the spawn, not 20"
+    );
+    // Once running, a notification is not a startup matter any more.
+    assert!(!h.model.notified(pid, h.now));
+}
+
+#[test]
+fn a_ready_word_during_a_probe_reprobes_once_and_only_the_first_word_counts() {
+    let mut h = Harness::new(1);
+    let pid = h.pid_of("replica-0");
+    // Told while the first probe is in flight: it fails, and the next goes out at once.
+    assert!(h.model.notified(pid, h.now));
+    assert!(!h.model.notified(pid, h.now), "a second word is ignored");
+    assert!(!h.model.notified(4242, h.now), "an unknown pid is ignored");
+    h.settle();
+    assert_eq!(
+        startup_probes(&mut h),
+        1,
+        "only the probe sent at the spawn"
+    );
+    h.model
+        .probe_result(0, 1, ProbeKind::Startup, Err("refused".into()), h.now);
+    h.settle();
+    assert_eq!(startup_probes(&mut h), 1, "again at once after the failure");
+    // That one fails too: the rest are polled at the period, as for a replica that never speaks.
+    h.model
+        .probe_result(0, 1, ProbeKind::Startup, Err("refused".into()), h.now);
+    h.settle();
+    assert_eq!(startup_probes(&mut h), 0);
+    h.advance(20 * MS);
+    assert_eq!(startup_probes(&mut h), 1);
+}
+
 #[test]
 fn a_crash_restarts_immediately_then_backs_off() {
     let mut h = Harness::new(1);

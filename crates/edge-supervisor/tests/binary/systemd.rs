@@ -71,12 +71,18 @@ fn ready_status_watchdog_and_stopping_reach_systemd_and_never_the_replicas() {
             environ.contains("PYTHONUNBUFFERED=1"),
             "the configured env reached the replica"
         );
-        for private in ["NOTIFY_SOCKET=", "WATCHDOG_USEC="] {
+        let systemd = format!("NOTIFY_SOCKET={}", notify_path.display());
+        let own = format!("NOTIFY_SOCKET={}", dir.path().join("ready.sock").display());
+        for private in [systemd.as_str(), "WATCHDOG_USEC="] {
             assert!(
                 !environ.contains(private),
                 "replica {pid} inherited {private}"
             );
         }
+        assert!(
+            environ.contains(&own),
+            "replica {pid} was not given the supervisor's readiness socket ({own})"
+        );
     }
 
     let kill = std::process::Command::new("kill")
