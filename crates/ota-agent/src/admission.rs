@@ -17,6 +17,8 @@ use crate::agent::UpdateError;
 pub struct Device<'a> {
     /// This device's product.
     pub product: &'a str,
+    /// How far one update may raise the anti-rollback floor (`ota.max_security_step`).
+    pub max_security_step: u64,
     pub state: &'a State,
     /// This device's id, for the downgrade refusal (a permit names it).
     pub id: String,
@@ -55,8 +57,8 @@ pub fn needs_permit(manifest: &Manifest, state: &State) -> bool {
             && manifest.issued_at < state.highest_issued_at)
 }
 
-/// This product, not below the anti-rollback floor nor older at the same security version
-/// (unless permitted), not the release running now, a delta's base running, and room for the
+/// This product, not further above the anti-rollback floor than one step allows, not below it
+/// nor older at the same security version (unless permitted), not the release running now, a delta's base running, and room for the
 /// release with a margin.
 pub fn admit(manifest: &Manifest, digest: &str, device: &Device<'_>) -> Decision {
     match check(manifest, digest, device) {
@@ -71,6 +73,17 @@ fn check(manifest: &Manifest, digest: &str, device: &Device<'_>) -> Result<Admit
         return Err(UpdateError::Incompatible {
             found: manifest.product.clone(),
             expected: device.product.to_owned(),
+        });
+    }
+    if manifest.security_version
+        > state
+            .highest_security_version
+            .saturating_add(device.max_security_step)
+    {
+        return Err(UpdateError::SecurityJump {
+            found: manifest.security_version,
+            floor: state.highest_security_version,
+            max: device.max_security_step,
         });
     }
     if needs_permit(manifest, state) && !device.permitted {
@@ -159,6 +172,7 @@ mod tests {
     fn device(state: &State) -> Device<'_> {
         Device {
             product: "quote-edge",
+            max_security_step: 100,
             state,
             id: "dev-1".into(),
             permitted: false,
@@ -214,6 +228,34 @@ mod tests {
             admit(&old, DIGEST, &permitted),
             Decision::Admit(_)
         ));
+    }
+
+    #[test]
+    fn a_jump_past_one_step_above_the_floor_is_refused_saying_the_bound() {
+        let state = committed();
+        assert!(matches!(
+            admit(&manifest(103, 200), DIGEST, &device(&state)),
+            Decision::Admit(_)
+        ));
+        let error = refusal(admit(&manifest(104, 200), DIGEST, &device(&state)));
+        assert!(
+            matches!(
+                error,
+                UpdateError::SecurityJump {
+                    found: 104,
+                    floor: 3,
+                    max: 100
+                }
+            ),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("ota.max_security_step"),
+            "{error}"
+        );
+        // The top of the range, as a leaked key would sign it, cannot overflow the check.
+        let error = refusal(admit(&manifest(u64::MAX, 200), DIGEST, &device(&state)));
+        assert!(matches!(error, UpdateError::SecurityJump { .. }), "{error}");
     }
 
     #[test]

@@ -127,6 +127,12 @@ pub enum UpdateError {
         "replay refused: the bundle was issued at {found}, before the committed release of the same security version ({floor})"
     )]
     Replay { found: u64, floor: u64 },
+    #[error(
+        "security version jump refused: the bundle has security version {found}, the device has \
+         committed {floor}, and one update may raise it by at most {max} (ota.max_security_step); \
+         install the releases in between first"
+    )]
+    SecurityJump { found: u64, floor: u64, max: u64 },
     #[error("version {0} is already running")]
     AlreadyRunning(String),
     #[error(
@@ -674,6 +680,7 @@ impl Agent {
             bundle,
             trusted_keys: self.trusted_keys.clone(),
             product: self.settings.product.clone(),
+            max_security_step: self.settings.max_security_step,
             layout: self.layout.clone(),
             file: self.file.clone(),
             state: self.state.clone(),

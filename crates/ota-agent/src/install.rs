@@ -36,6 +36,7 @@ pub fn install_once(
         bundle: bundle.to_owned(),
         trusted_keys: trusted_keys.to_owned(),
         product: product.to_owned(),
+        max_security_step: crate::settings::DEFAULT_MAX_SECURITY_STEP,
         layout,
         file,
         state,
@@ -49,6 +50,8 @@ pub(crate) struct Install {
     pub(crate) bundle: PathBuf,
     pub(crate) trusted_keys: PathBuf,
     pub(crate) product: String,
+    /// `ota.max_security_step`.
+    pub(crate) max_security_step: u64,
     pub(crate) layout: Layout,
     pub(crate) file: StateFile,
     pub(crate) state: State,
@@ -256,6 +259,7 @@ impl Install {
             .flatten();
         let device = Device {
             product: &self.product,
+            max_security_step: self.max_security_step,
             state,
             id: crate::receipt::device_id(&self.layout.dir.join("device.key"))
                 .unwrap_or_else(|e| e.to_string()),

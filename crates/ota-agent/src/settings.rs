@@ -28,6 +28,10 @@ pub struct SettingsFile {
     /// Supervisor starts during one trial before the trial release is rolled back at boot
     /// (default 3).
     pub max_trial_boots: Option<u32>,
+    /// How far one update may raise the anti-rollback floor (default 100): a bundle whose
+    /// `security_version` is further above the committed one is refused, so that one leaked
+    /// release key cannot push the floor to the top of the range and lock every later release out.
+    pub max_security_step: Option<u64>,
     /// Directory of the factory release's programs (default: the supervisor's own directory).
     pub factory_bin: Option<PathBuf>,
     /// Remount a read-only stick read-write just long enough to write the install receipt
@@ -37,6 +41,9 @@ pub struct SettingsFile {
     /// public (default false: the supervisor refuses to start). Development images only.
     pub allow_test_key: Option<bool>,
 }
+
+/// How far one update may raise the anti-rollback floor unless `ota.max_security_step` says.
+pub const DEFAULT_MAX_SECURITY_STEP: u64 = 100;
 
 /// The OTA agent's settings, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +55,7 @@ pub struct Settings {
     pub trial_deadline: Duration,
     pub health_commands: Vec<Vec<String>>,
     pub max_trial_boots: u32,
+    pub max_security_step: u64,
     pub factory_bin: PathBuf,
     pub remount_sticks: bool,
     pub allow_test_key: bool,
@@ -97,6 +105,10 @@ impl SettingsFile {
         if max_trial_boots == 0 {
             return Err(invalid("max_trial_boots", "must be at least 1".into()));
         }
+        let max_security_step = self.max_security_step.unwrap_or(DEFAULT_MAX_SECURITY_STEP);
+        if max_security_step == 0 {
+            return Err(invalid("max_security_step", "must be at least 1".into()));
+        }
         Ok(Settings {
             inbox,
             scan_interval: self.scan_interval.unwrap_or(Duration::from_secs(2)),
@@ -105,6 +117,7 @@ impl SettingsFile {
             trial_deadline,
             health_commands,
             max_trial_boots,
+            max_security_step,
             factory_bin: self.factory_bin.unwrap_or(own_dir),
             remount_sticks: self.remount_sticks.unwrap_or(false),
             allow_test_key: self.allow_test_key.unwrap_or(false),
