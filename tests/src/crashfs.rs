@@ -851,9 +851,33 @@ impl CrashFs {
     }
 
     /// The power goes: unmounts (every program using the disk must be gone), drops every
-    /// unsynced change, and mounts what is left at the same place.
+    /// unsynced change, and mounts what is left at the same place. Processes that have been
+    /// killed may take a moment to let go; anything still using the disk after 5 s is an error
+    /// naming it (a process that outlived the power-off would keep writing after the cut).
     pub fn power_cut(&mut self) -> io::Result<Dropped> {
-        self.detach()?;
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let holders = holders(&self.mountpoint);
+            if holders.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() > until {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!("the disk is still in use after the power-off: {holders:?}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.detach().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "unmounting: {e}; in use by: {:?}",
+                    holders(&self.mountpoint)
+                ),
+            )
+        })?;
         let dropped = self
             .disk
             .lock()
@@ -870,6 +894,52 @@ impl CrashFs {
             .unwrap_or_else(|e| e.into_inner())
             .sync_all();
     }
+}
+
+/// What uses a file system mounted at `mountpoint`, as /proc shows it: open files, working and
+/// root directories, mapped files of every process, and Unix sockets bound on it.
+fn holders(mountpoint: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let under = |p: &Path| p.starts_with(mountpoint);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name();
+        if !pid.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let proc = entry.path();
+        let comm = std::fs::read_to_string(proc.join("comm")).unwrap_or_default();
+        let who = format!("pid {} ({})", pid.to_string_lossy(), comm.trim());
+        for link in ["cwd", "root"] {
+            if std::fs::read_link(proc.join(link)).is_ok_and(|p| under(&p)) {
+                found.push(format!("{who}: {link}"));
+            }
+        }
+        for fd in std::fs::read_dir(proc.join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(target) = std::fs::read_link(fd.path())
+                && under(&target)
+            {
+                found.push(format!("{who}: fd {}", target.display()));
+            }
+        }
+        let maps = std::fs::read_to_string(proc.join("maps")).unwrap_or_default();
+        let mount = mountpoint.to_string_lossy();
+        if let Some(line) = maps.lines().find(|l| l.contains(mount.as_ref())) {
+            found.push(format!("{who}: maps {line}"));
+        }
+    }
+    let sockets = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    for line in sockets.lines().skip(1) {
+        if let Some(path) = line.split_whitespace().nth(7)
+            && under(Path::new(path))
+        {
+            found.push(format!("a bound Unix socket: {path}"));
+        }
+    }
+    found
 }
 
 impl Drop for CrashFs {

@@ -20,10 +20,11 @@ pub struct ReadySocket {
 }
 
 impl ReadySocket {
-    /// Binds `<data_dir>/ready.sock` (a stale one from a killed supervisor is replaced). `None`,
-    /// with a warning, when that fails: replicas are then polled only.
-    pub fn bind(data_dir: &Path) -> Option<ReadySocket> {
-        let path = data_dir.join("ready.sock");
+    /// Binds `ready.sock` in `dir`, the control socket's directory (a stale one from a killed
+    /// supervisor is replaced). `None`, with a warning, when that fails: replicas are then
+    /// polled only.
+    pub fn bind(dir: &Path) -> Option<ReadySocket> {
+        let path = dir.join("ready.sock");
         let _ = std::fs::remove_file(&path);
         match UnixDatagram::bind(&path) {
             Ok(socket) => Some(ReadySocket { path, socket }),

@@ -171,7 +171,14 @@ impl Bound {
             Some(w) => Some(HardwareWatchdog::open(&w.device, w.timeout)?),
             None => None,
         };
-        let ready = ReadySocket::bind(&settings.data_dir);
+        // Beside the control socket: the sockets stay together, wherever the configuration
+        // puts them (the data directory by default).
+        let ready = ReadySocket::bind(
+            settings
+                .control_socket
+                .parent()
+                .unwrap_or(&settings.data_dir),
+        );
         Ok(Bound {
             settings: Arc::new(settings),
             public,
