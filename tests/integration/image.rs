@@ -107,6 +107,38 @@ fn only_fat_and_exfat_sticks_are_mounted_and_never_probed() {
     assert!(rule.contains("--options=ro,nodev,nosuid,noexec"), "{rule}");
 }
 
+/// The supervisor's unit is sandboxed: `systemd-analyze security` (offline, on the unit file as
+/// shipped) rates it at most 2.5 ("OK"), with one capability kept. The QEMU check `sandbox`
+/// reads the same rating inside the guest, with the service running in it.
+#[test]
+fn the_supervisor_unit_is_sandboxed_to_an_exposure_of_at_most_2_5() {
+    let unit = repo().join("image/overlay/etc/systemd/system/edge-supervisor.service");
+    let Ok(out) = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit)
+        .output()
+    else {
+        return tests::skip("systemd-analyze (package systemd) is not installed");
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let exposure: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for edge-supervisor.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure in: {text}"));
+    assert!(exposure <= 2.5, "exposure {exposure}, aim <= 2.5:\n{text}");
+    let unit = std::fs::read_to_string(&unit).unwrap();
+    assert!(
+        unit.lines()
+            .any(|l| l == "CapabilityBoundingSet=CAP_SYS_ADMIN"),
+        "one capability kept"
+    );
+}
+
 /// The first boot's admin token (image/overlay/usr/lib/quote-edge/admin-token): 64 hex digits
 /// from the random pool, readable by its owner only, shown on the console once, and kept
 /// (never replaced) on later boots.

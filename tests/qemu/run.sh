@@ -10,6 +10,9 @@
 #   welcome       the console tells how to reach the device (address, forwarded host port)
 #                 and which update keys it trusts, warning about the repository's test key
 #   replicas      answers come from 3 distinct replicas (X-Served-By)
+#   sandbox       the supervisor's unit rated <= 2.5 by `systemd-analyze security` in the guest;
+#                 the running supervisor has NoNewPrivs, a seccomp filter and CAP_SYS_ADMIN as
+#                 its whole bounding set, and its 3 replicas are ready inside that sandbox
 #   self-heal     kill -9 of a replica inside the guest loses no client request
 #   oom           a replica's cgroup pushed past memory.max is OOM-killed by the kernel,
 #                 reported as oom_kill by `edge-supervisor status --json`, and replaced by a
@@ -42,7 +45,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 checks=("$@")
-[ ${#checks[@]} -gt 0 ] || checks=(boot grow welcome replicas self-heal oom sigstop persistence grow-resume hang ota ota-rollback powercut)
+[ ${#checks[@]} -gt 0 ] || checks=(boot grow welcome replicas sandbox self-heal oom sigstop persistence grow-resume hang ota ota-rollback powercut)
 
 # shellcheck source=image/lib/device.sh
 source "$repo/image/lib/device.sh"
@@ -144,6 +147,23 @@ check_replicas() {
         pass replicas "60 requests served by: $seen"
     else
         fail replicas "60 requests served by only: ${seen:-nobody}"
+    fi
+}
+
+# --- sandbox: the supervisor runs hardened, rated <= 2.5 by systemd-analyze in the guest -----
+check_sandbox() {
+    local out exposure proc
+    out=$(guest 'systemd-analyze security --no-pager edge-supervisor.service 2>&1 | tail -1')
+    exposure=$(sed -n 's/.*Overall exposure level for edge-supervisor.service: \([0-9.]*\).*/\1/p' <<<"$out")
+    # What the kernel says of the running supervisor: no new privileges, a seccomp filter, and
+    # CAP_SYS_ADMIN (bit 21) as the whole bounding set.
+    proc=$(guest 'awk "/^(NoNewPrivs|Seccomp|CapBnd):/ {printf \"%s%s \", \$1, \$2}" /proc/$(systemctl show -p MainPID --value edge-supervisor)/status')
+    if [ -n "$exposure" ] && awk -v e="$exposure" 'BEGIN {exit !(e <= 2.5)}' &&
+        grep -q 'NoNewPrivs:1 ' <<<"$proc" && grep -q 'Seccomp:2 ' <<<"$proc" &&
+        grep -q 'CapBnd:0000000000200000 ' <<<"$proc" && all_ready; then
+        pass sandbox "exposure $exposure (systemd-analyze security in the guest, aim <= 2.5); supervisor: $proc; 3 replicas ready inside it"
+    else
+        fail sandbox "exposure '${exposure:-?}' ($out); supervisor: $proc"
     fi
 }
 
