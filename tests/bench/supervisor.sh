@@ -35,13 +35,15 @@ trap cleanup EXIT
 public=127.0.0.1:18200
 admin=127.0.0.1:18201
 front=127.0.0.1:18202
+# Every crash is measured as a first crash (see above): the backoff starts over at once.
+restart='[restart]
+reset_after = "10ms"
+budget = 100000'
 cat >"$work/supervisor.toml" <<TOML
 listen = "$public"
 admin_listen = "$admin"
 data_dir = "$work/data"
-[restart]
-reset_after = "10ms"
-budget = 100000
+$restart
 TOML
 EDGE_LOG=warn target/release/edge-supervisor run --config "$work/supervisor.toml" 2>"$work/supervisor.log" &
 sup=$!; pids+=("$sup")
@@ -77,9 +79,7 @@ data_dir = "$work/silent"
 [service]
 command = "env"
 args = ["-u", "NOTIFY_SOCKET", "$PWD/target/release/quote-service"]
-[restart]
-reset_after = "10ms"
-budget = 100000
+$restart
 TOML
 EDGE_LOG=warn target/release/edge-supervisor run --config "$work/silent.toml" 2>"$work/silent.log" &
 silent=$!; pids+=("$silent")

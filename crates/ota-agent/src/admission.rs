@@ -58,8 +58,8 @@ pub fn needs_permit(manifest: &Manifest, state: &State) -> bool {
 }
 
 /// This product, not further above the anti-rollback floor than one step allows, not below it
-/// nor older at the same security version (unless permitted), not the release running now, a delta's base running, and room for the
-/// release with a margin.
+/// nor older at the same security version (unless permitted), not the release running now, a
+/// delta's base running, and room for the release with a margin.
 pub fn admit(manifest: &Manifest, digest: &str, device: &Device<'_>) -> Decision {
     match check(manifest, digest, device) {
         Ok(admitted) => Decision::Admit(admitted),
