@@ -68,7 +68,7 @@ fi
 # shellcheck source=image/lib/need.sh
 source "$here/lib/need.sh"
 # arch-test is only a Recommends of mmdebstrap, but an arm64 root on an amd64 host needs it.
-need mmdebstrap:mmdebstrap arch-test:arch-test qemu-aarch64-static:qemu-user-static mkfs.ext4:e2fsprogs mkfs.vfat:dosfstools mcopy:mtools sfdisk:fdisk bmaptool:bmap-tools zstd:zstd
+need mmdebstrap:mmdebstrap arch-test:arch-test qemu-aarch64-static:qemu-user-static mkfs.ext4:e2fsprogs mkfs.vfat:dosfstools mcopy:mtools sfdisk:fdisk bmaptool:bmap-tools zstd:zstd systemd-sysusers:systemd
 if [ -n "${QUOTE_EDGE_BIN_DIR:-}" ]; then
     for bin in edge-supervisor quote-service; do
         [ -x "$bins/$bin" ] || die "missing $bins/$bin (QUOTE_EDGE_BIN_DIR=$QUOTE_EDGE_BIN_DIR)"
@@ -168,6 +168,14 @@ if is_test_key "$trusted_keys"; then
     grep -q '^allow_test_key = true' "$rootfs/etc/quote-edge/supervisor.toml" || die "could not allow the test key in the device configuration"
 fi
 install -m 0755 "$bins/edge-supervisor" "$bins/quote-service" "$rootfs/usr/bin/"
+# The supervisor's and the replicas' users (overlay/usr/lib/sysusers.d): made now, since the
+# device's root is read-only (its systemd-sysusers.service is masked). It only edits files, so
+# the host's systemd-sysusers does it for the aarch64 root.
+systemd-sysusers --root="$rootfs" "$rootfs/usr/lib/sysusers.d/quote-edge.conf"
+for user in quote-edge:950 quote-replica:951; do
+    grep -q "^${user%%:*}:x:${user#*:}:${user#*:}:" "$rootfs/etc/passwd" ||
+        die "systemd-sysusers did not make ${user%%:*} with id ${user#*:} (see overlay/usr/lib/sysusers.d)"
+done
 install -d -m 0755 "$rootfs/etc/quote-edge/keys" "$rootfs/usr/share/doc/quote-edge"
 install -m 0644 "$trusted_keys" "$rootfs/etc/quote-edge/keys/"
 install -m 0644 "$repo/README.md" "$rootfs/usr/share/doc/quote-edge/README.md"

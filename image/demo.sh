@@ -248,7 +248,7 @@ step_rollback() {
         "get ready, so the trial fails: every replica stops, the database is restored from the" \
         "snapshot (rows written since are exported beside it), and $before starts again."
     local exports0 exports1 result cursor window installs
-    exports0=$(guest 'ls /var/lib/quote-edge/ota/rollback/*.jsonl 2>/dev/null | wc -l' | tr -dc 0-9)
+    exports0=$(guest 'ls /var/lib/quote-edge/db/*.jsonl 2>/dev/null | wc -l' | tr -dc 0-9)
     cursor=$(journal_cursor)
     t0=$(now)
     plug_stick "$img"
@@ -257,8 +257,8 @@ step_rollback() {
     say "The agent's last result (edge-supervisor status --json, .update.last_result), and the" \
         "export of the rows written during the trial:"
     status_json | json 'd["update"]["last_result"]' | sed 's/^/  /' || true
-    run_guest 'ls -l /var/lib/quote-edge/ota/rollback/'
-    exports1=$(guest 'ls /var/lib/quote-edge/ota/rollback/*.jsonl 2>/dev/null | wc -l' | tr -dc 0-9)
+    run_guest 'ls -l /var/lib/quote-edge/db/'
+    exports1=$(guest 'ls /var/lib/quote-edge/db/*.jsonl 2>/dev/null | wc -l' | tr -dc 0-9)
     # Not retried: the stick stays in for three scan intervals; the agent stays idle on the same
     # result, and the log shows one install since the stick went in.
     result=$(status_json | json 'd["update"]["last_result"]')

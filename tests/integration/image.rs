@@ -132,25 +132,66 @@ fn the_supervisor_unit_is_sandboxed_to_an_exposure_of_at_most_2_5() {
         .unwrap_or_else(|| panic!("no overall exposure in: {text}"));
     assert!(exposure <= 2.5, "exposure {exposure}, aim <= 2.5:\n{text}");
     let unit = std::fs::read_to_string(&unit).unwrap();
+    let caps = "CAP_SETUID CAP_SETGID CAP_KILL CAP_SYS_ADMIN";
+    for line in [
+        "User=quote-edge".to_owned(),
+        format!("CapabilityBoundingSet={caps}"),
+        format!("AmbientCapabilities={caps}"),
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the unit has no {line}");
+    }
+}
+
+/// The image's users, their directories and the stick's owner agree: sysusers.d makes
+/// quote-edge (950) and quote-replica (951); the unit runs as quote-edge; tmpfiles.d gives the
+/// data directory to quote-edge and db/ to quote-replica; the USB rule mounts sticks for uid
+/// 950; the device configurations run the replicas as quote-replica with their tool writing in
+/// db/ (checked by edge-supervisor's config tests).
+#[test]
+fn the_image_users_directories_and_stick_owner_agree() {
+    let read = |p: &str| std::fs::read_to_string(repo().join(p)).unwrap();
+    let passwd = tests::image_passwd();
+    assert!(passwd.contains("quote-edge:x:950:950:"), "{passwd}");
+    assert!(passwd.contains("quote-replica:x:951:951:"), "{passwd}");
+    let tmpfiles = read("image/overlay/usr/lib/tmpfiles.d/quote-edge.conf");
+    let owners: Vec<(&str, &str, &str)> = tmpfiles
+        .lines()
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            ["d", path, mode, user, _group, ..] => Some((path, mode, user)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        owners,
+        [
+            ("/var/lib/quote-edge", "0711", "quote-edge"),
+            ("/var/lib/quote-edge/db", "0711", "quote-replica"),
+        ]
+    );
+    let rule = read("image/overlay/etc/udev/rules.d/80-quote-edge-usb.rules");
+    assert!(rule.contains(",uid=950,gid=950,"), "{rule}");
+    let unit = read("image/overlay/etc/systemd/system/edge-supervisor.service");
     assert!(
-        unit.lines()
-            .any(|l| l == "CapabilityBoundingSet=CAP_SYS_ADMIN"),
-        "one capability kept"
+        !unit.lines().any(|l| l.starts_with("StateDirectory")),
+        "StateDirectory= would chown db/ to the supervisor"
     );
 }
 
 /// The first boot's admin token (image/overlay/usr/lib/quote-edge/admin-token): 64 hex digits
-/// from the random pool, readable by its owner only, shown on the console once, and kept
+/// from the random pool, readable by its owner and the replicas' group only, shown on the
+/// console once, and kept
 /// (never replaced) on later boots.
 #[test]
 fn the_admin_token_is_made_once_private_and_shown_only_at_first_boot() {
     use std::os::unix::fs::PermissionsExt;
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().join("quote-edge");
+    // The image's quote-replica group is not this machine's: Debian's nogroup (65534) stands in.
     let run = || {
         let out = std::process::Command::new("sh")
             .arg(repo().join("image/overlay/usr/lib/quote-edge/admin-token"))
             .env("QUOTE_EDGE_DATA", &dir)
+            .env("QUOTE_EDGE_REPLICA_GROUP", "nogroup")
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
@@ -161,11 +202,11 @@ fn the_admin_token_is_made_once_private_and_shown_only_at_first_boot() {
     assert_eq!(token.len(), 64, "{token:?}");
     assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{token:?}");
     assert!(first.contains(&token), "the first boot shows it: {first}");
-    let mode = std::fs::metadata(dir.join("admin-token"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let meta = std::fs::metadata(dir.join("admin-token")).unwrap();
+    let mode = meta.permissions().mode();
+    // The owner (root) reads and writes it, the replicas' group reads it, no one else.
+    assert_eq!(mode & 0o777, 0o640, "{mode:o}");
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 65534);
     assert!(!dir.join("admin-token.new").exists());
 
     let second = run();

@@ -4,6 +4,7 @@
 mod image;
 mod ota;
 mod powercut;
+mod privilege;
 mod store;
 mod supervisor;
 mod update;

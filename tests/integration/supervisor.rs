@@ -163,7 +163,7 @@ fn signal(pid: u32, name: &str) {
     assert!(ok, "kill -{name} {pid}");
 }
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .unwrap_or_default()
@@ -580,16 +580,21 @@ async fn the_image_replicas_need_the_admin_token_for_writes_and_cap_the_database
 async fn image_replicas_need_the_token(recipe: &Path) {
     let data = tempfile::tempdir().unwrap();
     let keys = tempfile::tempdir().unwrap();
-    let image = config::load(
-        Some(recipe),
+    // Its users are the image's (sysusers.d), not this machine's.
+    let image = config::parse_with_users(
+        &std::fs::read_to_string(recipe).unwrap(),
+        recipe,
         &Overrides {
             listen: Some("127.0.0.1:0".parse().unwrap()),
             replicas: None,
             data_dir: Some(data.path().to_owned()),
             trusted_keys: Some(keys.path().to_owned()),
         },
+        &|| Ok(tests::image_passwd()),
     )
     .unwrap_or_else(|e| panic!("{} does not load: {e}", recipe.display()));
+    // The database directory, as the image's tmpfiles.d makes it.
+    std::fs::create_dir(data.path().join("db")).unwrap();
     let env = &image.service.env;
     assert_eq!(
         env.get("QUOTE_ADMIN_TOKEN_FILE").map(String::as_str),

@@ -11,8 +11,11 @@
 #                 and which update keys it trusts, warning about the repository's test key
 #   replicas      answers come from 3 distinct replicas (X-Served-By)
 #   sandbox       the supervisor's unit rated <= 2.5 by `systemd-analyze security` in the guest;
-#                 the running supervisor has NoNewPrivs, a seccomp filter and CAP_SYS_ADMIN as
-#                 its whole bounding set, and its 3 replicas are ready inside that sandbox
+#                 the running supervisor is quote-edge (950), not root, with NoNewPrivs, a
+#                 seccomp filter and CAP_SETUID, CAP_SETGID, CAP_KILL, CAP_SYS_ADMIN as its whole
+#                 bounding and ambient sets; its 3 replicas are ready inside that sandbox, run as
+#                 quote-replica (951) with no capability, and that user can read the admin token
+#                 but not list the ota/ directory
 #   self-heal     kill -9 of a replica inside the guest loses no client request
 #   oom           a replica's cgroup pushed past memory.max is OOM-killed by the kernel,
 #                 reported as oom_kill by `edge-supervisor status --json`, and replaced by a
@@ -28,7 +31,8 @@
 #                 version is rolled out one replica at a time (every rotation change logged
 #                 keeps 2 of 3 ready), tried and committed; a quote written before is still
 #                 there; the receipt on the stick verifies against the device's key (a changed
-#                 copy does not), and the stick is mounted read-only again
+#                 copy does not), and the stick is mounted read-only again; the replicas'
+#                 user cannot read the OTA state or the device key
 #   ota-rollback  power off, plug a stick with a bundle whose service crashes, boot: rolled
 #                 back automatically, the previous version serves, quotes intact, not retried
 #                 (idle on the same result for three scan intervals, one install logged)
@@ -123,14 +127,14 @@ check_welcome() {
     # The admin token: shown at the disk's first boot, pointed at on later ones; root's alone.
     local token mode
     token=$(admin_token)
-    mode=$(guest 'stat -c %a:%U /var/lib/quote-edge/admin-token' | tr -d '\r\n')
+    mode=$(guest 'stat -c %a:%U:%G /var/lib/quote-edge/admin-token' | tr -d '\r\n')
     [ ${#token} = 64 ] || missing+=("a 64-digit admin token (got ${#token} characters)")
-    [ "$mode" = 600:root ] || missing+=("admin token mode 600:root (got $mode)")
-    grep -qF "  $token" "$console" || grep -qF 'the admin token is in /var/lib/quote-edge/admin-token (root only)' "$console" ||
+    [ "$mode" = 640:root:quote-replica ] || missing+=("admin token mode 640:root:quote-replica (got $mode)")
+    grep -qF "  $token" "$console" || grep -qF 'the admin token is in /var/lib/quote-edge/admin-token (root and the replicas only)' "$console" ||
         missing+=("the admin token or where it is")
     if [ ${#missing[@]} -eq 0 ]; then
         pass welcome "console: $(grep -F -m1 'under QEMU' "$console" | tr -d '
-'); $(grep -cF 'trusted update keys' "$console") key listing(s), test key flagged; admin token 600:root, $(grep -qF "  $token" "$console" && echo shown || echo pointed at) on the console"
+'); $(grep -cF 'trusted update keys' "$console") key listing(s), test key flagged; admin token $mode, $(grep -qF "  $token" "$console" && echo shown || echo pointed at) on the console"
     else
         fail welcome "console lacks: ${missing[*]}"
     fi
@@ -150,20 +154,51 @@ check_replicas() {
     fi
 }
 
+# Runs a command in the guest as quote-replica (uid/gid 951, no other group): a replica's user.
+as_replica="setpriv --reuid=951 --regid=951 --clear-groups --"
+# The OTA files quote-replica must not read, each present (root sees it) and refused to that
+# user; prints the ones it could read or that are missing, nothing when all is well.
+replica_cannot_read_ota() {
+    local file out=""
+    for file in state.json device.key; do
+        out+=$(guest "test -s /var/lib/quote-edge/ota/$file || echo missing:$file
+            $as_replica cat /var/lib/quote-edge/ota/$file >/dev/null 2>&1 && echo readable:$file" | tr -d '\r')
+    done
+    echo "$out"
+}
+
 # --- sandbox: the supervisor runs hardened, rated <= 2.5 by systemd-analyze in the guest -----
 check_sandbox() {
-    local out exposure proc
+    local out exposure proc replicas reads
     out=$(guest 'systemd-analyze security --no-pager edge-supervisor.service 2>&1 | tail -1')
     exposure=$(sed -n 's/.*Overall exposure level for edge-supervisor.service: \([0-9.]*\).*/\1/p' <<<"$out")
-    # What the kernel says of the running supervisor: no new privileges, a seccomp filter, and
-    # CAP_SYS_ADMIN (bit 21) as the whole bounding set.
-    proc=$(guest 'awk "/^(NoNewPrivs|Seccomp|CapBnd):/ {printf \"%s%s \", \$1, \$2}" /proc/$(systemctl show -p MainPID --value edge-supervisor)/status')
+    # What the kernel says of the running supervisor: its user, no new privileges, a seccomp
+    # filter, and CAP_KILL, CAP_SETGID, CAP_SETUID (bits 5-7), CAP_SYS_ADMIN (21) as its whole
+    # bounding and ambient sets.
+    proc=$(guest 'awk "/^(Uid|NoNewPrivs|Seccomp|CapBnd|CapAmb):/ {printf \"%s%s \", \$1, \$2}" /proc/$(systemctl show -p MainPID --value edge-supervisor)/status')
+    # Each replica (every process in the unit's cgroups but the supervisor): its user and its
+    # capability sets, one line each.
+    replicas=$(guest 'sup=$(systemctl show -p MainPID --value edge-supervisor)
+        for pid in $(cat /sys/fs/cgroup/system.slice/edge-supervisor.service/*/cgroup.procs); do
+            [ "$pid" = "$sup" ] && continue
+            awk "/^(Uid|CapInh|CapPrm|CapEff|CapAmb):/ {printf \"%s%s \", \$1, \$2}" /proc/$pid/status; echo
+        done' | tr -d '\r')
+    local unprivileged="Uid:951 CapInh:0000000000000000 CapPrm:0000000000000000 CapEff:0000000000000000 CapAmb:0000000000000000"
+    # What quote-replica may read: the admin token, yes; ota/'s list, no (its files: the ota
+    # check, once an update made them).
+    reads=$(guest "$as_replica cat /var/lib/quote-edge/admin-token >/dev/null 2>&1 || echo token-unreadable
+        $as_replica ls /var/lib/quote-edge/ota >/dev/null 2>&1 && echo ota-listable
+        echo done" | tr -d '\r')
     if [ -n "$exposure" ] && awk -v e="$exposure" 'BEGIN {exit !(e <= 2.5)}' &&
+        grep -q 'Uid:950 ' <<<"$proc" &&
         grep -q 'NoNewPrivs:1 ' <<<"$proc" && grep -q 'Seccomp:2 ' <<<"$proc" &&
-        grep -q 'CapBnd:0000000000200000 ' <<<"$proc" && all_ready; then
-        pass sandbox "exposure $exposure (systemd-analyze security in the guest, aim <= 2.5); supervisor: $proc; 3 replicas ready inside it"
+        grep -q 'CapBnd:00000000002000e0 ' <<<"$proc" && grep -q 'CapAmb:00000000002000e0 ' <<<"$proc" &&
+        [ "$(grep -c . <<<"$replicas")" = 3 ] &&
+        [ "$(grep -cF "$unprivileged" <<<"$replicas")" = 3 ] &&
+        [ "$reads" = done ] && all_ready; then
+        pass sandbox "exposure $exposure (systemd-analyze security in the guest, aim <= 2.5); supervisor: $proc; 3 replicas ready inside it, each $unprivileged; quote-replica reads the admin token, cannot list ota/"
     else
-        fail sandbox "exposure '${exposure:-?}' ($out); supervisor: $proc"
+        fail sandbox "exposure '${exposure:-?}' ($out); supervisor: $proc; replicas: $replicas; reads: $reads"
     fi
 }
 
@@ -320,7 +355,7 @@ check_hang() {
 # --- OTA by USB stick --------------------------------------------------------------------------
 check_ota() {
     [ -n "$ota_tool" ] || { fail ota "no ota tool (cargo build -p ota)"; return; }
-    local text id img t0 receipts mount
+    local text id img t0 receipts mount private
     text="before the update $(date +%s%N)"
     id=$(post_quote "$text") || { fail ota "POST failed"; return; }
     img=$(stick v2 good 2.0.0 2)
@@ -352,12 +387,13 @@ print(len(sizes), min(sizes) if sizes else 0)')
             "$ota_tool" receipt verify --device-keys "$work/device-keys" "$work/tampered.receipt" >/dev/null 2>&1 ||
                 tampered=refused
         fi
+        private=$(replica_cannot_read_ota)
         if [ "$(update_field version)" = 2.0.0 ] && [ "$releases" = 2.0.0 ] && quote_is "$id" "$text" &&
             [ "${rotation% *}" -ge 2 ] && [ "${rotation#* }" -ge 2 ] &&
-            [ "$verified" = yes ] && [ "$tampered" = refused ] && [ "$mount" = ro ]; then
-            pass ota "USB stick plugged in: 2.0.0 committed $(since "$t0") s later; replicas run $releases; rotation changed ${rotation% *} times during the rollout, never below ${rotation#* } of 3 ready; quote $id intact; receipt on the stick verified against the device key (a changed copy refused); the stick is mounted $mount again"
+            [ "$verified" = yes ] && [ "$tampered" = refused ] && [ "$mount" = ro ] && [ -z "$private" ]; then
+            pass ota "USB stick plugged in: 2.0.0 committed $(since "$t0") s later; replicas run $releases; rotation changed ${rotation% *} times during the rollout, never below ${rotation#* } of 3 ready; quote $id intact; receipt on the stick verified against the device key (a changed copy refused); the stick is mounted $mount again; quote-replica cannot read ota/state.json or ota/device.key"
         else
-            fail ota "after commit: version $(update_field version), replicas $releases, rotation (changes, fewest ready): $rotation, quote $id: $(curl -s "$base/quotes/$id"), receipt on the stick: ${receipt:-none} (verified: $verified, changed copy $tampered), mount: $mount"
+            fail ota "after commit: version $(update_field version), replicas $releases, rotation (changes, fewest ready): $rotation, quote $id: $(curl -s "$base/quotes/$id"), receipt on the stick: ${receipt:-none} (verified: $verified, changed copy $tampered), mount: $mount, OTA files for quote-replica: ${private:-refused}"
         fi
     else
         fail ota "no commit of 2.0.0: $(status_json | json 'd["update"]')"

@@ -67,3 +67,20 @@ pub fn service_command(program: &Path) -> (String, Vec<String>) {
     words.push(program.display().to_string());
     (first, words)
 }
+
+/// The device image's users as passwd(5) lines: what systemd-sysusers makes at image build from
+/// `image/overlay/usr/lib/sysusers.d/quote-edge.conf` (`u NAME ID`: a user and a group of that id).
+pub fn image_passwd() -> String {
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../image/overlay/usr/lib/sysusers.d/quote-edge.conf");
+    std::fs::read_to_string(&conf)
+        .unwrap_or_else(|e| panic!("{}: {e}", conf.display()))
+        .lines()
+        .filter_map(
+            |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+                ["u", name, id, ..] => Some(format!("{name}:x:{id}:{id}::/:/usr/sbin/nologin\n")),
+                _ => None,
+            },
+        )
+        .collect()
+}

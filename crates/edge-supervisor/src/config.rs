@@ -97,6 +97,10 @@ pub struct ServiceFile {
     pub hung_grace: Option<Duration>,
     /// Captured output lines kept per replica for `logs` (default 500).
     pub log_lines: Option<u32>,
+    /// The user the replicas, their exec probes and the release's database tool run as: a
+    /// name from /etc/passwd (its primary group too) or `"UID:GID"` (default: the supervisor's
+    /// own). Needs CAP_SETUID, CAP_SETGID and CAP_KILL; the children get no capability.
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,6 +202,54 @@ pub struct ServiceSpec {
     pub stop_grace: Duration,
     pub hung_grace: Duration,
     pub log_lines: usize,
+    pub user: Option<RunAs>,
+}
+
+/// `service.user`, resolved: who the replicas run as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// As written in the configuration (a name, or `UID:GID`).
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Where `service.user` names are looked up.
+const PASSWD: &str = "/etc/passwd";
+
+impl RunAs {
+    /// `UID:GID`, or a name looked up in `passwd` (the text of /etc/passwd).
+    fn resolve(name: &str, passwd: &Passwd) -> Result<RunAs, String> {
+        if let Some((uid, gid)) = name.split_once(':') {
+            return match (uid.parse(), gid.parse()) {
+                (Ok(uid), Ok(gid)) => Ok(RunAs {
+                    name: name.to_owned(),
+                    uid,
+                    gid,
+                }),
+                _ => Err(format!("{name:?} is neither a user name nor UID:GID")),
+            };
+        }
+        let text = passwd().map_err(|e| format!("cannot read {PASSWD} to find {name:?}: {e}"))?;
+        text.lines()
+            .filter_map(|line| {
+                let mut fields = line.split(':');
+                let (user, _, uid, gid) = (
+                    fields.next()?,
+                    fields.next()?,
+                    fields.next()?,
+                    fields.next()?,
+                );
+                (user == name).then(|| Some((uid.parse().ok()?, gid.parse().ok()?)))?
+            })
+            .next()
+            .map(|(uid, gid)| RunAs {
+                name: name.to_owned(),
+                uid,
+                gid,
+            })
+            .ok_or_else(|| format!("names no user of {PASSWD}: {name:?}"))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -244,18 +296,34 @@ pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Settings, Conf
             })?;
             parse(&text, path, overrides)
         }
-        None => validate(File::default(), "(built-in defaults)", overrides),
+        None => validate(File::default(), "(built-in defaults)", overrides, &|| {
+            std::fs::read_to_string(PASSWD)
+        }),
     }
 }
 
 /// Validates configuration text; `path` names it in errors.
 pub fn parse(text: &str, path: &Path, overrides: &Overrides) -> Result<Settings, ConfigError> {
+    parse_with_users(text, path, overrides, &|| std::fs::read_to_string(PASSWD))
+}
+
+/// [`parse`], with `service.user` looked up in the text `passwd` returns instead of
+/// /etc/passwd (a device image's users, checked on the host that builds it).
+pub fn parse_with_users(
+    text: &str,
+    path: &Path,
+    overrides: &Overrides,
+    passwd: &Passwd,
+) -> Result<Settings, ConfigError> {
     let file: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
         message: e.to_string().trim_end().to_owned(),
     })?;
-    validate(file, &path.display().to_string(), overrides)
+    validate(file, &path.display().to_string(), overrides, passwd)
 }
+
+/// Reads the text of a passwd(5) file, when a user name must be looked up.
+pub type Passwd = dyn Fn() -> std::io::Result<String>;
 
 /// The default environment of a replica: the quote-service's variables.
 pub fn default_env() -> BTreeMap<String, String> {
@@ -313,7 +381,12 @@ fn invalid(key: &str, reason: String) -> Invalid {
 
 /// The whole file into `Settings`: each table is checked by its own function below, and the
 /// first error is named with the file (`origin`), the key and the reason.
-fn validate(file: File, origin: &str, overrides: &Overrides) -> Result<Settings, ConfigError> {
+fn validate(
+    file: File,
+    origin: &str,
+    overrides: &Overrides,
+    passwd: &Passwd,
+) -> Result<Settings, ConfigError> {
     let named = |e: Invalid| ConfigError::Invalid {
         origin: origin.to_owned(),
         key: e.key,
@@ -376,7 +449,7 @@ fn validate(file: File, origin: &str, overrides: &Overrides) -> Result<Settings,
             .clone()
             .or(file.trusted_keys)
             .unwrap_or_else(|| PathBuf::from("/etc/quote-edge/keys")),
-        service: service(file.service).map_err(named)?,
+        service: service(file.service, passwd).map_err(named)?,
         probes,
         restart: restart(file.restart).map_err(named)?,
         resources: resources(file.resources).map_err(named)?,
@@ -388,7 +461,7 @@ fn validate(file: File, origin: &str, overrides: &Overrides) -> Result<Settings,
 
 /// `[service]`: the replica's command, environment (never the supervisor's systemd protocol)
 /// and stop graces.
-fn service(s: ServiceFile) -> Result<ServiceSpec, Invalid> {
+fn service(s: ServiceFile, passwd: &Passwd) -> Result<ServiceSpec, Invalid> {
     let command = s.command.unwrap_or_else(|| PathBuf::from("quote-service"));
     if command.as_os_str().is_empty() {
         return Err(invalid("service.command", "must not be empty".into()));
@@ -416,7 +489,14 @@ fn service(s: ServiceFile) -> Result<ServiceSpec, Invalid> {
             format!("must be 1 to 100000, got {log_lines}"),
         ));
     }
+    let user = match s.user {
+        None => None,
+        Some(name) => {
+            Some(RunAs::resolve(&name, passwd).map_err(|reason| invalid("service.user", reason))?)
+        }
+    };
     Ok(ServiceSpec {
+        user,
         command,
         args: s.args.unwrap_or_default(),
         env,
@@ -625,13 +705,79 @@ mod tests {
                 include_str!("../../../image/recipe/qemu/supervisor.toml"),
             ),
         ] {
-            let settings = parse_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let settings = parse_with_users(text, Path::new(name), &Overrides::default(), &|| {
+                Ok(image_passwd())
+            })
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(
                 settings.ota.remount_sticks,
                 "{name}: receipts go back to the stick"
             );
             assert_eq!(settings.replicas, 3, "{name}");
+            // The replicas are not the supervisor, and their tool writes where they may.
+            let user = settings
+                .service
+                .user
+                .expect("the replicas run as their own user");
+            assert_eq!(
+                (user.name.as_str(), user.uid, user.gid),
+                ("quote-replica", 951, 951)
+            );
+            assert_eq!(
+                settings.ota.database_dir,
+                Some(settings.data_dir.join("db")),
+                "{name}"
+            );
+            assert!(settings.service.env["QUOTE_DB"].starts_with("{data_dir}/db/"));
         }
+    }
+
+    /// The passwd lines that systemd-sysusers makes from the image's sysusers.d (`u NAME ID`).
+    fn image_passwd() -> String {
+        include_str!("../../../image/overlay/usr/lib/sysusers.d/quote-edge.conf")
+            .lines()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                (words.next()? == "u").then_some(())?;
+                let (name, id) = (words.next()?, words.next()?);
+                Some(format!("{name}:x:{id}:{id}::/:/usr/sbin/nologin\n"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_replicas_user_is_a_passwd_name_or_uid_gid_and_a_typo_names_the_key() {
+        let passwd = "root:x:0:0:root:/root:/bin/sh\n\
+                      quote-replica:x:951:952::/:/usr/sbin/nologin\n";
+        let with = |user: &str| {
+            parse_with_users(
+                &format!("[service]\nuser = {user:?}\n"),
+                Path::new("s.toml"),
+                &Overrides::default(),
+                &|| Ok(passwd.to_owned()),
+            )
+        };
+        let user = with("quote-replica").unwrap().service.user.unwrap();
+        assert_eq!((user.uid, user.gid), (951, 952), "its primary group");
+        let user = with("65534:65534").unwrap().service.user.unwrap();
+        assert_eq!((user.uid, user.gid), (65534, 65534));
+        for (bad, reason) in [
+            (
+                "quote-replcia",
+                "names no user of /etc/passwd: \"quote-replcia\"",
+            ),
+            ("1:x", "\"1:x\" is neither a user name nor UID:GID"),
+        ] {
+            assert_eq!(
+                with(bad).unwrap_err().to_string(),
+                format!("config s.toml: `service.user` {reason}")
+            );
+        }
+        // No user: the file is not even read.
+        let none = parse_with_users("", Path::new("s.toml"), &Overrides::default(), &|| {
+            panic!("read without a user")
+        });
+        assert_eq!(none.unwrap().service.user, None);
     }
 
     #[test]

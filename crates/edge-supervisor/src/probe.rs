@@ -6,11 +6,16 @@ use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::config::{Probe, ProbeAction};
+use crate::config::{Probe, ProbeAction, RunAs};
 
 /// Runs one probe against `127.0.0.1:port`. `Err` says what failed.
-pub async fn run(probe: &Probe, port: u16, fill: impl Fn(&str) -> String) -> Result<(), String> {
-    match tokio::time::timeout(probe.timeout, attempt(&probe.action, port, fill)).await {
+pub async fn run(
+    probe: &Probe,
+    port: u16,
+    user: Option<&RunAs>,
+    fill: impl Fn(&str) -> String,
+) -> Result<(), String> {
+    match tokio::time::timeout(probe.timeout, attempt(&probe.action, port, user, fill)).await {
         Ok(result) => result,
         Err(_) => Err(format!(
             "no answer within {}",
@@ -22,6 +27,7 @@ pub async fn run(probe: &Probe, port: u16, fill: impl Fn(&str) -> String) -> Res
 async fn attempt(
     action: &ProbeAction,
     port: u16,
+    user: Option<&RunAs>,
     fill: impl Fn(&str) -> String,
 ) -> Result<(), String> {
     match action {
@@ -33,7 +39,11 @@ async fn attempt(
         ProbeAction::Exec { command } => {
             let mut words = command.iter().map(|w| fill(w));
             let program = words.next().unwrap_or_default();
-            let status = tokio::process::Command::new(&program)
+            // Run as the replica runs (a Kubernetes exec probe runs in the container).
+            let mut command = std::process::Command::new(&program);
+            crate::process::clean_env(&mut command);
+            crate::process::run_as(&mut command, user);
+            let status = tokio::process::Command::from(command)
                 .args(words)
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
@@ -125,15 +135,15 @@ mod tests {
             path: "/healthz".into(),
         });
         let (port, _t) = server(Some("HTTP/1.1 204 No Content\r\n\r\n")).await;
-        assert_eq!(run(&http, port, str::to_owned).await, Ok(()));
+        assert_eq!(run(&http, port, None, str::to_owned).await, Ok(()));
         let (port, _t) = server(Some("HTTP/1.1 503 Service Unavailable\r\n\r\n")).await;
         assert_eq!(
-            run(&http, port, str::to_owned).await,
+            run(&http, port, None, str::to_owned).await,
             Err("GET /healthz answered 503".into())
         );
         let (port, _t) = server(Some("garbage that is long enough\r\n")).await;
         assert!(
-            run(&http, port, str::to_owned)
+            run(&http, port, None, str::to_owned)
                 .await
                 .unwrap_err()
                 .contains("not an HTTP answer")
@@ -146,6 +156,7 @@ mod tests {
         let err = run(
             &probe(ProbeAction::Http { path: "/".into() }),
             port,
+            None,
             str::to_owned,
         )
         .await
@@ -157,21 +168,24 @@ mod tests {
     async fn tcp_and_exec_probes() {
         let (port, _t) = server(Some("")).await;
         assert_eq!(
-            run(&probe(ProbeAction::Tcp), port, str::to_owned).await,
+            run(&probe(ProbeAction::Tcp), port, None, str::to_owned).await,
             Ok(())
         );
         let closed = crate::process::free_port().unwrap();
         assert!(
-            run(&probe(ProbeAction::Tcp), closed, str::to_owned)
+            run(&probe(ProbeAction::Tcp), closed, None, str::to_owned)
                 .await
                 .is_err()
         );
         let ok = probe(ProbeAction::Exec {
             command: vec!["sh".into(), "-c".into(), "exit {port}".into()],
         });
-        assert_eq!(run(&ok, 0, |w| w.replace("{port}", "0")).await, Ok(()));
+        assert_eq!(
+            run(&ok, 0, None, |w: &str| w.replace("{port}", "0")).await,
+            Ok(())
+        );
         assert!(
-            run(&ok, 0, |w| w.replace("{port}", "3"))
+            run(&ok, 0, None, |w: &str| w.replace("{port}", "3"))
                 .await
                 .unwrap_err()
                 .contains("exit")

@@ -14,18 +14,7 @@ use replica_model::Signal;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 
-use crate::config::ServiceSpec;
-
-/// Environment variables of the supervisor's own systemd protocol, never passed on: a replica
-/// that inherited them could send READY or WATCHDOG in the supervisor's name.
-const PRIVATE_ENV: &[&str] = &[
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-];
+use crate::config::{RunAs, ServiceSpec};
 
 /// Longest captured line; the rest of a longer line is dropped and marked.
 pub(crate) const MAX_LINE: usize = 4096;
@@ -36,6 +25,8 @@ pub struct Launch {
     pub program: PathBuf,
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// `service.user`: who it runs as (default: the supervisor's user).
+    pub user: Option<RunAs>,
 }
 
 /// The values substituted into a replica's command, arguments, environment and exec probes:
@@ -80,6 +71,27 @@ pub fn launch(spec: &ServiceSpec, values: &Placeholders) -> Launch {
             .iter()
             .map(|(k, v)| (k.clone(), values.fill(v)))
             .collect(),
+        user: spec.user.clone(),
+    }
+}
+
+/// The environment a child of the supervisor starts from: `PATH` alone (the rest is the
+/// configuration's), so that nothing of the supervisor's own (its systemd protocol, its
+/// credentials, a development flag) leaks into a release's process.
+/// systemd's `NOTIFY_SOCKET` and `WATCHDOG_*` are never passed on: a replica that had them
+/// could send READY or WATCHDOG in the supervisor's name. The power-cut harness's fail points
+/// are (failpoints builds only).
+pub(crate) fn clean_env(command: &mut std::process::Command) {
+    command
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| k == "PATH"))
+        .envs(failpoint::inherited());
+}
+
+/// Runs `command` as `service.user` when one is set, without the supervisor's capabilities.
+pub(crate) fn run_as(command: &mut std::process::Command, user: Option<&RunAs>) {
+    if let Some(user) = user {
+        sys::run_as(command, user);
     }
 }
 
@@ -90,13 +102,9 @@ pub fn release_command(spec: &ServiceSpec, data_dir: &Path) -> ota_agent::Releas
     ota_agent::ReleaseCommand::new(move |release: &Path| {
         let launch = launch(&spec, &Placeholders::new(&data_dir, 0, 0, release));
         let mut command = std::process::Command::new(&launch.program);
-        command
-            .args(&launch.args)
-            .env_clear()
-            .envs(std::env::vars().filter(|(k, _)| k == "PATH"))
-            .envs(&launch.env)
-            // The power-cut harness's fail points reach inside the tool (failpoints builds).
-            .envs(failpoint::inherited());
+        clean_env(&mut command);
+        command.args(&launch.args).envs(&launch.env);
+        run_as(&mut command, launch.user.as_ref());
         command
     })
 }
@@ -171,7 +179,11 @@ pub fn spawn(
     u32,
     impl Future<Output = std::io::Result<ExitStatus>> + Send + 'static,
 )> {
-    let mut command = Command::new(&launch.program);
+    let mut command = std::process::Command::new(&launch.program);
+    clean_env(&mut command);
+    run_as(&mut command, launch.user.as_ref());
+    sys::die_with_supervisor(&mut command);
+    let mut command = Command::from(command);
     command
         .args(&launch.args)
         .envs(&launch.env)
@@ -182,14 +194,10 @@ pub fn spawn(
         // Ctrl-C reaches only the supervisor, which then stops replicas in order.
         .process_group(0)
         .kill_on_drop(false);
-    for key in PRIVATE_ENV {
-        command.env_remove(key);
-    }
     // Not systemd's socket (removed above) but the supervisor's own: see `ready.rs`.
     if let Some(path) = ready_socket {
         command.env("NOTIFY_SOCKET", path);
     }
-    sys::die_with_supervisor(&mut command);
     let mut child = command.spawn()?;
     let pid = child
         .id()
@@ -223,9 +231,40 @@ pub fn spawn(
 /// between fork and exec.
 #[allow(unsafe_code)]
 mod sys {
+    use std::os::unix::process::CommandExt;
+
     use rustix::process::{Signal, getpid, getppid, set_parent_process_death_signal};
 
-    pub fn die_with_supervisor(command: &mut tokio::process::Command) {
+    use crate::config::RunAs;
+
+    /// Runs the child as `user`, with no supplementary group (std drops them before setuid)
+    /// and no capability: the supervisor's ambient and inheritable ones (CAP_SETUID, CAP_KILL,
+    /// ...) survive a setuid between two non-root users and the exec, so the child empties
+    /// its permitted, effective and inheritable sets (dropping is always allowed), which
+    /// empties the ambient set too (a capability is ambient only while permitted and
+    /// inheritable). A non-root user with no ambient and no inheritable capability gets none
+    /// from exec, not even from a file's capabilities.
+    pub fn run_as(command: &mut std::process::Command, user: &RunAs) {
+        use rustix::thread::{CapabilitySet, CapabilitySets, set_capabilities};
+        command.uid(user.uid).gid(user.gid);
+        // SAFETY: runs in the child between fork and exec (after std's setgid/setuid): one
+        // capset, no allocation, no lock.
+        unsafe {
+            command.pre_exec(|| {
+                set_capabilities(
+                    None,
+                    CapabilitySets {
+                        effective: CapabilitySet::empty(),
+                        permitted: CapabilitySet::empty(),
+                        inheritable: CapabilitySet::empty(),
+                    },
+                )?;
+                Ok(())
+            });
+        }
+    }
+
+    pub fn die_with_supervisor(command: &mut std::process::Command) {
         let supervisor = getpid();
         // SAFETY: the closure runs in the child between fork and exec, where only
         // async-signal-safe calls are allowed: it makes two system calls (prctl, getppid),
@@ -376,6 +415,7 @@ mod tests {
             stop_grace: std::time::Duration::from_secs(1),
             hung_grace: std::time::Duration::from_secs(1),
             log_lines: 10,
+            user: None,
         };
         let values = Placeholders::new(Path::new("/data"), 2, 41000, Path::new("/rel/bin"));
         let l = launch(&spec, &values);

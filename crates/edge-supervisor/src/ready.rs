@@ -5,6 +5,7 @@
 //! `replica_model::Model::notified`), so a lying sender costs one probe. A replica that never
 //! speaks (an older release, a wrapper that forks) is polled as before.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use tokio::net::UnixDatagram;
@@ -26,7 +27,13 @@ impl ReadySocket {
     pub fn bind(dir: &Path) -> Option<ReadySocket> {
         let path = dir.join("ready.sock");
         let _ = std::fs::remove_file(&path);
-        match UnixDatagram::bind(&path) {
+        // Writable by everyone who can reach the directory, like systemd's own notify socket:
+        // replicas may run as another user (`service.user`), and a word is only a hint.
+        let bound = UnixDatagram::bind(&path).and_then(|socket| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+            Ok(socket)
+        });
+        match bound {
             Ok(socket) => Some(ReadySocket { path, socket }),
             Err(error) => {
                 tracing::warn!(path = %path.display(), %error, "no readiness socket; replicas are polled only");

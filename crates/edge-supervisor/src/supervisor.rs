@@ -756,9 +756,10 @@ impl Dispatcher {
             .find(|(id, _)| *id == replica_id(slot))
             .map_or(0, |(_, r)| r);
         let values = self.placeholders(slot, port, revision);
+        let user = self.settings.service.user.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            let outcome = crate::probe::run(&probe, port, |w| values.fill(w)).await;
+            let outcome = crate::probe::run(&probe, port, user.as_ref(), |w| values.fill(w)).await;
             let took = started.elapsed();
             let _ = events
                 .send(Event::Probe {

@@ -43,12 +43,31 @@ pub struct Layout {
     /// `<data_dir>/ota`: `state.json`, `slots/{a,b}/`, `snapshot/quotes.db`, `rollback/`,
     /// `receipts/`, `inbox/`, `device.key`.
     pub dir: PathBuf,
+    /// The update's snapshot of the database, written by the release's database tool.
+    snapshot: PathBuf,
+    /// Where a rollback's exports of the trial's quotes go, also written by that tool.
+    rollback: PathBuf,
 }
 
 impl Layout {
     pub fn new(data_dir: &Path) -> Layout {
+        let dir = data_dir.join("ota");
         Layout {
-            dir: data_dir.join("ota"),
+            snapshot: dir.join("snapshot").join("quotes.db"),
+            rollback: dir.join("rollback"),
+            dir,
+        }
+    }
+
+    /// The same layout with the database tool's files directly in `dir` (`ota.database_dir`,
+    /// the replicas' directory when they run as their own user): `dir/snapshot.db` and the
+    /// exports beside it. Flat, so that the directory alone must exist: systemd-tmpfiles
+    /// refuses to make directories inside another user's (an unsafe path transition).
+    pub fn with_database_dir(self, dir: &Path) -> Layout {
+        Layout {
+            snapshot: dir.join("snapshot.db"),
+            rollback: dir.to_owned(),
+            ..self
         }
     }
     pub fn slot(&self, slot: SlotName) -> PathBuf {
@@ -68,7 +87,11 @@ impl Layout {
             .join(format!("{}.head", slot.as_str()))
     }
     pub fn snapshot(&self) -> PathBuf {
-        self.dir.join("snapshot").join("quotes.db")
+        self.snapshot.clone()
+    }
+    /// Where a rollback's exports of the trial's quotes go.
+    pub fn rollback(&self) -> PathBuf {
+        self.rollback.clone()
     }
 
     /// The slot state file, created with its directory on first use, and the state in it.
@@ -181,6 +204,30 @@ pub enum UpdateError {
          development only, set `allow_test_key = true` in [ota]"
     )]
     TestKeyTrusted { dir: PathBuf, key: &'static str },
+    #[error("cannot make {path} searchable for the replicas (mode 0711): {source}")]
+    Searchable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The replicas run the release from `<ota>/slots/<slot>/bin`, possibly as a user of their own
+/// that must not read the OTA state: `<ota>` and `<ota>/slots` are searchable by everyone but
+/// listable only by the supervisor (0711), and every file in them but a slot's programs stays
+/// private to the supervisor (its umask; the unit's is 0077).
+fn searchable(layout: &Layout) -> Result<(), UpdateError> {
+    use std::os::unix::fs::PermissionsExt;
+    let slots = layout.dir.join("slots");
+    for dir in [&layout.dir, &slots] {
+        durable::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)))
+            .map_err(|source| UpdateError::Searchable {
+                path: dir.clone(),
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// An install asked for while an update is in progress.
@@ -307,7 +354,12 @@ impl Agent {
             }
             tracing::warn!(keys = %trusted_keys.display(), "DEVELOPMENT ONLY: the repository's test key is trusted (allow_test_key); anyone can sign updates for this device");
         }
+        let layout = match &settings.database_dir {
+            Some(dir) => layout.with_database_dir(dir),
+            None => layout,
+        };
         let (file, state) = layout.open_state()?;
+        searchable(&layout)?;
         let state = settle_installs(&layout, &file, state)?;
         let timings = Timings {
             trial: settings.trial,
@@ -1055,6 +1107,39 @@ mod tests {
     use std::sync::mpsc;
 
     use super::*;
+
+    #[test]
+    fn the_database_tools_files_go_in_ota_or_side_by_side_in_database_dir() {
+        let layout = Layout::new(Path::new("/data"));
+        assert_eq!(
+            (layout.snapshot(), layout.rollback()),
+            (
+                "/data/ota/snapshot/quotes.db".into(),
+                "/data/ota/rollback".into()
+            )
+        );
+        // Nothing below the replicas' directory but files: it alone must exist.
+        let layout = layout.with_database_dir(Path::new("/data/db"));
+        assert_eq!(
+            (layout.snapshot(), layout.rollback()),
+            ("/data/db/snapshot.db".into(), "/data/db".into())
+        );
+        assert_eq!(layout.dir, Path::new("/data/ota"), "the OTA state stays");
+    }
+
+    #[test]
+    fn opening_makes_ota_and_its_slots_searchable_but_not_listable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let _ = open(dir.path());
+        for path in ["ota", "ota/slots"] {
+            let mode = std::fs::metadata(dir.path().join(path))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o711, "{path}: {mode:o}");
+        }
+    }
 
     /// An agent on an empty data directory (factory release, idle), and where its tasks report.
     fn open(dir: &Path) -> (Agent, mpsc::Receiver<OtaEvent>) {

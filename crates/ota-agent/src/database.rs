@@ -150,7 +150,7 @@ pub fn restore_database(
     if !snapshot.exists() {
         return Err(DatabaseError::NoSnapshot(snapshot));
     }
-    let dir = layout.dir.join("rollback");
+    let dir = layout.rollback();
     create_dir(&dir)?;
     // A name no earlier export has: a restore redone within the same second (after a cut
     // during the first, which may have finished) must not replace the first one's export.

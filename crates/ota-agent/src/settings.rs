@@ -35,8 +35,15 @@ pub struct SettingsFile {
     /// Directory of the factory release's programs (default: the supervisor's own directory).
     pub factory_bin: Option<PathBuf>,
     /// Remount a read-only stick read-write just long enough to write the install receipt
-    /// next to its bundle, then read-only again (default false; needs root).
+    /// next to its bundle, then read-only again (default false; needs CAP_SYS_ADMIN).
     pub remount_sticks: Option<bool>,
+    /// A directory where the release's database tool writes the update's snapshot
+    /// (`snapshot.db`) and a rollback's exports (`<time>-trial-quotes.jsonl`), instead of
+    /// `<data_dir>/ota/snapshot/quotes.db` and `<data_dir>/ota/rollback/` (the default). When
+    /// the replicas run as their own user (`service.user`): a directory that user can write and
+    /// the supervisor can search (mode 0711), since the tool runs as that user and cannot enter
+    /// `<data_dir>/ota`.
+    pub database_dir: Option<PathBuf>,
     /// Start even though the trusted keys include the repository's test key, whose secret is
     /// public (default false: the supervisor refuses to start). Development images only.
     pub allow_test_key: Option<bool>,
@@ -58,6 +65,7 @@ pub struct Settings {
     pub max_security_step: u64,
     pub factory_bin: PathBuf,
     pub remount_sticks: bool,
+    pub database_dir: Option<PathBuf>,
     pub allow_test_key: bool,
 }
 
@@ -120,6 +128,7 @@ impl SettingsFile {
             max_security_step,
             factory_bin: self.factory_bin.unwrap_or(own_dir),
             remount_sticks: self.remount_sticks.unwrap_or(false),
+            database_dir: self.database_dir,
             allow_test_key: self.allow_test_key.unwrap_or(false),
         })
     }

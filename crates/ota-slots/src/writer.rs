@@ -184,6 +184,21 @@ impl SlotWriter {
         self.sync_dirs()
     }
 
+    /// The slot's directories get mode 0755 whatever the umask (the unit's is 0077), as its
+    /// files get their manifest's mode: replicas may run as a user of their own, who must reach
+    /// `bin/`. Directories above the slot keep theirs.
+    fn publish_dirs(&self) -> Result<(), WriteError> {
+        for dir in self.dirs.iter().filter(|d| d.starts_with(&self.dir)) {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(
+                |source| WriteError::Io {
+                    path: dir.clone(),
+                    source,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
     fn sync_dirs(&self) -> Result<(), WriteError> {
         for dir in &self.dirs {
             failpoint::sync("slot.dirs_synced", || File::open(dir)?.sync_all()).map_err(
@@ -254,6 +269,7 @@ impl SlotWriter {
     /// Syncs the last file and every directory; returns the bytes written.
     pub fn finish(mut self) -> Result<u64, WriteError> {
         self.finish_file()?;
+        self.publish_dirs()?;
         self.sync_dirs()?;
         failpoint::hit("slot.dirs_synced");
         Ok(self.written)
@@ -456,6 +472,27 @@ mod tests {
 
     fn mode_of(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_slots_directories_are_searchable_whatever_the_umask_and_its_parent_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = dir.path().join("slots");
+        std::fs::create_dir(&slots).unwrap();
+        std::fs::set_permissions(&slots, std::fs::Permissions::from_mode(0o711)).unwrap();
+        let slot = slots.join("a");
+        // As the unit's UMask=0077 would make them.
+        std::fs::create_dir_all(slot.join("share/doc")).unwrap();
+        std::fs::set_permissions(slot.join("share"), std::fs::Permissions::from_mode(0o700))
+            .unwrap();
+        let mut w = SlotWriter::update(&slot, &["bin/svc", "share/doc/x"]).unwrap();
+        w.chunk("bin/svc", 0o755, 0, b"release").unwrap();
+        w.empty_file("share/doc/x", 0o644).unwrap();
+        w.finish().unwrap();
+        for made in ["", "bin", "share", "share/doc"] {
+            assert_eq!(mode_of(&slot.join(made)), 0o755, "{made:?}");
+        }
+        assert_eq!(mode_of(&slots), 0o711);
     }
 
     #[test]

@@ -36,6 +36,7 @@ fn ready_status_watchdog_and_stopping_reach_systemd_and_never_the_replicas() {
         .args(["run", "--config", config.to_str().unwrap()])
         .env("NOTIFY_SOCKET", &notify_path)
         .env("WATCHDOG_USEC", "200000")
+        .env("SUPERVISOR_ONLY", "1")
         .env_remove("WATCHDOG_PID")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -52,7 +53,7 @@ fn ready_status_watchdog_and_stopping_reach_systemd_and_never_the_replicas() {
         s.iter().filter(|m| *m == "WATCHDOG=1").count() >= pings_before + 3
     });
 
-    // The replicas' environment has none of the supervisor's systemd variables.
+    // The replicas' environment has none of the supervisor's variables, systemd's included.
     let status = supervisor()
         .args([
             "status",
@@ -68,8 +69,13 @@ fn ready_status_watchdog_and_stopping_reach_systemd_and_never_the_replicas() {
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
         let environ = String::from_utf8_lossy(&environ);
         assert!(
-            environ.contains("PYTHONUNBUFFERED=1"),
-            "the configured env reached the replica"
+            environ.contains("QUOTE_INSTANCE=replica-"),
+            "the configured env reached the replica: {environ:?}"
+        );
+        // A clean environment: nothing of the supervisor's own but PATH.
+        assert!(
+            !environ.contains("SUPERVISOR_ONLY="),
+            "replica {pid} inherited the supervisor's environment: {environ:?}"
         );
         let systemd = format!("NOTIFY_SOCKET={}", notify_path.display());
         let own = format!("NOTIFY_SOCKET={}", dir.path().join("ready.sock").display());
