@@ -12,6 +12,7 @@ mod keys;
 mod manifest;
 mod pack;
 mod read;
+mod rollout;
 
 pub use docs::{KeySet, MAX_DOC_LEN, Permit, Receipt, SignedDoc};
 pub use error::BundleError;
@@ -23,6 +24,7 @@ pub use read::{
     Bundle, Chunked, ChunksError, Position, SIGNING_DOMAIN, chunk_hash, declared_len_unverified,
     manifest_digest, read_manifest_and_digest_unverified, read_manifest_unverified, signed_message,
 };
+pub use rollout::{MAX_WAVES, PLAN_KIND, Plan, PlanError, Wave};
 
 #[cfg(test)]
 mod tests;

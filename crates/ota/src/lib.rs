@@ -128,7 +128,32 @@ pub enum Command {
         /// The bundle it permits.
         bundle: PathBuf,
     },
-    /// Add a signature to a key set or a permit.
+    /// Make a rollout plan for a fleet (ota/FORMAT.md "Rollout plans"): the bundle (by its
+    /// manifest digest) goes out in waves, each opening once the previous ones committed well
+    /// enough, and the rollout halts when too many fail. Signed like a bundle; more signatures
+    /// with `sign-doc`.
+    Rollout {
+        #[arg(long = "key")]
+        keys: Vec<PathBuf>,
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Cumulative waves: device counts, then percentages, the last 100%.
+        #[arg(long, default_value = "1,10%,50%,100%")]
+        waves: String,
+        /// Percent of the devices of the opened waves that must have committed for the next
+        /// wave to open.
+        #[arg(long)]
+        success_threshold: u8,
+        /// Percent of failed reports in the open waves past which the rollout halts.
+        #[arg(long)]
+        error_threshold: u8,
+        /// Reports needed before the error threshold counts.
+        #[arg(long, default_value_t = 1)]
+        min_reports: u32,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add a signature to a key set, a permit or a rollout plan.
     SignDoc {
         #[arg(long)]
         key: PathBuf,
@@ -342,6 +367,47 @@ pub fn run(command: Command, out: &mut dyn Write) -> Result<(), OtaError> {
                 bundle: digest,
                 version: manifest.version,
             });
+            for key in &keys {
+                doc.sign(&SecretKey::load(key)?);
+            }
+            write_doc(&file, &doc, out)
+        }
+        Command::Rollout {
+            keys,
+            bundle,
+            waves,
+            success_threshold,
+            error_threshold,
+            min_reports,
+            out: file,
+        } => {
+            let reader =
+                std::io::BufReader::new(std::fs::File::open(&bundle).map_err(|e| io(&bundle, e))?);
+            let (manifest, _, digest) = ota_bundle::read_manifest_and_digest_unverified(reader)?;
+            // A bad wave list or threshold is a bad command line, named by its field.
+            let usage = |e: ota_bundle::PlanError| OtaError::Usage(e.to_string());
+            let waves = waves
+                .split(',')
+                .map(|w| ota_bundle::Wave::parse(w.trim()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(usage)?;
+            let plan = ota_bundle::Plan::new(
+                &manifest.product,
+                &digest,
+                &manifest.version,
+                waves,
+                success_threshold,
+                error_threshold,
+                min_reports,
+            )
+            .map_err(usage)?;
+            if keys.is_empty() {
+                return Err(OtaError::Usage(
+                    "a rollout plan needs at least one --key: devices and depots refuse it unsigned"
+                        .into(),
+                ));
+            }
+            let mut doc = plan.document();
             for key in &keys {
                 doc.sign(&SecretKey::load(key)?);
             }

@@ -177,3 +177,87 @@ fn two_of_three_signing() {
     let out = ota(&["verify", "--keys", &keys, &d("r.bundle")]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// `ota rollout`: a plan names the bundle by its manifest digest and carries the waves and
+/// gates; it verifies against the release keys (two of two here, the second signature added
+/// with `sign-doc`), and a bad wave list is a usage error naming the field.
+#[test]
+fn a_rollout_plan_names_its_bundle_and_needs_the_release_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).display().to_string();
+    for name in ["a", "b"] {
+        assert!(ota(&["keygen", "--out", &d(name)]).status.success());
+    }
+    release(&dir.path().join("rel"));
+    let packed = ota(&[
+        "pack",
+        "--key",
+        &d("a.key"),
+        "--version",
+        "2.0.0",
+        "--security-version",
+        "1",
+        "--level",
+        "3",
+        "--out",
+        &d("r.bundle"),
+        &d("rel"),
+    ]);
+    assert!(packed.status.success(), "{}", text(&packed.stderr));
+    let plan = |waves: &str| {
+        ota(&[
+            "rollout",
+            "--key",
+            &d("a.key"),
+            "--bundle",
+            &d("r.bundle"),
+            "--waves",
+            waves,
+            "--success-threshold",
+            "90",
+            "--error-threshold",
+            "10",
+            "--out",
+            &d("r.plan"),
+        ])
+    };
+    let bad = plan("1,10%,50%");
+    assert_eq!(bad.status.code(), Some(exit::USAGE));
+    assert!(
+        text(&bad.stderr).contains("`waves`: the last wave must be 100%"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let made = plan("1,25%,100%");
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    assert!(
+        text(&made.stdout).contains("rollout signed by 1 key(s)"),
+        "{}",
+        text(&made.stdout)
+    );
+
+    let bytes = std::fs::read(d("r.plan")).unwrap();
+    let keys = |names: &[&str]| {
+        ota_bundle::TrustedKeys::new(
+            names.iter().map(|n| {
+                ota_bundle::PublicKey::load(&dir.path().join(format!("{n}.pub"))).unwrap()
+            }),
+            names.len(),
+        )
+    };
+    let digest = ota_bundle::read_manifest_and_digest_unverified(std::io::BufReader::new(
+        std::fs::File::open(d("r.bundle")).unwrap(),
+    ))
+    .unwrap()
+    .2;
+    let plan = ota_bundle::Plan::verify(&bytes, &keys(&["a"]), "quote-edge").unwrap();
+    assert_eq!(plan.bundle, digest);
+    assert_eq!(plan.version, "2.0.0");
+    assert_eq!(plan.cover(20), [1, 5, 20]);
+    // Two of two: refused until b signs too.
+    assert!(ota_bundle::Plan::verify(&bytes, &keys(&["a", "b"]), "quote-edge").is_err());
+    let signed = ota(&["sign-doc", "--key", &d("b.key"), &d("r.plan")]);
+    assert!(signed.status.success(), "{}", text(&signed.stderr));
+    let bytes = std::fs::read(d("r.plan")).unwrap();
+    assert!(ota_bundle::Plan::verify(&bytes, &keys(&["a", "b"]), "quote-edge").is_ok());
+}
