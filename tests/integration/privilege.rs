@@ -119,6 +119,9 @@ async fn a_root_supervisor_runs_its_replicas_as_the_service_user_with_nothing_of
     // Ready means the exec startup probe ran as the replicas' user too.
     let status = sup.all_ready(2).await;
     assert_unprivileged(&replica_pids(&status));
+    // Replicas of another user can reach the readiness socket (the word stays a hint).
+    let ready = std::fs::metadata(data.path().join("ready.sock")).unwrap();
+    assert_eq!(ready.permissions().mode() & 0o777, 0o666);
     // The database is the replicas': made by them, in their directory.
     let db = std::fs::metadata(data.path().join("db/quotes.db")).unwrap();
     assert_eq!(

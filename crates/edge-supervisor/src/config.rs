@@ -208,8 +208,6 @@ pub struct ServiceSpec {
 /// `service.user`, resolved: who the replicas run as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunAs {
-    /// As written in the configuration (a name, or `UID:GID`).
-    pub name: String,
     pub uid: u32,
     pub gid: u32,
 }
@@ -222,11 +220,7 @@ impl RunAs {
     fn resolve(name: &str, passwd: &Passwd) -> Result<RunAs, String> {
         if let Some((uid, gid)) = name.split_once(':') {
             return match (uid.parse(), gid.parse()) {
-                (Ok(uid), Ok(gid)) => Ok(RunAs {
-                    name: name.to_owned(),
-                    uid,
-                    gid,
-                }),
+                (Ok(uid), Ok(gid)) => Ok(RunAs { uid, gid }),
                 _ => Err(format!("{name:?} is neither a user name nor UID:GID")),
             };
         }
@@ -243,11 +237,7 @@ impl RunAs {
                 (user == name).then(|| Some((uid.parse().ok()?, gid.parse().ok()?)))?
             })
             .next()
-            .map(|(uid, gid)| RunAs {
-                name: name.to_owned(),
-                uid,
-                gid,
-            })
+            .map(|(uid, gid)| RunAs { uid, gid })
             .ok_or_else(|| format!("names no user of {PASSWD}: {name:?}"))
     }
 }
@@ -296,15 +286,18 @@ pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Settings, Conf
             })?;
             parse(&text, path, overrides)
         }
-        None => validate(File::default(), "(built-in defaults)", overrides, &|| {
-            std::fs::read_to_string(PASSWD)
-        }),
+        None => validate(
+            File::default(),
+            "(built-in defaults)",
+            overrides,
+            &system_passwd,
+        ),
     }
 }
 
 /// Validates configuration text; `path` names it in errors.
 pub fn parse(text: &str, path: &Path, overrides: &Overrides) -> Result<Settings, ConfigError> {
-    parse_with_users(text, path, overrides, &|| std::fs::read_to_string(PASSWD))
+    parse_with_users(text, path, overrides, &system_passwd)
 }
 
 /// [`parse`], with `service.user` looked up in the text `passwd` returns instead of
@@ -324,6 +317,11 @@ pub fn parse_with_users(
 
 /// Reads the text of a passwd(5) file, when a user name must be looked up.
 pub type Passwd = dyn Fn() -> std::io::Result<String>;
+
+/// This machine's users.
+fn system_passwd() -> std::io::Result<String> {
+    std::fs::read_to_string(PASSWD)
+}
 
 /// The default environment of a replica: the quote-service's variables.
 pub fn default_env() -> BTreeMap<String, String> {
@@ -706,7 +704,7 @@ mod tests {
             ),
         ] {
             let settings = parse_with_users(text, Path::new(name), &Overrides::default(), &|| {
-                Ok(image_passwd())
+                Ok(::tests::image_passwd())
             })
             .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(
@@ -719,10 +717,7 @@ mod tests {
                 .service
                 .user
                 .expect("the replicas run as their own user");
-            assert_eq!(
-                (user.name.as_str(), user.uid, user.gid),
-                ("quote-replica", 951, 951)
-            );
+            assert_eq!((user.uid, user.gid), (951, 951), "quote-replica");
             assert_eq!(
                 settings.ota.database_dir,
                 Some(settings.data_dir.join("db")),
@@ -730,19 +725,6 @@ mod tests {
             );
             assert!(settings.service.env["QUOTE_DB"].starts_with("{data_dir}/db/"));
         }
-    }
-
-    /// The passwd lines that systemd-sysusers makes from the image's sysusers.d (`u NAME ID`).
-    fn image_passwd() -> String {
-        include_str!("../../../image/overlay/usr/lib/sysusers.d/quote-edge.conf")
-            .lines()
-            .filter_map(|line| {
-                let mut words = line.split_whitespace();
-                (words.next()? == "u").then_some(())?;
-                let (name, id) = (words.next()?, words.next()?);
-                Some(format!("{name}:x:{id}:{id}::/:/usr/sbin/nologin\n"))
-            })
-            .collect()
     }
 
     #[test]

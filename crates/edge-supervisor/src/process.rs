@@ -75,12 +75,11 @@ pub fn launch(spec: &ServiceSpec, values: &Placeholders) -> Launch {
     }
 }
 
-/// The environment a child of the supervisor starts from: `PATH` alone (the rest is the
-/// configuration's), so that nothing of the supervisor's own (its systemd protocol, its
-/// credentials, a development flag) leaks into a release's process.
-/// systemd's `NOTIFY_SOCKET` and `WATCHDOG_*` are never passed on: a replica that had them
-/// could send READY or WATCHDOG in the supervisor's name. The power-cut harness's fail points
-/// are (failpoints builds only).
+/// The environment a child that runs release code starts from: `PATH` alone (the rest is the
+/// configuration's), so that nothing of the supervisor's own leaks into it: not systemd's
+/// `NOTIFY_SOCKET` or `WATCHDOG_*` (a replica that had them could send READY or WATCHDOG in the
+/// supervisor's name), not its credentials or flags. Only the power-cut harness's fail points
+/// pass (failpoints builds).
 pub(crate) fn clean_env(command: &mut std::process::Command) {
     command
         .env_clear()
@@ -194,7 +193,7 @@ pub fn spawn(
         // Ctrl-C reaches only the supervisor, which then stops replicas in order.
         .process_group(0)
         .kill_on_drop(false);
-    // Not systemd's socket (removed above) but the supervisor's own: see `ready.rs`.
+    // Not systemd's socket (`clean_env` left it out) but the supervisor's own: see `ready.rs`.
     if let Some(path) = ready_socket {
         command.env("NOTIFY_SOCKET", path);
     }
