@@ -117,7 +117,12 @@ impl PublicKey {
     }
 
     pub fn load(path: &Path) -> Result<PublicKey, BundleError> {
-        let text = read_key_file(path)?;
+        PublicKey::from_line(path, &read_key_file(path)?)
+    }
+
+    /// A key from its line (`to_line`'s format; the comment is ignored). `path` names where the
+    /// line came from, for the error.
+    pub fn from_line(path: &Path, text: &str) -> Result<PublicKey, BundleError> {
         let mut words = text.split_whitespace();
         if words.next() != Some(PUBLIC_TAG) {
             return Err(key_error(
