@@ -158,6 +158,9 @@ fn an_unprivileged_supervisor_with_ambient_capabilities_starts_restarts_and_stop
         ),
     )
     .unwrap();
+    // Readable by the supervisor's user whatever the umask: an in-process supervisor of
+    // another test sets 0177 for a moment while it binds its control socket.
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (program, args) = tests::service_command(&tests::workspace_binary("edge-supervisor"));
     let caps = "+setuid,+setgid,+kill";
     let mut supervisor = Killed(

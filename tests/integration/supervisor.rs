@@ -589,6 +589,7 @@ async fn image_replicas_need_the_token(recipe: &Path) {
             replicas: None,
             data_dir: Some(data.path().to_owned()),
             trusted_keys: Some(keys.path().to_owned()),
+            depot: None,
         },
         &|| Ok(tests::image_passwd()),
     )

@@ -172,7 +172,7 @@ async fn refused(sup: &Supervisor, bundle: &Path) -> (Status, String) {
 }
 
 /// Waits for the update to end (the agent idle with a result for `version`).
-async fn finished(sup: &Supervisor, version: &str) -> Status {
+pub(crate) async fn finished(sup: &Supervisor, version: &str) -> Status {
     sup.wait_for(&format!("the update to {version} to end"), |s| {
         s.update.state == UpdateState::Idle
             && s.update
@@ -183,7 +183,7 @@ async fn finished(sup: &Supervisor, version: &str) -> Status {
     .await
 }
 
-async fn post(sup: &Supervisor, text: &str) -> String {
+pub(crate) async fn post(sup: &Supervisor, text: &str) -> String {
     let (status, _, body) = request(
         sup.addr,
         "POST",

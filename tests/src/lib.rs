@@ -1,6 +1,7 @@
 //! Shared helpers for the workspace integration tests and their fake programs.
 
 pub mod crashfs;
+pub mod depot;
 pub mod postgres;
 
 use std::path::Path;

@@ -155,6 +155,9 @@ impl Client {
         let response = self
             .admin(self.agent.post(self.url("/api/v1/bundles")))
             .header("content-length", len.to_string())
+            // The depot may refuse on the headers alone (the token, the size): then no byte
+            // of the bundle is sent, and its answer is read instead of a broken pipe.
+            .header("expect", "100-continue")
             .send(ureq::SendBody::from_reader(&mut file))
             .map_err(|e| self.unreachable(e))?;
         self.answer(&format!("the bundle {}", path.display()), response)
@@ -222,27 +225,36 @@ impl Client {
         self.signed(key, "/api/v1/report", report)
     }
 
-    /// The bundle at `path` (an offer's `bundle_path`) from byte `from` on, as a reader that
-    /// yields at most `size - from` bytes. A depot that ignores the range (200 instead of 206)
-    /// or answers another range is refused: the device must never mistake which bytes it got.
+    /// Bytes `range` of the bundle at `path` (an offer's `bundle_path`, `size` bytes long), as
+    /// a reader that yields at most that many. The whole file is asked for without `Range`
+    /// (200), any other part with it (206). A depot that ignores the range or answers another
+    /// one is refused: a resuming device must never mistake which bytes it got. `timeout` (the
+    /// client's) bounds the whole body: ask for parts a slow link can carry in that time.
     pub fn download(
         &self,
         path: &str,
-        from: u64,
+        range: std::ops::Range<u64>,
         size: u64,
         device: Option<&str>,
-    ) -> Result<impl Read + use<>, ClientError> {
-        let what = format!("the download of {path} from byte {from}");
+    ) -> Result<impl Read + Send + use<>, ClientError> {
+        let what = format!("bytes {}-{} of {path}", range.start, range.end);
+        if range.start >= range.end || range.end > size {
+            return Err(ClientError::Protocol {
+                what,
+                reason: format!("not a range within the {size} bytes of the bundle"),
+            });
+        }
+        let whole = range.start == 0 && range.end == size;
         let mut request = self.agent.get(self.url(path));
-        if from > 0 {
-            request = request.header("range", format!("bytes={from}-"));
+        if !whole {
+            request = request.header("range", format!("bytes={}-{}", range.start, range.end - 1));
         }
         if let Some(device) = device {
             request = request.header(auth::DOWNLOADER_HEADER, device);
         }
         let mut response = request.call().map_err(|e| self.unreachable(e))?;
         let status = response.status().as_u16();
-        let expected = if from > 0 { 206 } else { 200 };
+        let expected = if whole { 200 } else { 206 };
         if status != expected {
             let _ = response.body_mut().with_config().limit(4096).read_to_vec();
             return Err(ClientError::Refused {
@@ -251,24 +263,24 @@ impl Client {
                 error: format!("expected {expected}"),
             });
         }
-        if from > 0 {
-            let range = response
+        if !whole {
+            let got = response
                 .headers()
                 .get("content-range")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
-            let wanted = format!("bytes {from}-{}/{size}", size.saturating_sub(1));
-            if range != wanted {
+            let wanted = format!("bytes {}-{}/{size}", range.start, range.end - 1);
+            if got != wanted {
                 return Err(ClientError::Protocol {
                     what,
-                    reason: format!("Content-Range is {range:?}, not {wanted:?}"),
+                    reason: format!("Content-Range is {got:?}, not {wanted:?}"),
                 });
             }
         }
         Ok(response
             .into_body()
             .into_with_config()
-            .limit(size.saturating_sub(from))
+            .limit(range.end - range.start)
             .reader())
     }
 }

@@ -86,6 +86,9 @@ pub struct RunArgs {
     /// Directory of trusted OTA public keys (overrides the file).
     #[arg(long)]
     pub trusted_keys: Option<PathBuf>,
+    /// A fleet depot to poll for updates, `http://HOST:PORT` (overrides `ota.depot`).
+    #[arg(long)]
+    pub depot: Option<String>,
     /// Only check the configuration, print the result, and exit.
     #[arg(long)]
     pub check: bool,
@@ -116,6 +119,7 @@ impl RunArgs {
             replicas: self.replicas,
             data_dir: self.data_dir.clone(),
             trusted_keys: self.trusted_keys.clone(),
+            depot: self.depot.clone(),
         };
         config::load(self.config.as_deref(), &overrides)
     }

@@ -274,6 +274,8 @@ pub struct Overrides {
     pub replicas: Option<u32>,
     pub data_dir: Option<PathBuf>,
     pub trusted_keys: Option<PathBuf>,
+    /// `ota.depot`.
+    pub depot: Option<String>,
 }
 
 /// Reads and validates `path`, or the built-in defaults when `path` is `None`.
@@ -431,8 +433,11 @@ fn validate(
         liveness: probe("liveness", file.probes.liveness, origin)?,
         readiness: probe("readiness", file.probes.readiness, origin)?,
     };
-    let ota = file
-        .ota
+    let mut ota = file.ota;
+    if let Some(depot) = &overrides.depot {
+        ota.depot = Some(depot.clone());
+    }
+    let ota = ota
         .validate(&data_dir, own_dir())
         .map_err(|e| named(invalid(&format!("ota.{}", e.key), e.reason)))?;
     Ok(Settings {
@@ -769,6 +774,7 @@ mod tests {
             replicas: Some(5),
             data_dir: Some(PathBuf::from("/var/lib/q")),
             trusted_keys: None,
+            depot: Some("http://depot:8088".into()),
         };
         let s = parse(
             "replicas = 2\nlisten = \"127.0.0.1:1\"\n",
@@ -781,6 +787,7 @@ mod tests {
             s.control_socket,
             PathBuf::from("/var/lib/q/supervisor.sock")
         );
+        assert_eq!(s.ota.depot.as_deref(), Some("http://depot:8088"));
     }
 
     #[test]
@@ -791,6 +798,14 @@ mod tests {
             (
                 "[probes.liveness]\nperiod = \"2ms\"",
                 "`probes.liveness.period` must be at least 10ms",
+            ),
+            (
+                "[ota]\ndepot = \"https://depot:8088\"",
+                "`ota.depot` must be http://HOST[:PORT]",
+            ),
+            (
+                "[ota]\npoll_interval = \"10ms\"",
+                "`ota.poll_interval` (10ms) must be at least 1s",
             ),
             (
                 "[probes.readiness]\nhttp = \"readyz\"",

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use edge_proto::{
     ErrorKind, Limits, PROTOCOL_VERSION, Reply, Request, Status, SupervisorState, UpdateState,
 };
+use ota_agent::source::Offer;
 use ota_agent::{Agent, Layout, OtaEvent, Step};
 use replica_model::{Action, Cause, Model, ProbeKind, Timing, replica_id};
 use tokio::net::{TcpListener, UnixListener};
@@ -489,9 +490,12 @@ impl Dispatcher {
                 if let Some(bundle) = found.into_iter().next()
                     && !self.stopping
                 {
-                    tracing::info!(bundle = %bundle.display(), "inbox: installing");
+                    match &bundle {
+                        Offer::File(_) => tracing::info!(%bundle, "inbox: installing"),
+                        Offer::Depot(_) => tracing::info!(%bundle, "depot: installing"),
+                    }
                     if let Err(error) = self.agent.start_install(bundle) {
-                        tracing::debug!(%error, "inbox: not now");
+                        tracing::debug!(%error, "not now");
                     }
                 }
                 Step::None
@@ -590,7 +594,7 @@ impl Dispatcher {
                         );
                     }
                 }
-                match self.agent.start_install(path) {
+                match self.agent.start_install(path.into()) {
                     Ok(()) => Reply::Accepted {
                         message: format!(
                             "installing {bundle}; `status` shows the progress and the result"

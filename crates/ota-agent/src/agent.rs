@@ -30,12 +30,13 @@ use crate::database::{
     DatabaseError, HealthError, ReleaseCommand, health_commands, restore_database,
     snapshot_database,
 };
+use crate::depot::DepotSource;
 use crate::install::Install;
 use crate::machine::{
     Action, Event, Machine, OutOfPhase, Phase, Refusal, Restart, Target, Timings, after_restart,
 };
 use crate::settings::Settings;
-use crate::source::{Inbox, Source, Wanted};
+use crate::source::{DepotOffer, Inbox, Offer, Source, Wanted};
 
 /// The agent's files under the data directory.
 #[derive(Debug, Clone)]
@@ -246,7 +247,7 @@ pub struct Installed {
     pub resumed: u64,
     pub version: String,
     pub issued_at: u64,
-    pub bundle: PathBuf,
+    pub bundle: Offer,
     pub bytes: u64,
     /// Bytes the slot already held (its older release): compared, not written again.
     pub unchanged: u64,
@@ -259,7 +260,7 @@ pub struct Installed {
 #[derive(Debug)]
 pub enum OtaEvent {
     /// An inbox scan found bundles worth offering, best first.
-    Found(Vec<PathBuf>),
+    Found(Vec<Offer>),
     Installed(Box<(State, Result<Installed, UpdateError>)>),
     Snapshotted(Result<(), DatabaseError>),
     HealthChecked(Result<(), HealthError>),
@@ -381,8 +382,17 @@ impl Agent {
             keys_dir: trusted_keys.clone(),
             ota_dir: layout.dir.clone(),
         };
+        let mut sources: Vec<Arc<dyn Source>> = vec![Arc::new(inbox)];
+        if let Some(depot) = &settings.depot {
+            sources.push(Arc::new(DepotSource::new(
+                depot,
+                settings.poll_interval,
+                &trusted_keys,
+                &layout.dir,
+            )));
+        }
         Ok(Agent {
-            sources: vec![Arc::new(inbox)],
+            sources,
             layout,
             settings,
             trusted_keys,
@@ -463,7 +473,7 @@ impl Agent {
         let phase = self.machine.phase();
         let target = match phase {
             Phase::Idle => None,
-            Phase::Installing { bundle } => Some(bundle.display().to_string()),
+            Phase::Installing { bundle } => Some(bundle.to_string()),
             Phase::Snapshotting { target }
             | Phase::Switching { target }
             | Phase::Trial { target, .. }
@@ -493,7 +503,7 @@ impl Agent {
     }
 
     /// Starts installing `bundle` on a blocking task; refused unless idle.
-    pub fn start_install(&mut self, bundle: PathBuf) -> Result<(), NotIdle> {
+    pub fn start_install(&mut self, bundle: Offer) -> Result<(), NotIdle> {
         self.drive(Event::Install { bundle }, Instant::now())
             .map(|_| ())
             .map_err(|refused| NotIdle {
@@ -713,11 +723,13 @@ impl Agent {
     }
 
     /// Runs the install on a blocking task; it reports [`OtaEvent::Installed`].
-    fn spawn_install(&mut self, bundle: PathBuf) {
+    fn spawn_install(&mut self, bundle: Offer) {
         // Only the bundle taken is judged: the other candidates of the same scan stay on offer.
-        if let Ok(meta) = std::fs::metadata(&bundle) {
+        if let Some(path) = bundle.path()
+            && let Ok(meta) = std::fs::metadata(path)
+        {
             self.judged.insert(
-                bundle.clone(),
+                path.to_owned(),
                 (meta.len(), meta.modified().unwrap_or(UNIX_EPOCH)),
             );
         }
@@ -745,15 +757,25 @@ impl Agent {
         });
     }
 
-    fn record_refusal(&mut self, bundle: &Path, refusal: Refusal) {
-        if refusal.offer_again {
-            self.judged.remove(bundle);
+    fn record_refusal(&mut self, bundle: &Offer, refusal: Refusal) {
+        if refusal.offer_again
+            && let Some(path) = bundle.path()
+        {
+            self.judged.remove(path);
         }
-        self.write_receipt(Some(bundle), "refused", &refusal.reason);
+        // A depot counts a refusal only with the bundle it refused named by its digest.
+        let digest = match bundle {
+            Offer::Depot(offer) => Some(offer.digest.clone()),
+            Offer::File(_) => None,
+        };
+        self.write_due(
+            self.receipt(Some(bundle), digest, "", "refused", &refusal.reason),
+            false,
+        );
         if !refusal.slot_touched {
             self.refusal = Some(UpdateResult {
                 result: UpdateOutcome::Refused,
-                version: bundle.display().to_string(),
+                version: bundle.to_string(),
                 reason: Some(refusal.reason),
             });
         }
@@ -815,6 +837,7 @@ impl Agent {
                 })
                 .collect(),
             judged: self.judged.clone(),
+            running: self.running_version(),
         };
         let sources = self.sources.clone();
         let notify = Arc::clone(&self.notify);
@@ -831,14 +854,19 @@ impl Agent {
     /// The receipt of an update that reached its slot: the slot names the bundle's digest.
     fn target_receipt(&self, target: &Target, result: &str, reason: &str) -> Due {
         let digest = self.state.slot(target.slot).bundle_digest.clone();
-        let bundle = target.bundle.as_deref();
-        self.receipt(bundle, digest, &target.version, result, reason)
+        self.receipt(
+            target.bundle.as_ref(),
+            digest,
+            &target.version,
+            result,
+            reason,
+        )
     }
 
     /// A receipt of the update begun at the last `spawn_install`, ending now.
     fn receipt(
         &self,
-        bundle: Option<&Path>,
+        bundle: Option<&Offer>,
         bundle_digest: Option<String>,
         to: &str,
         result: &str,
@@ -851,9 +879,7 @@ impl Agent {
             to: to.to_owned(),
             result: result.to_owned(),
             reason: reason.to_owned(),
-            bundle: bundle
-                .and_then(Path::file_name)
-                .map(|n| n.to_string_lossy().into_owned()),
+            bundle: bundle.and_then(Offer::file_name),
             started_at: self.started_at,
             finished_at: unix_now(),
             resumed_bytes: self.resumed,
@@ -885,11 +911,6 @@ impl Agent {
         }
     }
 
-    /// A signed receipt of a refusal (nothing saved: a refusal changes no state).
-    fn write_receipt(&self, bundle: Option<&Path>, result: &str, reason: &str) {
-        self.write_due(self.receipt(bundle, None, "", result, reason), false);
-    }
-
     /// Writes `due` into `<ota>/receipts/`, and into `receipts/` beside the bundle when that
     /// directory is writable or `remount_sticks` may make it so (a USB stick carries the
     /// fleet's audit trail back). Written on a blocking task, never on the dispatcher's loop
@@ -901,9 +922,14 @@ impl Agent {
         let remount_under = self.remount_under();
         let notify = Arc::clone(&self.notify);
         tokio::task::spawn_blocking(move || {
+            let result = due.receipt.result.clone();
             let written = crate::receipt::write(&key, due.receipt, &due.dirs, &remount_under);
-            if let Err(error) = &written {
-                tracing::warn!(%error, "cannot write the install receipt");
+            match (&written, &due.report) {
+                (Err(error), _) => tracing::warn!(%error, "cannot write the install receipt"),
+                // The depot that offered the bundle hears the outcome now; if it cannot, it
+                // hears it from the next poll (the version that runs, or this receipt again).
+                (Ok(text), Some(offer)) => crate::depot::post_receipt(offer, &key, text, &result),
+                (Ok(_), None) => {}
             }
             notify(OtaEvent::Recorded {
                 due_written: is_due && written.is_ok(),
@@ -921,15 +947,24 @@ impl Agent {
 }
 
 /// `receipt`, to go into `<ota>/receipts/` and beside `bundle`.
-fn receipt_due(layout: &Layout, receipt: crate::receipt::Receipt, bundle: Option<&Path>) -> Due {
+fn receipt_due(layout: &Layout, receipt: crate::receipt::Receipt, bundle: Option<&Offer>) -> Due {
     let mut dirs = vec![layout.dir.join("receipts")];
     if let Some(parent) = bundle
+        .and_then(Offer::path)
         .and_then(Path::parent)
         .filter(|p| !p.as_os_str().is_empty())
     {
         dirs.push(parent.join("receipts"));
     }
-    Due { receipt, dirs }
+    let report = match bundle {
+        Some(Offer::Depot(offer)) => Some(DepotOffer::clone(offer)),
+        _ => None,
+    };
+    Due {
+        receipt,
+        dirs,
+        report,
+    }
 }
 
 /// A receipt the last run saved as due and did not get to write (a cut came first): written
@@ -950,7 +985,7 @@ fn write_receipt_due(layout: &Layout, file: &StateFile, state: State) -> State {
                 .map_err(|e| e.to_string())
         });
     match written {
-        Ok(()) => {
+        Ok(_) => {
             tracing::info!("a receipt due from before the last stop was written on the device");
             match file.save(&mut RealFs, &state.receipt_written()) {
                 Ok(saved) => saved,
@@ -1179,7 +1214,7 @@ mod tests {
             .machine
             .handle(
                 Event::Install {
-                    bundle: "/b".into(),
+                    bundle: PathBuf::from("/b").into(),
                 },
                 t0,
             )
@@ -1414,7 +1449,7 @@ mod tests {
     fn an_install_during_a_trial_is_refused_naming_the_phase() {
         let dir = tempfile::tempdir().unwrap();
         let (mut agent, _rx, _) = on_trial(dir.path(), Instant::now());
-        let refused = agent.start_install(dir.path().join("x.bundle"));
+        let refused = agent.start_install(dir.path().join("x.bundle").into());
         assert_eq!(
             refused,
             Err(NotIdle {
@@ -1427,12 +1462,12 @@ mod tests {
     /// A source that offers what it is given, and records what it was asked for.
     #[derive(Debug, Default)]
     struct Depot {
-        offer: Vec<PathBuf>,
+        offer: Vec<Offer>,
         asked: std::sync::Mutex<Vec<Wanted>>,
     }
 
     impl Source for Depot {
-        fn offers(&self, wanted: &Wanted) -> Vec<PathBuf> {
+        fn offers(&self, wanted: &Wanted) -> Vec<Offer> {
             self.asked.lock().unwrap().push(wanted.clone());
             self.offer.clone()
         }
@@ -1448,7 +1483,7 @@ mod tests {
         std::fs::create_dir_all(&inbox).unwrap();
         std::fs::write(inbox.join("a.bundle"), b"not a bundle").unwrap();
         let depot = Arc::new(Depot {
-            offer: vec![PathBuf::from("/var/cache/depot/b.bundle")],
+            offer: vec![PathBuf::from("/var/cache/depot/b.bundle").into()],
             ..Depot::default()
         });
         agent.add_source(depot.clone());
@@ -1459,11 +1494,15 @@ mod tests {
         let OtaEvent::Found(found) = event else {
             panic!("a scan reports Found: {event:?}");
         };
-        assert_eq!(found, vec![PathBuf::from("/var/cache/depot/b.bundle")]);
+        assert_eq!(
+            found,
+            vec![PathBuf::from("/var/cache/depot/b.bundle").into()]
+        );
         let asked = depot.asked.lock().unwrap();
         assert_eq!(asked.len(), 1);
         assert_eq!(asked[0].product, agent.settings.product);
         assert_eq!(asked[0].floor, 0);
+        assert_eq!(asked[0].running, "factory");
     }
 
     #[test]
@@ -1474,7 +1513,7 @@ mod tests {
         let _in_runtime = rt.enter();
         let bundle = dir.path().join("x.bundle");
         std::fs::write(&bundle, b"not a bundle").unwrap();
-        agent.start_install(bundle.clone()).unwrap();
+        agent.start_install(bundle.clone().into()).unwrap();
         assert_eq!(agent.status().state, UpdateState::Installing);
         assert_eq!(agent.on_event(next(&rx), Instant::now()), Step::None);
         assert_eq!(agent.status().state, UpdateState::Recording);

@@ -17,6 +17,11 @@ use ota_bundle::{Bundle, Chunked, ChunksError, TrustedKeys};
 use ota_slots::{Journal, KeptFs, Mark, RealFs, Release, SlotName, SlotWriter, State, StateFile};
 
 use crate::admission::{self, Decision, Device};
+use crate::depot::Download;
+use crate::source::Offer;
+
+/// What a bundle is read from: a local file, or a depot's download.
+type Input = Box<dyn Read + Send>;
 use crate::agent::{Installed, Layout, UpdateError};
 use crate::trust::{load_trust, read_doc};
 
@@ -33,7 +38,7 @@ pub fn install_once(
     let layout = Layout::new(data_dir);
     let (file, state) = layout.open_state()?;
     let job = Install {
-        bundle: bundle.to_owned(),
+        bundle: Offer::File(bundle.to_owned()),
         trusted_keys: trusted_keys.to_owned(),
         product: product.to_owned(),
         max_security_step: crate::settings::DEFAULT_MAX_SECURITY_STEP,
@@ -47,7 +52,7 @@ pub fn install_once(
 
 /// One install, run on a blocking task. Owns a copy of the state while it runs.
 pub(crate) struct Install {
-    pub(crate) bundle: PathBuf,
+    pub(crate) bundle: Offer,
     pub(crate) trusted_keys: PathBuf,
     pub(crate) product: String,
     /// `ota.max_security_step`.
@@ -192,9 +197,15 @@ impl Install {
     /// the slot is checked against before each run (`release_check`).
     fn keep_head(&self, slot: SlotName, len: u64) -> std::io::Result<()> {
         let mut head = Vec::new();
-        std::fs::File::open(&self.bundle)?
-            .take(len)
-            .read_to_end(&mut head)?;
+        match &self.bundle {
+            Offer::File(path) => std::fs::File::open(path)?
+                .take(len)
+                .read_to_end(&mut head)?,
+            // A few KiB asked for again: cheaper than holding the first connection's bytes.
+            Offer::Depot(offer) => {
+                Download::range(offer, 0..len, self.device_id()).read_to_end(&mut head)?
+            }
+        };
         if head.len() as u64 != len {
             return Err(std::io::Error::other("the bundle is shorter than its head"));
         }
@@ -202,36 +213,52 @@ impl Install {
     }
 
     /// The bundle, its signatures verified against the keys trusted now.
-    fn open_verified(
-        &self,
-    ) -> Result<(Bundle<BufReader<std::fs::File>>, TrustedKeys), UpdateError> {
+    fn open_verified(&self) -> Result<(Bundle<Input>, TrustedKeys), UpdateError> {
         let (trusted, _) = load_trust(&self.trusted_keys, &self.layout.dir, &self.product)?;
+        let name = self.bundle.as_path();
         let open = |source| UpdateError::Open {
-            path: self.bundle.clone(),
+            path: name.clone(),
             source,
         };
-        // Never through a link, never blocking on a FIFO: a stick is a stranger's file system.
-        let meta = std::fs::symlink_metadata(&self.bundle).map_err(open)?;
-        if !meta.is_file() {
-            return Err(UpdateError::NotAFile(self.bundle.clone()));
-        }
-        let file = crate::inbox::open_untrusted(&self.bundle).map_err(open)?;
-        let meta = file.metadata().map_err(open)?;
-        let bundle =
-            Bundle::open(BufReader::with_capacity(1 << 20, file), &trusted).map_err(|source| {
-                UpdateError::Bundle {
-                    path: self.bundle.clone(),
-                    source,
+        let (input, len): (Input, u64) = match &self.bundle {
+            Offer::File(path) => {
+                // Never through a link, never blocking on a FIFO: a stick is a stranger's
+                // file system.
+                let meta = std::fs::symlink_metadata(path).map_err(open)?;
+                if !meta.is_file() {
+                    return Err(UpdateError::NotAFile(path.clone()));
                 }
-            })?;
-        if meta.len() != bundle.file_len() {
+                let file = crate::inbox::open_untrusted(path).map_err(open)?;
+                let len = file.metadata().map_err(open)?.len();
+                (Box::new(BufReader::with_capacity(1 << 20, file)), len)
+            }
+            // Read as it downloads: the head first (verified before anything else is
+            // read), then the payload straight into the slot.
+            Offer::Depot(offer) => (
+                Box::new(BufReader::with_capacity(
+                    1 << 16,
+                    Download::new(offer, 0, self.device_id()),
+                )),
+                offer.size,
+            ),
+        };
+        let bundle = Bundle::open(input, &trusted).map_err(|source| UpdateError::Bundle {
+            path: name.clone(),
+            source,
+        })?;
+        if len != bundle.file_len() {
             return Err(UpdateError::Incomplete {
-                path: self.bundle.clone(),
-                len: meta.len(),
+                path: name,
+                len,
                 expected: bundle.file_len(),
             });
         }
         Ok((bundle, trusted))
+    }
+
+    /// This device's id, named on its downloads (for the depot's counts only).
+    fn device_id(&self) -> Option<String> {
+        crate::receipt::device_id(&self.layout.dir.join("device.key")).ok()
     }
 
     /// The admission checks ([`admission::admit`]) on what this device knows, before the slot
@@ -301,7 +328,7 @@ impl Install {
     /// the bytes found unchanged.
     fn write_slot(
         &self,
-        bundle: Bundle<BufReader<std::fs::File>>,
+        bundle: Bundle<Input>,
         digest: &str,
         slot: SlotName,
         copies: &HashMap<String, (PathBuf, u64, u64)>,
@@ -316,7 +343,24 @@ impl Install {
             .collect();
         let local = |e: ota_slots::WriteError| WriteFailure::Interrupted(e.to_string());
         let (mut writer, from, prefix) = self.start_writer(&files, slot, resume).map_err(local)?;
-        let from = from.unwrap_or_else(|| bundle.start());
+        let (bundle, from) = match (from, &self.bundle) {
+            // A resumed download asks for the rest only: the bytes before the mark are in
+            // the slot already (and were just re-hashed).
+            (Some(from), Offer::Depot(offer)) if from.offset > bundle.start().offset => {
+                let rest: Input = Box::new(BufReader::with_capacity(
+                    1 << 16,
+                    Download::new(offer, from.offset, self.device_id()),
+                ));
+                let bundle = bundle
+                    .continue_at(rest, from.offset)
+                    .map_err(|e| WriteFailure::BadBundle(e.to_string()))?;
+                (bundle, from)
+            }
+            (from, _) => {
+                let start = bundle.start();
+                (bundle, from.unwrap_or(start))
+            }
+        };
         let mut unsynced = 0u64;
         bundle
             .chunks_from(from, &prefix, |file, index, chunk, next| {
@@ -425,7 +469,8 @@ impl Install {
     /// signed by a threshold of the trusted keys, and not used before: its document id.
     fn permit(&self, trusted: &TrustedKeys, digest: &str, state: &State) -> Option<String> {
         let device = crate::receipt::device_id(&self.layout.dir.join("device.key")).ok()?;
-        let dir = self.bundle.parent().unwrap_or(Path::new("."));
+        // Beside a file only: a depot offers no downgrades (a permit is a stick's business).
+        let dir = self.bundle.path()?.parent().unwrap_or(Path::new("."));
         let entries = std::fs::read_dir(dir).ok()?;
         for path in entries.flatten().map(|e| e.path()) {
             if path.extension().is_none_or(|e| e != "permit") {

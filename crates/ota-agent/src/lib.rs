@@ -14,6 +14,7 @@
 pub mod admission;
 mod agent;
 mod database;
+pub mod depot;
 mod inbox;
 mod install;
 pub mod machine;

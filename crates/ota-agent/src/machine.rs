@@ -7,11 +7,12 @@
 //! An event that does not belong to the phase is refused with [`OutOfPhase`] and leaves the
 //! phase exactly as it was: a stray result can never erase a trial or a rollback.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use edge_proto::UpdateState;
 use ota_slots::SlotName;
+
+use crate::source::Offer;
 
 /// The release an update is about: installed in `slot`, tried, then committed or rolled back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +23,7 @@ pub struct Target {
     /// resumed after a restart (not in memory then).
     pub issued_at: u64,
     /// The bundle the release came from (for the receipt beside it); `None` after a restart.
-    pub bundle: Option<PathBuf>,
+    pub bundle: Option<Offer>,
 }
 
 /// What the agent is doing.
@@ -30,7 +31,7 @@ pub struct Target {
 pub enum Phase {
     Idle,
     Installing {
-        bundle: PathBuf,
+        bundle: Offer,
     },
     /// The running release is taking the database snapshot.
     Snapshotting {
@@ -101,7 +102,7 @@ pub struct Refusal {
 pub enum Event {
     /// Install this bundle (from `apply` or an inbox scan).
     Install {
-        bundle: PathBuf,
+        bundle: Offer,
     },
     /// The install ended: the release is in its slot, marked ready; or it was refused.
     Installed(Result<Target, Refusal>),
@@ -142,10 +143,10 @@ impl Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Verify and install the bundle (blocking); report [`Event::Installed`].
-    Install { bundle: PathBuf },
+    Install { bundle: Offer },
     /// Record a refused install: the result `status` shows, and the receipt; report
     /// [`Event::Recorded`].
-    Refused { bundle: PathBuf, refusal: Refusal },
+    Refused { bundle: Offer, refusal: Refusal },
     /// Have the running release snapshot the database (blocking); report [`Event::Snapshotted`].
     Snapshot,
     /// Save the switch to `slot`; report [`Event::Switched`].
@@ -306,7 +307,7 @@ impl Machine {
             }
             (Phase::Installing { bundle }, Event::Installed(Err(refusal))) => (
                 Phase::Recording {
-                    about: bundle.display().to_string(),
+                    about: bundle.to_string(),
                 },
                 vec![Action::Refused { bundle, refusal }],
             ),

@@ -19,12 +19,12 @@ fn target() -> Target {
         slot: SlotName::B,
         version: "2.0.0".into(),
         issued_at: 7,
-        bundle: Some(PathBuf::from("/media/stick/v2.bundle")),
+        bundle: Some(bundle()),
     }
 }
 
-fn bundle() -> PathBuf {
-    PathBuf::from("/media/stick/v2.bundle")
+fn bundle() -> Offer {
+    Offer::File(PathBuf::from("/media/stick/v2.bundle"))
 }
 
 /// A machine put in `phase` (revisions 1 and up still to give out).

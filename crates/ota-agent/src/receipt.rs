@@ -31,7 +31,7 @@ pub enum ReceiptError {
     },
 }
 
-fn device_key(path: &Path) -> Result<SecretKey, ReceiptError> {
+pub(crate) fn device_key(path: &Path) -> Result<SecretKey, ReceiptError> {
     let key_error = |reason: String| ReceiptError::Key {
         path: path.to_owned(),
         reason,
@@ -93,6 +93,9 @@ pub struct Due {
     pub receipt: Receipt,
     /// The device's `receipts/` first, then the stick's, if any.
     pub dirs: Vec<PathBuf>,
+    /// The depot offer the update came from: the receipt is posted to it once written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<crate::source::DepotOffer>,
 }
 
 impl Due {
@@ -116,7 +119,7 @@ pub fn write(
     mut receipt: Receipt,
     dirs: &[PathBuf],
     remount_under: &[PathBuf],
-) -> Result<(), ReceiptError> {
+) -> Result<String, ReceiptError> {
     let key = device_key(key_path)?;
     receipt.device = key.public().id().to_string();
     let mut doc = receipt.document();
@@ -197,7 +200,7 @@ pub fn write(
             }
         }
     }
-    Ok(())
+    Ok(text)
 }
 
 /// Gives `temp` the name `path` unless that name is taken (`renameat2` with
@@ -408,6 +411,7 @@ mod tests {
         let due = Due {
             receipt: receipt("2.0.0"),
             dirs: vec![out.clone()],
+            report: None,
         };
         // What the state file keeps gives back the same receipt.
         let again = Due::from_json(&due.to_json()).unwrap();

@@ -47,6 +47,13 @@ pub struct SettingsFile {
     /// Start even though the trusted keys include the repository's test key, whose secret is
     /// public (default false: the supervisor refuses to start). Development images only.
     pub allow_test_key: Option<bool>,
+    /// A fleet depot (`ota-depot serve`) to poll for updates, `http://host:port` (default none:
+    /// USB sticks and `ota apply` only). Plain HTTP: what is installed is checked against the
+    /// trusted keys, whatever the transport.
+    pub depot: Option<String>,
+    /// How often the depot is polled, ±10% (default 5m).
+    #[serde(default, with = "humantime_serde")]
+    pub poll_interval: Option<Duration>,
 }
 
 /// How far one update may raise the anti-rollback floor unless `ota.max_security_step` says.
@@ -67,6 +74,8 @@ pub struct Settings {
     pub remount_sticks: bool,
     pub database_dir: Option<PathBuf>,
     pub allow_test_key: bool,
+    pub depot: Option<String>,
+    pub poll_interval: Duration,
 }
 
 /// A key of `[ota]` whose value cannot work, and why.
@@ -117,6 +126,25 @@ impl SettingsFile {
         if max_security_step == 0 {
             return Err(invalid("max_security_step", "must be at least 1".into()));
         }
+        if let Some(depot) = &self.depot {
+            let rest = depot.strip_prefix("http://").unwrap_or("");
+            let host = rest.trim_end_matches('/');
+            if host.is_empty() || host.contains(['/', '?', '#', ' ']) {
+                return Err(invalid(
+                    "depot",
+                    format!(
+                        "must be http://HOST[:PORT] (plain HTTP: bundles are verified by their signatures), got {depot:?}"
+                    ),
+                ));
+            }
+        }
+        let poll_interval = self.poll_interval.unwrap_or(Duration::from_secs(300));
+        if poll_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "poll_interval",
+                format!("({poll_interval:?}) must be at least 1s"),
+            ));
+        }
         Ok(Settings {
             inbox,
             scan_interval: self.scan_interval.unwrap_or(Duration::from_secs(2)),
@@ -130,6 +158,8 @@ impl SettingsFile {
             remount_sticks: self.remount_sticks.unwrap_or(false),
             database_dir: self.database_dir,
             allow_test_key: self.allow_test_key.unwrap_or(false),
+            depot: self.depot.map(|d| d.trim_end_matches('/').to_owned()),
+            poll_interval,
         })
     }
 }

@@ -43,7 +43,10 @@ pub struct Bundle<R> {
     /// Ids of the trusted keys whose signatures verified.
     pub signed_by: Vec<KeyId>,
     reader: R,
+    /// Where the reader is.
     offset: u64,
+    /// Where the payload starts (the length of the head).
+    payload_start: u64,
 }
 
 /// Reads exactly `buf.len()` bytes, naming what was being read when the input ends.
@@ -164,6 +167,7 @@ impl<R: Read> Bundle<R> {
             signed_by,
             reader,
             offset,
+            payload_start: offset,
         })
     }
 
@@ -183,7 +187,33 @@ impl<R: Read> Bundle<R> {
     /// signatures and payload. A copy of another length is damaged or incomplete (checked before
     /// anything is written; FORMAT.md).
     pub fn file_len(&self) -> u64 {
-        self.offset.saturating_add(self.header.payload_len)
+        self.payload_start.saturating_add(self.header.payload_len)
+    }
+
+    /// The same bundle, read on from `reader`, which yields its bytes from `offset` on: a new
+    /// connection that asked for that range after the first one (which read the verified head)
+    /// was dropped. The walk that follows must start at `offset` or after it; nothing between
+    /// the head and `offset` is read.
+    pub fn continue_at<R2: Read>(self, reader: R2, offset: u64) -> Result<Bundle<R2>, BundleError> {
+        if offset < self.payload_start || offset > self.file_len() {
+            return Err(BundleError::field(
+                "resume position",
+                format!(
+                    "offset {offset} is not between the payload's start {} and the end {}",
+                    self.payload_start,
+                    self.file_len()
+                ),
+            ));
+        }
+        Ok(Bundle {
+            header: self.header,
+            manifest: self.manifest,
+            manifest_bytes: self.manifest_bytes,
+            signed_by: self.signed_by,
+            reader,
+            offset,
+            payload_start: self.payload_start,
+        })
     }
 
     /// The position of the first chunk.
@@ -191,7 +221,7 @@ impl<R: Read> Bundle<R> {
         Position {
             file: 0,
             chunk: 0,
-            offset: self.offset,
+            offset: self.payload_start,
         }
     }
 
@@ -322,7 +352,7 @@ impl<R: Read> Bundle<R> {
     /// Checks that `from` is a chunk boundary of this bundle (a position a walk handed out)
     /// and reads past the payload before it.
     fn seek_to(&mut self, from: Position) -> Result<(), BundleError> {
-        let mut at = self.offset;
+        let mut at = self.payload_start;
         let mut valid = false;
         'find: for (f, file) in self.manifest.files.iter().enumerate() {
             for c in 0..=file.chunks.len() {
@@ -344,6 +374,15 @@ impl<R: Read> Bundle<R> {
                 format!(
                     "file {} chunk {} at offset {} is not a chunk of this bundle",
                     from.file, from.chunk, from.offset
+                ),
+            ));
+        }
+        if from.offset < self.offset {
+            return Err(BundleError::field(
+                "resume position",
+                format!(
+                    "offset {} is behind the reader, at {}",
+                    from.offset, self.offset
                 ),
             ));
         }

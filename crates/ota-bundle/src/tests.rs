@@ -513,6 +513,71 @@ fn resuming_from_any_position_a_walk_handed_out_gives_the_rest_of_the_same_chunk
     assert!(error.to_string().contains("resume position"), "{error}");
 }
 
+#[test]
+fn a_walk_continued_on_a_reader_from_the_resume_offset_reads_nothing_before_it() {
+    let (_dir, path, _) = packed();
+    let bytes = std::fs::read(&path).unwrap();
+    let trusted = trusting(&[&key(1)], 1);
+    let mut positions = Vec::new();
+    Bundle::open(&bytes[..], &trusted)
+        .unwrap()
+        .chunks(|_, _, _| Ok::<(), ()>(()))
+        .unwrap();
+    let bundle = Bundle::open(&bytes[..], &trusted).unwrap();
+    let start = bundle.start();
+    bundle
+        .chunks_from(start, &[], |_, _, chunk, next| {
+            let data = match chunk {
+                Chunked::Data(b) => b.to_vec(),
+                Chunked::Copy { .. } => Vec::new(),
+            };
+            positions.push((next, data));
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+    for (i, (from, before)) in positions.iter().enumerate() {
+        // The head from one connection, the rest from another that starts at the offset: the
+        // bytes before it are not there to read.
+        let head = Bundle::open(&bytes[..], &trusted).unwrap();
+        let tail = &bytes[from.offset as usize..];
+        let mut count = 0;
+        head.continue_at(tail, from.offset)
+            .unwrap()
+            .chunks_from(*from, before, |_, _, _, _| {
+                count += 1;
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert_eq!(count, positions.len() - i - 1);
+    }
+    // A reader positioned after the resume point, or outside the payload, is refused.
+    let (second, _) = &positions[1];
+    let (first, _) = &positions[0];
+    let error = Bundle::open(&bytes[..], &trusted)
+        .unwrap()
+        .continue_at(&bytes[second.offset as usize..], second.offset)
+        .unwrap()
+        .chunks_from(*first, &[], |_, _, _, _| Ok::<(), ()>(()))
+        .unwrap_err();
+    let ChunksError::Bundle(error) = error else {
+        panic!("{error:?}")
+    };
+    assert!(error.to_string().contains("behind the reader"), "{error}");
+    let len = bytes.len() as u64;
+    assert!(
+        Bundle::open(&bytes[..], &trusted)
+            .unwrap()
+            .continue_at(&[][..], len + 1)
+            .is_err()
+    );
+    assert!(
+        Bundle::open(&bytes[..], &trusted)
+            .unwrap()
+            .continue_at(&bytes[..], 3)
+            .is_err()
+    );
+}
+
 /// A release of one file of `chunks` chunks (the last one short), where chunk `i` is
 /// compressible text seeded by `seed(i)`, and a small second file.
 fn chunked_release(dir: &Path, chunks: usize, seed: impl Fn(usize) -> u32) {

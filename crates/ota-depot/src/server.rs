@@ -290,6 +290,15 @@ async fn upload(
     body: Body,
 ) -> Result<axum::Json<depot_proto::wire::BundleAccepted>, AppError> {
     authorised(&state, &headers)?;
+    // Refused on its declared length before a byte of the body is read (a client that sent
+    // `Expect: 100-continue` then sends none).
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > state.max_bundle) {
+        return Err(AppError::TooLarge(state.max_bundle));
+    }
     let mut name = [0u8; 8];
     getrandom::fill(&mut name).expect("the system's random source");
     let temp = state

@@ -2,15 +2,13 @@
 //! devices speaking the depot protocol with their own keys (the device side proper is the OTA
 //! agent's; here a device downloads, checks and reports as a test says).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
 
 use depot_proto::client::{Client, ClientError};
 use depot_proto::wire::{Event, MemberState, Poll, Report, RolloutState, Status, WaveState};
 use ota_bundle::{PackOptions, Plan, Receipt, SecretKey, Wave};
+use tests::depot::Depot;
 
 const PRODUCT: &str = "quote-edge";
 
@@ -22,94 +20,18 @@ fn device_key(n: u8) -> SecretKey {
     SecretKey::from_seed([100 + n; 32])
 }
 
-/// A depot started on a loopback port picked by the kernel, with its data in `dir`.
-struct Depot {
-    child: Child,
-    url: String,
-    data: PathBuf,
-    /// Its log, shown when a test fails.
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Depot {
-    fn start(dir: &Path, extra: &[&str]) -> Depot {
-        let keys = dir.join("keys");
-        if !keys.exists() {
-            std::fs::create_dir_all(&keys).unwrap();
-            std::fs::write(
-                keys.join("release.pub"),
-                release_key().public().to_line("release"),
-            )
-            .unwrap();
-        }
-        let data = dir.join("data");
-        let mut child = tests::command(Path::new(env!("CARGO_BIN_EXE_ota-depot")))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data)
-            .arg("--trusted-keys")
-            .arg(&keys)
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start ota-depot");
-        // The address is in the "listening" line; the rest of the log is drained (and shown
-        // if the test fails) so the depot never blocks on a full pipe.
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line.clone());
-                if line.contains("listening")
-                    && let Some(address) = line.split("address=").nth(1)
-                {
-                    let _ = tx.send(address.split_whitespace().next().unwrap_or("").to_owned());
-                }
-            }
-        });
-        let Ok(address) = rx.recv_timeout(Duration::from_secs(60)) else {
-            let _ = child.wait();
-            panic!("the depot did not start: {:#?}", log.lock().unwrap());
-        };
-        Depot {
-            child,
-            url: format!("http://{address}"),
-            data,
-            log,
-        }
+/// A depot on loopback trusting the release key, its files in `dir`.
+fn start_depot(dir: &Path, extra: &[&str]) -> Depot {
+    let keys = dir.join("keys");
+    if !keys.exists() {
+        std::fs::create_dir_all(&keys).unwrap();
+        std::fs::write(
+            keys.join("release.pub"),
+            release_key().public().to_line("release"),
+        )
+        .unwrap();
     }
-
-    fn client(&self) -> Client {
-        Client::new(&self.url, Duration::from_secs(30))
-    }
-
-    fn admin(&self) -> Client {
-        let token = std::fs::read_to_string(self.data.join("admin.token")).unwrap();
-        self.client().with_token(token.trim().to_owned())
-    }
-
-    fn status(&self) -> Status {
-        self.client().status().unwrap()
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Depot {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let mut stderr = std::io::stderr().lock();
-            for line in self.log.lock().unwrap().iter() {
-                let _ = writeln!(stderr, "depot: {line}");
-            }
-        }
-    }
+    Depot::start(&dir.join("data"), &keys, extra)
 }
 
 /// A release directory, packed and signed with the release key.
@@ -211,7 +133,7 @@ fn download(
     client
         .download(
             &offer.bundle_path,
-            from,
+            from..offer.bundle_size,
             offer.bundle_size,
             Some(&device.public().id().to_string()),
         )
@@ -257,7 +179,7 @@ struct Rollout {
 impl Rollout {
     fn start(devices: u8, waves: &str, size: usize) -> Rollout {
         let dir = tempfile::tempdir().unwrap();
-        let depot = Depot::start(dir.path(), &[]);
+        let depot = start_depot(dir.path(), &[]);
         let client = depot.client();
         let fleet: Vec<SecretKey> = (0..devices).map(device_key).collect();
         enroll(&client, &fleet);
@@ -481,7 +403,7 @@ fn a_failed_canary_halts_the_rollout_and_no_other_device_is_offered_a_byte() {
 #[test]
 fn a_tampered_bundle_or_plan_is_refused_at_publish_and_nothing_is_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let depot = Depot::start(dir.path(), &["--max-bundle-size", "200KiB"]);
+    let depot = start_depot(dir.path(), &["--max-bundle-size", "200KiB"]);
     let admin = depot.admin();
     let (bundle, digest) = bundle(dir.path(), "2.0.0", 100_000);
     let good = std::fs::read(&bundle).unwrap();
@@ -717,7 +639,7 @@ fn only_allow_listed_devices_enroll() {
         ),
     )
     .unwrap();
-    let depot = Depot::start(dir.path(), &["--devices", list.to_str().unwrap()]);
+    let depot = start_depot(dir.path(), &["--devices", list.to_str().unwrap()]);
     let client = depot.client();
     assert_eq!(poll(&client, &device_key(0), "1.0.0"), None);
     let error = client
@@ -754,7 +676,7 @@ fn only_allow_listed_devices_enroll() {
 #[test]
 fn an_interrupted_download_resumes_from_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
-    let depot = Depot::start(dir.path(), &[]);
+    let depot = start_depot(dir.path(), &[]);
     let client = depot.client();
     let key = device_key(0);
     enroll(&client, std::slice::from_ref(&key));
@@ -769,7 +691,12 @@ fn an_interrupted_download_resumes_from_where_it_stopped() {
     // The first part, then the connection drops.
     let mut head = vec![0u8; 50_000];
     client
-        .download(&offer.bundle_path, 0, offer.bundle_size, None)
+        .download(
+            &offer.bundle_path,
+            0..offer.bundle_size,
+            offer.bundle_size,
+            None,
+        )
         .unwrap()
         .read_exact(&mut head)
         .unwrap();
@@ -779,12 +706,30 @@ fn an_interrupted_download_resumes_from_where_it_stopped() {
     assert_eq!(head, expected);
     let rollout = &depot.status().rollouts[0];
     assert_eq!(rollout.downloads, 2);
-    // A range past the end is refused, never answered with the whole file.
+    // A part in the middle is exactly those bytes.
+    let mut part = Vec::new();
+    client
+        .download(&offer.bundle_path, 1000..5000, offer.bundle_size, None)
+        .unwrap()
+        .read_to_end(&mut part)
+        .unwrap();
+    assert_eq!(part, expected[1000..5000]);
+    // A range past the end is refused by the depot (416), never answered with the whole file.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let past = agent
+        .get(format!("{}{}", depot.url, offer.bundle_path))
+        .header("range", format!("bytes={}-", offer.bundle_size + 5))
+        .call()
+        .unwrap();
+    assert_eq!(past.status().as_u16(), 416);
     assert!(
         client
             .download(
                 &offer.bundle_path,
-                offer.bundle_size + 5,
+                0..offer.bundle_size + 1,
                 offer.bundle_size,
                 None
             )
@@ -816,7 +761,7 @@ fn a_depot_killed_mid_rollout_restarts_with_every_report_and_decision() {
     assert_eq!(before.rollouts[0].waves[1].state, WaveState::Open);
     depot.kill();
 
-    let depot = Depot::start(dir.path(), &[]);
+    let depot = start_depot(dir.path(), &[]);
     let after = depot.status();
     let shape = |s: &Status| {
         s.rollouts
@@ -876,4 +821,74 @@ fn a_device_that_already_runs_the_version_counts_as_committed_without_a_download
         (MemberState::Committed, MemberState::Offered)
     );
     assert_eq!((rollout.waves[0].committed, rollout.downloads), (1, 0));
+}
+
+/// Runs `program` with `args`, or says why it cannot (not installed).
+fn tool(program: &str, args: &[&std::ffi::OsStr]) -> Option<std::process::Output> {
+    match std::process::Command::new(program).args(args).output() {
+        Ok(out) => Some(out),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tests::skip(&format!(
+                "{program} is not installed (.ci/packages.txt has it)"
+            ));
+            None
+        }
+        Err(e) => panic!("{program}: {e}"),
+    }
+}
+
+#[test]
+fn the_status_page_shows_a_halted_rollout_in_a_browser() {
+    let Rollout {
+        dir,
+        depot,
+        client,
+        fleet,
+        digest,
+        id,
+        ..
+    } = Rollout::start(3, "1,100%", 1000);
+    let canary = (0..3)
+        .find(|&i| poll(&client, &fleet[i], "1.0.0").is_some())
+        .unwrap();
+    let text = receipt(&fleet[canary], &digest, "rolled_back");
+    assert!(report(&client, &fleet[canary], id, Event::RolledBack, Some(text)).unwrap());
+    // A real browser renders the page (headless Chromium, a screenshot), and the text is read
+    // back from the pixels (Tesseract): what an operator sees, not what the HTML says.
+    let png = dir.path().join("page.png");
+    let profile = dir.path().join("chromium");
+    let screenshot = format!("--screenshot={}", png.display());
+    let profile_arg = format!("--user-data-dir={}", profile.display());
+    let words = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1200,900",
+        &profile_arg,
+        &screenshot,
+        &depot.url,
+    ];
+    let args: Vec<&std::ffi::OsStr> = words.iter().map(std::ffi::OsStr::new).collect();
+    let Some(out) = tool("chromium", &args) else {
+        return;
+    };
+    assert!(
+        png.is_file(),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let Some(out) = tool("tesseract", &[png.as_os_str(), std::ffi::OsStr::new("-")]) else {
+        return;
+    };
+    let seen = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "quote-edge depot",
+        "Devices enrolled: 3",
+        "quote-edge 2.0.0",
+        "HALTED",
+        "1 of 1 reports failed",
+    ] {
+        assert!(seen.contains(expected), "{expected:?} not seen in:\n{seen}");
+    }
 }
