@@ -749,6 +749,7 @@ impl Agent {
             file: self.file.clone(),
             state: self.state.clone(),
             progress: Arc::clone(&self.progress),
+            downloads: Arc::default(),
         };
         let notify = Arc::clone(&self.notify);
         tokio::task::spawn_blocking(move || {

@@ -6,8 +6,8 @@
 //!   its rollout plan verified with the keys this device trusts now, for this product, naming
 //!   the very bundle offered: the depot schedules, it is not trusted for what to install.
 //! - [`Download`] reads the offered bundle straight into the install (no copy on flash), in
-//!   parts of [`PART`] bytes, each one a `Range` request; a part cut off is asked for again from
-//!   the byte where it stopped, so nothing is downloaded twice.
+//!   parts of [`PART`] bytes (one chunk), each one a `Range` request; a part cut off is asked
+//!   for again from the byte where it stopped, so nothing is downloaded twice.
 //! - [`post_receipt`] tells the depot the outcome with the signed receipt. Reports are also
 //!   made from what the device keeps, so none is lost to a restart: a commit is the version
 //!   every poll carries, a rollback or refusal the receipt in `<ota>/receipts/` found again when
@@ -15,7 +15,8 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use depot_proto::client::Client;
@@ -24,10 +25,12 @@ use ota_bundle::{Plan, Receipt, SecretKey, TrustedKeys};
 
 use crate::source::{DepotOffer, Offer, Source, Wanted};
 
-/// Bytes asked for in one request: what a slow link must carry within [`PART_TIMEOUT`].
-pub const PART: u64 = 4 << 20;
+/// Bytes asked for in one request: one chunk, what a slow link must carry within
+/// [`PART_TIMEOUT`] (35 KB/s at least). A link that dies without a word (no reset: a cable
+/// pulled, a network detached) holds a part for that long before it is asked for again.
+pub const PART: u64 = ota_bundle::CHUNK_SIZE;
 /// How long one part may take, connecting included.
-pub const PART_TIMEOUT: Duration = Duration::from_secs(120);
+pub const PART_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a download may go without a byte before the install gives up (it is offered
 /// again at the next poll, and resumes from its journal).
 pub const STALL: Duration = Duration::from_secs(15 * 60);
@@ -220,6 +223,14 @@ fn kept_outcome(ota_dir: &Path, key: &SecretKey, digest: &str) -> Option<(Event,
     best.map(|(_, event, text)| (event, text))
 }
 
+/// What the downloads of one install cost: requests made and bytes received (more than the
+/// bundle's size only by what a cut lost in flight, and the head read again to keep it).
+#[derive(Debug, Default)]
+pub struct DownloadStats {
+    pub requests: AtomicU64,
+    pub received: AtomicU64,
+}
+
 /// An offered bundle, read from the depot from byte `at` on, part by part; a part cut off is
 /// asked for again from where it stopped, until [`STALL`] passes without a byte.
 pub struct Download {
@@ -231,15 +242,18 @@ pub struct Download {
     /// Where to stop (exclusive): the end of the file, or of the part of it asked for.
     end: u64,
     part: Option<(Box<dyn Read + Send>, u64)>,
-    /// Requests made (the first included) and bytes received.
-    pub requests: u64,
-    pub received: u64,
+    stats: Arc<DownloadStats>,
 }
 
 impl Download {
     /// The bundle from byte `at` to its end.
-    pub fn new(offer: &DepotOffer, at: u64, device: Option<String>) -> Download {
-        Download::range(offer, at..offer.size, device)
+    pub fn new(
+        offer: &DepotOffer,
+        at: u64,
+        device: Option<String>,
+        stats: Arc<DownloadStats>,
+    ) -> Download {
+        Download::range(offer, at..offer.size, device, stats)
     }
 
     /// Bytes `range` of the bundle, and nothing more is asked of the depot.
@@ -247,6 +261,7 @@ impl Download {
         offer: &DepotOffer,
         range: std::ops::Range<u64>,
         device: Option<String>,
+        stats: Arc<DownloadStats>,
     ) -> Download {
         Download {
             client: Client::new(&offer.depot, PART_TIMEOUT),
@@ -256,14 +271,13 @@ impl Download {
             at: range.start,
             end: range.end.min(offer.size),
             part: None,
-            requests: 0,
-            received: 0,
+            stats,
         }
     }
 
     fn open_part(&mut self) -> std::io::Result<()> {
         let end = (self.at + PART).min(self.end);
-        self.requests += 1;
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let body = self
             .client
             .download(&self.path, self.at..end, self.size, self.device.as_deref())
@@ -297,7 +311,7 @@ impl Read for Download {
                 ),
                 Ok(n) => {
                     self.at += n as u64;
-                    self.received += n as u64;
+                    self.stats.received.fetch_add(n as u64, Ordering::Relaxed);
                     return Ok(n);
                 }
                 Err(e) => e,
@@ -328,6 +342,66 @@ mod tests {
                 "{d:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_offer_is_taken_only_with_a_plan_the_trusted_keys_signed_for_the_bundle_offered() {
+        let key = SecretKey::from_seed([3; 32]);
+        let trusted = TrustedKeys::new([key.public()], 1);
+        let digest = "ab".repeat(32);
+        let plan = Plan::new(
+            "quote-edge",
+            &digest,
+            "2.0.0",
+            vec![ota_bundle::Wave::Percent(100)],
+            90,
+            10,
+            1,
+        )
+        .unwrap();
+        let mut doc = plan.document();
+        doc.sign(&key);
+        let offer = depot_proto::wire::Offer {
+            rollout: 1,
+            version: "2.0.0".into(),
+            plan: doc.to_text(),
+            bundle_path: format!("/bundles/{digest}.bundle"),
+            bundle_size: 10,
+        };
+        assert_eq!(
+            checked_plan(&offer, &trusted, "quote-edge").unwrap().bundle,
+            digest
+        );
+        let refused = |offer: &depot_proto::wire::Offer, product: &str| {
+            checked_plan(offer, &trusted, product).unwrap_err()
+        };
+        // Another bundle behind the plan's back, another version, another product.
+        let other = depot_proto::wire::Offer {
+            bundle_path: format!("/bundles/{}.bundle", "cd".repeat(32)),
+            ..offer.clone()
+        };
+        assert!(refused(&other, "quote-edge").contains("its signed plan says"));
+        let newer = depot_proto::wire::Offer {
+            version: "9.0.0".into(),
+            ..offer.clone()
+        };
+        assert!(refused(&newer, "quote-edge").contains("its signed plan says"));
+        assert!(refused(&offer, "other-product").contains("is for"));
+        // The plan edited by the depot, or signed by a key this device does not trust.
+        let edited = depot_proto::wire::Offer {
+            plan: offer
+                .plan
+                .replace("\"success_threshold\":90", "\"success_threshold\":1"),
+            ..offer.clone()
+        };
+        assert!(refused(&edited, "quote-edge").contains("refused"));
+        let mut foreign = plan.document();
+        foreign.sign(&SecretKey::from_seed([4; 32]));
+        let foreign = depot_proto::wire::Offer {
+            plan: foreign.to_text(),
+            ..offer
+        };
+        assert!(refused(&foreign, "quote-edge").contains("signed by 0"));
     }
 
     #[test]

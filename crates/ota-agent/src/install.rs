@@ -17,7 +17,7 @@ use ota_bundle::{Bundle, Chunked, ChunksError, TrustedKeys};
 use ota_slots::{Journal, KeptFs, Mark, RealFs, Release, SlotName, SlotWriter, State, StateFile};
 
 use crate::admission::{self, Decision, Device};
-use crate::depot::Download;
+use crate::depot::{Download, DownloadStats};
 use crate::source::Offer;
 
 /// What a bundle is read from: a local file, or a depot's download.
@@ -46,6 +46,7 @@ pub fn install_once(
         file,
         state,
         progress: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
+        downloads: Arc::default(),
     };
     job.run().1
 }
@@ -61,6 +62,8 @@ pub(crate) struct Install {
     pub(crate) file: StateFile,
     pub(crate) state: State,
     pub(crate) progress: Arc<(AtomicU64, AtomicU64)>,
+    /// What a depot's download cost (unused for a file).
+    pub(crate) downloads: Arc<DownloadStats>,
 }
 
 /// What the admission checks let through.
@@ -157,6 +160,15 @@ impl Install {
             Ok((bytes, unchanged)) => {
                 *state = self.file.save(&mut RealFs, &state.finish_install(slot)?)?;
                 let _ = journal.clear();
+                if let Offer::Depot(offer) = &self.bundle {
+                    tracing::info!(
+                        version = %offer.version,
+                        received = self.downloads.received.load(Ordering::Relaxed),
+                        bundle_size = offer.size,
+                        requests = self.downloads.requests.load(Ordering::Relaxed),
+                        "bundle downloaded"
+                    );
+                }
                 Ok(Installed {
                     slot,
                     resumed,
@@ -203,7 +215,8 @@ impl Install {
                 .read_to_end(&mut head)?,
             // A few KiB asked for again: cheaper than holding the first connection's bytes.
             Offer::Depot(offer) => {
-                Download::range(offer, 0..len, self.device_id()).read_to_end(&mut head)?
+                Download::range(offer, 0..len, self.device_id(), self.downloads.clone())
+                    .read_to_end(&mut head)?
             }
         };
         if head.len() as u64 != len {
@@ -237,7 +250,7 @@ impl Install {
             Offer::Depot(offer) => (
                 Box::new(BufReader::with_capacity(
                     1 << 16,
-                    Download::new(offer, 0, self.device_id()),
+                    Download::new(offer, 0, self.device_id(), self.downloads.clone()),
                 )),
                 offer.size,
             ),
@@ -349,7 +362,7 @@ impl Install {
             (Some(from), Offer::Depot(offer)) if from.offset > bundle.start().offset => {
                 let rest: Input = Box::new(BufReader::with_capacity(
                     1 << 16,
-                    Download::new(offer, from.offset, self.device_id()),
+                    Download::new(offer, from.offset, self.device_id(), self.downloads.clone()),
                 ));
                 let bundle = bundle
                     .continue_at(rest, from.offset)
