@@ -769,10 +769,9 @@ impl Agent {
             Offer::Depot(offer) => Some(offer.digest.clone()),
             Offer::File(_) => None,
         };
-        self.write_due(
-            self.receipt(Some(bundle), digest, "", "refused", &refusal.reason),
-            false,
-        );
+        let mut due = self.receipt(Some(bundle), digest, "", "refused", &refusal.reason);
+        due.report = refusal_report(bundle, &refusal);
+        self.write_due(due, false);
         if !refusal.slot_touched {
             self.refusal = Some(UpdateResult {
                 result: UpdateOutcome::Refused,
@@ -944,6 +943,16 @@ impl Agent {
         } else {
             Vec::new()
         }
+    }
+}
+
+/// The depot a refusal is reported to: the one that offered the bundle, unless the bundle is
+/// not to blame (a download that stalled, a write error): that is no outcome, and the depot
+/// offers it again at the next poll.
+fn refusal_report(bundle: &Offer, refusal: &Refusal) -> Option<DepotOffer> {
+    match bundle {
+        Offer::Depot(offer) if !refusal.offer_again => Some(DepotOffer::clone(offer)),
+        _ => None,
     }
 }
 
@@ -1504,6 +1513,32 @@ mod tests {
         assert_eq!(asked[0].product, agent.settings.product);
         assert_eq!(asked[0].floor, 0);
         assert_eq!(asked[0].running, "factory");
+    }
+
+    #[test]
+    fn a_depot_hears_of_a_refusal_only_when_the_bundle_is_to_blame() {
+        let offer = DepotOffer {
+            depot: "http://depot:8088".into(),
+            rollout: 3,
+            version: "2.0.0".into(),
+            digest: "ab".repeat(32),
+            bundle_path: format!("/bundles/{}.bundle", "ab".repeat(32)),
+            size: 10,
+        };
+        let bundle = Offer::Depot(Box::new(offer.clone()));
+        let refusal = |offer_again| Refusal {
+            reason: "why".into(),
+            slot_touched: false,
+            offer_again,
+        };
+        assert_eq!(refusal_report(&bundle, &refusal(false)), Some(offer));
+        assert_eq!(
+            refusal_report(&bundle, &refusal(true)),
+            None,
+            "a stalled download"
+        );
+        let file = Offer::File(PathBuf::from("/media/stick/x.bundle"));
+        assert_eq!(refusal_report(&file, &refusal(false)), None);
     }
 
     #[test]

@@ -128,6 +128,45 @@ pub struct Depot {
     last_seq: u64,
 }
 
+/// Verifies a bundle uploaded to `temp`: every signature and every chunk against `trusted`,
+/// the file exactly as long as its manifest says. Slow for a big bundle, so it runs without
+/// the depot's lock; [`Depot::add_bundle`] keeps it after. `temp` is removed when refused.
+pub fn verify_upload(temp: &Path, trusted: &TrustedKeys) -> Result<StoredBundle, DepotError> {
+    let result = verify(temp, trusted);
+    if result.is_err() {
+        let _ = std::fs::remove_file(temp);
+    }
+    result
+}
+
+fn verify(temp: &Path, trusted: &TrustedKeys) -> Result<StoredBundle, DepotError> {
+    let io = |source| DepotError::Io {
+        path: temp.to_owned(),
+        source,
+    };
+    let size = std::fs::metadata(temp).map_err(io)?.len();
+    let file = std::fs::File::open(temp).map_err(io)?;
+    let bundle = Bundle::open(std::io::BufReader::new(file), trusted)
+        .map_err(|e| DepotError::Invalid(format!("the bundle is refused: {e}")))?;
+    let manifest = bundle.manifest.clone();
+    let digest = ota_bundle::manifest_digest(&bundle.manifest_bytes);
+    if bundle.file_len() != size {
+        return Err(DepotError::Invalid(format!(
+            "the bundle is refused: it is {size} bytes, its manifest says {}",
+            bundle.file_len()
+        )));
+    }
+    bundle
+        .chunks(|_, _, _| Ok::<(), std::convert::Infallible>(()))
+        .map_err(|e| DepotError::Invalid(format!("the bundle is refused: {e}")))?;
+    Ok(StoredBundle {
+        digest,
+        product: manifest.product,
+        version: manifest.version,
+        size,
+    })
+}
+
 /// The file a verified bundle is served from, by its manifest digest.
 pub fn bundle_file(digest: &str) -> String {
     format!("{digest}.bundle")
@@ -210,54 +249,40 @@ impl Depot {
         &self.bundle_dir
     }
 
-    /// Keeps a bundle uploaded to `temp` (in the bundle directory's file system): every
-    /// signature and every chunk verified, the file exactly as long as its manifest says, then
-    /// renamed to its digest's name. `temp` is removed whatever happens.
-    pub fn add_bundle(&mut self, temp: &Path) -> Result<BundleAccepted, DepotError> {
-        let result = self.verify_and_keep(temp);
+    /// The keys bundles and plans are verified with (for [`verify_upload`], run without the
+    /// depot's lock).
+    pub fn trusted(&self) -> &TrustedKeys {
+        &self.trusted
+    }
+
+    /// Keeps a bundle that [`verify_upload`] verified at `temp` (in the bundle directory's file
+    /// system): renamed to its digest's name, then recorded. `temp` is removed whatever happens.
+    pub fn add_bundle(
+        &mut self,
+        temp: &Path,
+        stored: StoredBundle,
+    ) -> Result<BundleAccepted, DepotError> {
+        let result = self.keep(temp, stored);
         let _ = std::fs::remove_file(temp);
         result
     }
 
-    fn verify_and_keep(&mut self, temp: &Path) -> Result<BundleAccepted, DepotError> {
-        let io = |source| DepotError::Io {
-            path: temp.to_owned(),
-            source,
-        };
-        let size = std::fs::metadata(temp).map_err(io)?.len();
-        let file = std::fs::File::open(temp).map_err(io)?;
-        let bundle = Bundle::open(std::io::BufReader::new(file), &self.trusted)
-            .map_err(|e| DepotError::Invalid(format!("the bundle is refused: {e}")))?;
-        let manifest = bundle.manifest.clone();
-        let digest = ota_bundle::manifest_digest(&bundle.manifest_bytes);
-        if bundle.file_len() != size {
-            return Err(DepotError::Invalid(format!(
-                "the bundle is refused: it is {size} bytes, its manifest says {}",
-                bundle.file_len()
-            )));
-        }
-        bundle
-            .chunks(|_, _, _| Ok::<(), std::convert::Infallible>(()))
-            .map_err(|e| DepotError::Invalid(format!("the bundle is refused: {e}")))?;
-        let stored = StoredBundle {
-            digest: digest.clone(),
-            product: manifest.product.clone(),
-            version: manifest.version.clone(),
-            size,
-        };
+    fn keep(&mut self, temp: &Path, stored: StoredBundle) -> Result<BundleAccepted, DepotError> {
+        let digest = stored.digest.clone();
         let target = self.bundle_dir.join(bundle_file(&digest));
         durable::persist(&mut durable::StdFs, temp, &target).map_err(|e| DepotError::Io {
             path: e.path,
             source: e.source,
         })?;
         self.store.add_bundle(&stored)?;
-        self.bundles.insert(digest.clone(), stored);
-        Ok(BundleAccepted {
-            digest,
-            product: manifest.product,
-            version: manifest.version,
-            size,
-        })
+        let accepted = BundleAccepted {
+            digest: digest.clone(),
+            product: stored.product.clone(),
+            version: stored.version.clone(),
+            size: stored.size,
+        };
+        self.bundles.insert(digest, stored);
+        Ok(accepted)
     }
 
     /// Starts a rollout from a signed plan whose bundle the depot holds.

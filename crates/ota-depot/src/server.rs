@@ -309,7 +309,17 @@ async fn upload(
         let _ = tokio::fs::remove_file(&temp).await;
         return Err(e);
     }
-    let accepted = state.with_depot(move |d| d.add_bundle(&temp)).await?;
+    // Verified without the depot's lock (seconds for a big bundle: polls and reports go on),
+    // with the keys as they are now; then kept under it.
+    let trusted = state.depot.lock().expect("depot lock").trusted().clone();
+    let checked = temp.clone();
+    let stored =
+        tokio::task::spawn_blocking(move || crate::depot::verify_upload(&checked, &trusted))
+            .await
+            .map_err(|e| AppError::Internal(format!("verify task: {e}")))??;
+    let accepted = state
+        .with_depot(move |d| d.add_bundle(&temp, stored))
+        .await?;
     tracing::info!(digest = %accepted.digest, version = %accepted.version, size = accepted.size, "bundle accepted");
     Ok(axum::Json(accepted))
 }
