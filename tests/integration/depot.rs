@@ -123,7 +123,7 @@ async fn a_depot_rollout_streams_into_the_slot_commits_and_reports_the_signed_re
     let depot = start_depot(&fx);
     let sup = enrolled(&fx, &depot, &depot.url).await;
     let kept = post(&sup, "Written before the depot's update").await;
-    let bundle = fx.bundle_with_data(GOOD, "2.0.0", 2, "quote-edge", 6 << 20);
+    let bundle = fx.bundle_with_data(GOOD, "2.0.0", 2, "quote-edge", 3 << 20);
     let size = std::fs::metadata(&bundle).unwrap().len();
     publish(&depot, &fx, &bundle, "100%").await;
 
@@ -275,7 +275,7 @@ async fn a_download_cut_midway_resumes_from_the_byte_where_it_stopped() {
     let depot = start_depot(&fx);
     let proxy = CuttingProxy::start(&depot.url, 1 << 20).await;
     let sup = enrolled(&fx, &depot, &proxy.url).await;
-    let bundle = fx.bundle_with_data(GOOD, "2.0.0", 2, "quote-edge", 6 << 20);
+    let bundle = fx.bundle_with_data(GOOD, "2.0.0", 2, "quote-edge", 3 << 20);
     let size = std::fs::metadata(&bundle).unwrap().len();
     publish(&depot, &fx, &bundle, "100%").await;
     let after = finished(&sup, "2.0.0").await;

@@ -36,7 +36,9 @@ fn data_dir(owner: (u32, u32)) -> tempfile::TempDir {
 }
 
 /// `[service]` for quote-service as `REPLICA`, its database in `db/`, with a startup probe that
-/// passes only when the probe itself runs as that user.
+/// passes only when the probe itself runs as that user. Liveness is lenient: these tests are
+/// about users and capabilities, and under qemu-user beside the other tests a replica can be
+/// slow to answer (restarted for it, it never settled as 2 ready in CI once).
 fn replica_config() -> String {
     let (command, args) = tests::service_command(&tests::workspace_binary("quote-service"));
     format!(
@@ -44,7 +46,8 @@ fn replica_config() -> String {
          env = {{ QUOTE_LISTEN = \"127.0.0.1:{{port}}\", QUOTE_INSTANCE = \"{{replica}}\", \
          QUOTE_DB = \"{{data_dir}}/db/quotes.db\" }}\n\
          [probes.startup]\nexec = [\"sh\", \"-c\", \"test \\\"$(id -u)\\\" = {}\"]\n\
-         period = \"50ms\"\ntimeout = \"2s\"\n",
+         period = \"50ms\"\ntimeout = \"2s\"\n\
+         [probes.liveness]\ntimeout = \"5s\"\nfailure_threshold = 10\n",
         REPLICA.0, REPLICA.1, REPLICA.0
     )
 }
