@@ -46,16 +46,17 @@ pub fn bind(path: &Path, gid: Option<u32>) -> Result<UnixListener, ControlError>
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(fail)?;
     }
-    // The socket is created with mode 0600 from the start: no window where others can connect.
-    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
-    let listener = UnixListener::bind(path);
-    rustix::process::umask(old);
-    let listener = listener.map_err(fail)?;
+    // Bound, then narrowed to 0600 (0660 for the group). Not with a umask of 0177 around the
+    // bind: the umask is the whole process's, and other threads create files meanwhile (the OTA
+    // agent's directories, a test's children), which would come out unsearchable. Whoever
+    // connects in between is refused anyway: `allowed` checks every peer's credentials.
+    let listener = UnixListener::bind(path).map_err(fail)?;
     if let Some(gid) = gid {
         rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
             .map_err(|e| fail(e.into()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(fail)?;
     }
+    let mode = if gid.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
     Ok(listener)
 }
 
