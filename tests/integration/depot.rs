@@ -19,7 +19,7 @@ use crate::update::{CRASHES, Fixture, GOOD, finished, post};
 const DEADLINE: Duration = Duration::from_secs(90);
 
 /// The rollout plan of `bundle` in `waves`, signed with the fixture's release key.
-fn plan(fx: &Fixture, bundle: &Path, waves: &str) -> String {
+pub(crate) fn plan(fx: &Fixture, bundle: &Path, waves: &str) -> String {
     let file = std::fs::File::open(bundle).unwrap();
     let (manifest, _, digest) = ota_bundle::read_manifest_and_digest_unverified(file).unwrap();
     let waves = waves.split(',').map(|w| Wave::parse(w).unwrap()).collect();
@@ -69,7 +69,7 @@ async fn depot_until(depot: &Depot, what: &str, condition: impl Fn(&Status) -> b
 }
 
 /// The fixture's depot: its release key trusted.
-fn start_depot(fx: &Fixture) -> Depot {
+pub(crate) fn start_depot(fx: &Fixture) -> Depot {
     Depot::start(
         &fx.dir.path().join("depot"),
         &fx.dir.path().join("keys"),

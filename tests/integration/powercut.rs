@@ -115,6 +115,11 @@ impl Bench {
 
 impl Device {
     fn new(bench: &Bench) -> Device {
+        Device::with_ota(bench, "")
+    }
+
+    /// A device whose `[ota]` section also holds `ota`.
+    fn with_ota(bench: &Bench, ota: &str) -> Device {
         let root = tempfile::tempdir().unwrap();
         let data = root.path().join("data");
         std::fs::create_dir(&data).unwrap();
@@ -132,7 +137,7 @@ impl Device {
             "listen = \"{addr}\"\nadmin_listen = \"\"\nreplicas = 1\ndata_dir = {data:?}\n\
              control_socket = {:?}\n{}",
             root.path().join("supervisor.sock"),
-            bench.fx.config("trial = \"300ms\"\n")
+            bench.fx.config(&format!("trial = \"300ms\"\n{ota}"))
         );
         std::fs::write(&config, text).unwrap();
         Device {
@@ -275,6 +280,23 @@ impl Device {
             }
         }
         acknowledged
+    }
+
+    /// The bytes the update's install kept from before a cut, as its receipt says (the device
+    /// keeps one receipt per update; these devices make one update).
+    fn resumed_bytes(&self) -> u64 {
+        let receipts: String = std::fs::read_dir(self.data.join("ota/receipts"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "receipt"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .collect();
+        receipts
+            .split("\"resumed_bytes\":")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .expect("the receipt counts the resumed bytes")
     }
 
     fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
@@ -678,18 +700,7 @@ fn cut(
     }
     .filter(|_| reached)
     .map(|kept| {
-        let receipts: String = std::fs::read_dir(device.data.join("ota/receipts"))
-            .unwrap()
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "receipt"))
-            .map(|e| std::fs::read_to_string(e.path()).unwrap())
-            .collect();
-        let resumed: u64 = receipts
-            .split("\"resumed_bytes\":")
-            .nth(1)
-            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse().ok())
-            .expect("the receipt counts the resumed bytes");
+        let resumed = device.resumed_bytes();
         assert_eq!(
             resumed, kept,
             "cut at {point}: the install resumed with {resumed} bytes kept, but the last journal \
@@ -790,6 +801,135 @@ fn a_missing_fsync_fails_the_power_cut_harness() {
             "with the fsync {name} left out, the harness failed as it must: {message}"
         );
     }
+}
+
+/// A power cut in the middle of a download from a fleet depot: the next power-on resumes the
+/// install from its journal's last mark and asks the depot only for the rest (a `Range`
+/// request from that mark's place in the bundle), commits, and posts its receipt, which counts
+/// the bytes kept.
+#[test]
+fn a_power_cut_mid_download_from_a_depot_resumes_from_the_journal() {
+    if !runnable() {
+        return;
+    }
+    let bench = Bench::new(None);
+    let fx = &bench.fx;
+    // A payload that does not compress, so that where a request starts in the bundle says how
+    // much of the payload it skips.
+    let release = crate::update::release(&fx.dir.path().join("noise"), GOOD);
+    std::fs::create_dir_all(release.join("share")).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let noise: Vec<u8> = (0..PAYLOAD)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(release.join("share/data.bin"), noise).unwrap();
+    let bundle = fx.dir.path().join("noise.bundle");
+    let options = ota_bundle::PackOptions {
+        product: "quote-edge".into(),
+        version: "2.0.0".into(),
+        security_version: 2,
+        issued_at: 2_000,
+        level: 3,
+    };
+    ota_bundle::pack(&release, &bundle, &options, &fx.key, |_, _| {}).unwrap();
+    let size = std::fs::metadata(&bundle).unwrap().len();
+    // Where the journal marks fall is the bundle's business, not the source's: counted once
+    // from the inbox.
+    let marks = marks_of(&discover(&bench, &bundle, "committed"));
+    let mark = *marks.first().expect("a journal mark in a 6 MiB payload");
+
+    let depot = crate::depot::start_depot(fx);
+    let device = Device::with_ota(
+        &bench,
+        &format!("depot = \"{}\"\npoll_interval = \"1s\"\n", depot.url),
+    );
+    let depot_until = |what: &str, condition: &dyn Fn(&depot_proto::wire::Status) -> bool| {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            let status = depot.status();
+            if condition(&status) {
+                return status;
+            }
+            assert!(Instant::now() < until, "never saw {what}: {status:#?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let point = format!("slot.bytes:{}", mark + (256 << 10));
+    let mut child = device.power_on(Fault::Cut(&point));
+    device
+        .wait(&mut child, "the first replica", |s| s.ready == 1)
+        .expect("started");
+    depot_until("the device enrolled", &|s| s.devices == 1);
+    let admin = depot.admin();
+    admin.upload_bundle(&bundle).unwrap();
+    admin
+        .publish_plan(crate::depot::plan(fx, &bundle, "100%").as_bytes())
+        .unwrap();
+    let ended = device.wait(&mut child, &format!("the cut at {point}"), |_| false);
+    assert!(ended.is_none(), "the device was not cut at {point}");
+    device.off(child);
+    // The depot logs each bundle response as it starts it: what it sent after the power-on.
+    let before = depot.log().len();
+
+    let mut child = device.power_on(Fault::None);
+    device
+        .wait(&mut child, "2.0.0 committed", ended_as("committed"))
+        .expect("the device died after the cut");
+    depot_until("the rollout completed", &|s| {
+        s.rollouts[0].state == depot_proto::wire::RolloutState::Completed
+    });
+    let served: Vec<(u64, Option<u64>)> = depot.log()[before..]
+        .iter()
+        .filter(|line| line.contains("bundle served"))
+        .map(|line| {
+            let field = |name: &str| line.split(name).nth(1).map(|rest| rest.to_owned());
+            let bytes = field(" bytes=")
+                .and_then(|r| r.split(' ').next()?.parse().ok())
+                .expect("a served line counts its bytes");
+            let from = field("range=Some(\"bytes=").and_then(|r| r.split('-').next()?.parse().ok());
+            (bytes, from)
+        })
+        .collect();
+    let resumed = device.resumed_bytes();
+    assert_eq!(
+        resumed, mark,
+        "resumed with {resumed} release bytes kept; the journal's mark before the cut kept {mark}"
+    );
+    // The rest was asked for from the mark's place in the bundle: past the head and past the
+    // payload the mark kept (incompressible, so about as many bundle bytes). Only the head is
+    // read from byte 0.
+    let rest = served
+        .iter()
+        .filter_map(|(_, from)| *from)
+        .filter(|from| *from > 0)
+        .min()
+        .expect("a Range request past the head after the power-on");
+    assert!(
+        rest > mark,
+        "after the power-on the download went on from byte {rest} of the bundle; the journal \
+         kept {mark} bytes of payload: {served:?}"
+    );
+    // Sent after the power-on: the rest, and the head's part (read once to resume, once to keep
+    // it beside the slot), nothing more.
+    let again: u64 = served.iter().map(|(bytes, _)| bytes).sum();
+    let head_parts = 2 * ota_agent::depot::HEAD_PART;
+    assert!(
+        again <= size - rest + head_parts,
+        "{again} bytes sent after the power-on for a {size}-byte bundle resumed from byte {rest}: \
+         {served:?}"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "cut at {point} mid-download: after the power-on the depot sent {again} bytes of a \
+         {size}-byte bundle (the rest from byte {rest}, and the head), {} requests; resumed with \
+         {resumed} payload bytes kept",
+        served.len()
+    );
 }
 
 /// The whole harness; `skip_sync` names an fsync the supervisor leaves out.

@@ -7,7 +7,9 @@
 //!   the very bundle offered: the depot schedules, it is not trusted for what to install.
 //! - [`Download`] reads the offered bundle straight into the install (no copy on flash), in
 //!   parts of [`PART`] bytes (one chunk), each one a `Range` request; a part cut off is asked
-//!   for again from the byte where it stopped, so nothing is downloaded twice.
+//!   for again from the byte where it stopped, so nothing is downloaded twice. The first part
+//!   is [`HEAD_PART`]: an install resumed after a restart reads the head, then asks for the
+//!   rest from its journal mark, and a whole first part would be sent for nothing.
 //! - [`post_receipt`] tells the depot the outcome with the signed receipt. Reports are also
 //!   made from what the device keeps, so none is lost to a restart: a commit is the version
 //!   every poll carries, a rollback or refusal the receipt in `<ota>/receipts/` found again when
@@ -29,6 +31,10 @@ use crate::source::{DepotOffer, Offer, Source, Wanted};
 /// [`PART_TIMEOUT`] (35 KB/s at least). A link that dies without a word (no reset: a cable
 /// pulled, a network detached) holds a part for that long before it is asked for again.
 pub const PART: u64 = ota_bundle::CHUNK_SIZE;
+/// The first part of a download from the start: the head of a bundle (its header, manifest
+/// and signatures: a few KiB) and some payload. A resumed install needs only the head from
+/// the start of the bundle, so this is what a resume asks for that it does not use, at most.
+pub const HEAD_PART: u64 = 64 << 10;
 /// How long one part may take, connecting included.
 pub const PART_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a download may go without a byte before the install gives up (it is offered
@@ -276,7 +282,8 @@ impl Download {
     }
 
     fn open_part(&mut self) -> std::io::Result<()> {
-        let end = (self.at + PART).min(self.end);
+        let part = if self.at == 0 { HEAD_PART } else { PART };
+        let end = (self.at + part).min(self.end);
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let body = self
             .client
