@@ -15,6 +15,9 @@
 #   QEMU_MONITOR=SOCKET     the QEMU monitor (QMP) as a Unix socket (tests: watchdog events)
 #   QEMU_CONTROL=SOCKET     a second QMP socket, and a USB controller to plug sticks into while
 #                           the device runs (image/lib/device.sh: plug_stick, pull_stick)
+#   QEMU_DEPOT=HOST:PORT    the guest reaches HOST:PORT on the host as 10.0.2.100:8088 (a fleet
+#                           depot): a guestfwd that runs image/lib/connect.py once per connection.
+#                           restrict=on stays: nothing else on the host or beyond is reachable
 #   QEMU_SMP=2              virtual CPUs (multi-threaded TCG uses one host thread each)
 #   QEMU_APPEND=ARGS        added to the kernel command line (e.g. "systemd.show_status=1");
 #                           quote_edge.hostfwd= tells the guest's welcome message the host port
@@ -23,6 +26,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=$here/out
 image=${QEMU_IMAGE:-$out/quote-edge-qemu-aarch64.img}
 port=${QEMU_HTTP_PORT:-8080}
+netdev="user,id=net,restrict=on,hostfwd=tcp:127.0.0.1:$port-10.0.2.15:8080"
+if [ -n "${QEMU_DEPOT:-}" ]; then
+    # QEMU's option syntax: a comma in a value is written twice.
+    connector="python3 $here/lib/connect.py ${QEMU_DEPOT%:*} ${QEMU_DEPOT##*:}"
+    netdev+=",guestfwd=tcp:10.0.2.100:8088-cmd:${connector//,/,,}"
+fi
 
 # shellcheck source=image/lib/need.sh
 source "$here/lib/need.sh"
@@ -35,8 +44,9 @@ args=(
     -M virt -cpu cortex-a53 -m 512M -smp "${QEMU_SMP:-2}"
     -kernel "$out/vmlinuz" -initrd "$out/initrd.img" -append "$(cat "$out/cmdline") quote_edge.hostfwd=127.0.0.1:$port ${QEMU_APPEND:-}"
     -drive "file=$image,format=raw,if=none,id=disk" -device virtio-blk-pci,drive=disk
-    # No route out: restrict=on cuts the guest off from the host and the world; hostfwd still lets clients in.
-    -netdev "user,id=net,restrict=on,hostfwd=tcp:127.0.0.1:$port-10.0.2.15:8080" -device virtio-net-pci,netdev=net,romfile=
+    # No route out: restrict=on cuts the guest off from the host and the world; hostfwd still
+    # lets clients in, and QEMU_DEPOT's guestfwd lets the guest reach that one address.
+    -netdev "$netdev" -device virtio-net-pci,netdev=net,romfile=
     -device i6300esb -watchdog-action reset
     -device virtio-rng-pci
 )

@@ -6,8 +6,8 @@
 #   source image/lib/device.sh; device_init WORKDIR
 #
 # WORKDIR receives the disk copy, the console log, the sockets and the sticks.
-# Environment: QEMU_HTTP_PORT (default: a free port), OTA (the ota tool; default
-# target/release/ota or target/debug/ota).
+# Environment: QEMU_HTTP_PORT (default: a free port), OTA and OTA_DEPOT (the ota and ota-depot
+# tools; default target/release/NAME or target/debug/NAME).
 device_lib=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 device_repo=$(cd "$device_lib/../.." && pwd)
 device_image=$device_repo/image/out/quote-edge-qemu-aarch64.img
@@ -19,7 +19,11 @@ device_init() {
     source "$device_lib/need.sh"
     need qemu-system-aarch64:qemu-system-arm curl:curl python3:python3 mkfs.vfat:dosfstools mcopy:mtools bmaptool:bmap-tools zstd:zstd sfdisk:fdisk
     [ -f "$device_image" ] || { echo "$device_image is missing (build it with image/build.sh qemu)" >&2; return 2; }
-    port=${QEMU_HTTP_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+    port=${QEMU_HTTP_PORT:-$(free_port)}
+    # Where a fleet depot listens on the host; the guest reaches it as http://10.0.2.100:8088
+    # (run-qemu.sh's QEMU_DEPOT). Nothing listens there until a check starts a depot.
+    depot_addr=127.0.0.1:$(free_port)
+    depot_pid=
     base=http://127.0.0.1:$port
     shell=$work/shell.sock
     console=$work/console.log
@@ -28,11 +32,17 @@ device_init() {
     control=$work/control.sock
     qemu_pid= qmp_pid=
     sticks=0
-    ota_tool=${OTA:-}
+    ota_tool=$(tool "${OTA:-}" ota)
+    depot_tool=$(tool "${OTA_DEPOT:-}" ota-depot)
+}
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# tool GIVEN NAME: GIVEN, else the workspace's release or debug build of NAME, else nothing.
+tool() {
     local candidate
-    for candidate in "$device_repo/target/release/ota" "$device_repo/target/debug/ota"; do
-        [ -n "$ota_tool" ] || { [ -x "$candidate" ] && ota_tool=$candidate; } || true
+    for candidate in "$1" "$device_repo/target/release/$2" "$device_repo/target/debug/$2"; do
+        [ -n "$candidate" ] && [ -x "$candidate" ] && { echo "$candidate"; return; }
     done
+    true
 }
 
 now() { date +%s.%N; }
@@ -138,6 +148,7 @@ start_qemu() {
     rm -f "$shell" "$work/qmp.sock" "$control"
     QEMU_IMAGE=$work/disk.img QEMU_HTTP_PORT=$port QEMU_CONSOLE_LOG=$console QEMU_USB=${2:-} \
         QEMU_SHELL=$shell QEMU_MONITOR=$work/qmp.sock QEMU_CONTROL=$control \
+        QEMU_DEPOT=$depot_addr \
         "$device_repo/image/run-qemu.sh" &
     qemu_pid=$!
     qemu_starts=$((qemu_starts + 1))
@@ -152,6 +163,26 @@ power_cut() {
     [ -n "$qmp_pid" ] && kill "$qmp_pid" 2>/dev/null || true
     qemu_pid= qmp_pid=
 }
+# start_depot KEYS_DIR: an ota-depot on the host, trusting the public keys in KEYS_DIR, its data
+# in $work/depot, its log in $work/depot.log; returns once it answers.
+start_depot() {
+    "$depot_tool" serve --listen "$depot_addr" --data-dir "$work/depot" --trusted-keys "$1" >"$work/depot.log" 2>&1 &
+    depot_pid=$!
+    wait_for 30 curl -sf -m 2 -o /dev/null "http://$depot_addr/healthz"
+}
+stop_depot() {
+    [ -n "$depot_pid" ] && kill "$depot_pid" 2>/dev/null && wait "$depot_pid" 2>/dev/null || true
+    depot_pid=
+}
+# depot VERB ARGS...: the ota-depot CLI against that depot, as its operator (status needs no
+# token).
+depot() {
+    if [ "$1" = status ]; then
+        "$depot_tool" status --depot "http://$depot_addr" "${@:2}"
+    else
+        "$depot_tool" "$1" --depot "http://$depot_addr" --token-file "$work/depot/admin.token" "${@:2}"
+    fi
+}
 stop_qemu() {
     [ -n "$qmp_pid" ] && kill "$qmp_pid" 2>/dev/null || true
     [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null && wait "$qemu_pid" 2>/dev/null || true
@@ -164,11 +195,11 @@ boot_with() {
     wait_for 300 http_ok && wait_for 60 guest true
 }
 
-# stick NAME KIND VERSION SECURITY_VERSION [DATA_MIB]: a FAT stick image holding one bundle
-# signed with the test key the image trusts, of a release whose quote-service is the image's own
-# (good) or a script that exits 3 (crashes), with DATA_MIB of incompressible share/data.bin
-# (default none: a long install, with a journal mark every 4 MiB). Prints the image's path.
-stick() {
+# bundle NAME KIND VERSION SECURITY_VERSION [DATA_MIB]: $work/NAME.bundle, signed with the test
+# key the image trusts, of a release whose quote-service is the image's own (good) or a script
+# that exits 3 (crashes), with DATA_MIB of incompressible share/data.bin (default none: a long
+# install, with a journal mark every 4 MiB).
+bundle() {
     [ -n "$ota_tool" ] || { echo "no ota tool: cargo build -p ota (or set OTA)" >&2; return 2; }
     local rel=$work/rel-$1
     mkdir -p "$rel/bin"
@@ -184,6 +215,11 @@ stick() {
     fi
     "$ota_tool" pack --key "$device_repo/ota/keys/test-signing.key" --version "$3" --security-version "$4" \
         --level 3 --out "$work/$1.bundle" "$rel" >/dev/null
+}
+# stick NAME KIND VERSION SECURITY_VERSION [DATA_MIB]: a FAT stick image holding bundle's bundle
+# (same arguments). Prints the image's path.
+stick() {
+    bundle "$@" || return
     rm -f "$work/$1.img"
     # 1 KiB blocks: the bundle and 8 MiB to spare (receipts, the FAT itself), 16 MiB at least.
     local blocks=$(( $(stat -c %s "$work/$1.bundle") / 1024 + 8192 ))

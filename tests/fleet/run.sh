@@ -4,15 +4,16 @@
 # directory) on a private Docker network with no route out. Prints PASS/FAIL per step and a
 # closing "N passed, N failed"; exits 1 if any step failed.
 #
-#   tests/fleet/run.sh        (as root, with a docker daemon; QUOTE_EDGE_FLEET_DEVICES=12)
+#   tests/fleet/run.sh        (as root, with a docker daemon; QUOTE_EDGE_FLEET_DEVICES=12,
+#                             DEPOT_LOAD=a built tests/src/bin/depot-load, else it is built)
 #
 # Steps: a good release through waves 1,25%,100% (no wave opens before its gate); a release
 # that crashes, stopped at the canary (nobody else downloads a byte, the canary's quotes
 # intact); tampered bundles and plans refused at publish; a depot that serves a tampered
 # bundle anyway, refused by the device; a 24 MiB release with devices cut off mid-download
 # (docker network disconnect) and the depot killed with SIGKILL mid-rollout, resumed and
-# completed. Signed, replayed and forged requests are proven on loopback
-# (crates/ota-depot/tests/depot.rs), not again here.
+# completed; a device's real report captured and sent again, and forged with another key,
+# refused (the rules of signed requests are unit-tested in crates/ota-depot/tests/depot.rs).
 #
 # Everything it creates is named qe-fleet-$$ and removed on exit. Waits poll a condition
 # against a deadline (there is no event to wait on across containers); the times measured are
@@ -38,6 +39,13 @@ fi
 export CC_x86_64_unknown_linux_musl=${CC_x86_64_unknown_linux_musl:-musl-gcc}
 cargo build --locked --release --target "$target" -p edge-supervisor -p quote-service --no-default-features
 cargo build --locked --release --target "$target" -p ota-depot -p ota
+# The host's replayer (tests/src/bin/depot-load.rs): requests sent exactly as captured. CI
+# passes the one its test pass built (DEPOT_LOAD).
+load=${DEPOT_LOAD:-}
+if [ -z "$load" ]; then
+    cargo build --locked -p tests --bin depot-load
+    load=${CARGO_TARGET_DIR:-target}/debug/depot-load
+fi
 bin=${CARGO_TARGET_DIR:-target}/$target/release
 for b in edge-supervisor quote-service ota-depot ota; do
     file -b "$bin/$b" | grep -Eq 'static(-pie)? linked|statically linked' ||
@@ -348,6 +356,22 @@ if [ "$worst" -le $((1 << 20)) ]; then
 else
     fail "at most one chunk downloaded again: worst $worst bytes"
 fi
+# 6. A device's report captured on the network and sent again, and the same report signed by
+#    another key claiming that device: refused. The device's own key and receipt are read from
+#    its container, so that the captured request is exactly the one the device would send.
+victim=${names[$((devices - 1))]}
+docker cp "$victim:/data/ota/device.key" "$work/victim.key" >/dev/null
+docker cp "$victim:/data/ota/receipts" "$work/victim-receipts" >/dev/null
+receipt=$(grep -l '"5.0.0"' "$work"/victim-receipts/*committed*.receipt | head -1)
+before=$(q "[m['state'] for m in r['members'] if m['device'] == '${id_of[$victim]}']")
+answers=$("$load" replay "$(url)" "$work/victim.key" "$receipt" "$rollout" 2>&1 || true)
+after=$(q "[m['state'] for m in r['members'] if m['device'] == '${id_of[$victim]}'], r['state']")
+if [ "$answers" = "genuine 200 replayed 401 forged 401" ] && [ "$after" = "$before completed" ]; then
+    pass "${victim#"$run-"}'s report: sent as the device would, accepted as a retry; captured and sent again, refused (401); signed by another key claiming the device, refused (401); its state stays $before"
+else
+    fail "a replayed and a forged report: $answers; the device's state and the rollout's: $after (was $before)"
+fi
+
 served=$(q "r['bytes_served']")
 info "depot: $served bytes in $(q "r['downloads']") responses for 5.0.0 since its restart (its byte counters are in memory; tests/bench/depot.sh measures them in one run)"
 

@@ -39,6 +39,11 @@
 #   powercut      hard power cuts of QEMU during an update, the stick still in: one in the
 #                 payload after a journal mark (the next boot resumes from it: the receipt's
 #                 resumed bytes), one during the rollout or trial; then committed, quotes intact
+#   depot         a fleet depot on the host (ota-depot, reached through QEMU's user network,
+#                 still restricted: one guestfwd address), a signed rollout plan published to
+#                 it, the supervisor told `--depot`: the device polls, installs while
+#                 downloading (no bundle on its flash), commits; the depot holds its signed
+#                 receipt, its rollout completed, and served the bundle's bytes about once
 #
 # Each check prints PASS/FAIL with what it measured, then the number of failures; the exit status
 # is 0 when every check passed, 1 when one failed (or the device did not boot), 2 when it could not
@@ -49,7 +54,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 checks=("$@")
-[ ${#checks[@]} -gt 0 ] || checks=(boot grow welcome replicas sandbox self-heal oom sigstop persistence grow-resume hang ota ota-rollback powercut)
+[ ${#checks[@]} -gt 0 ] || checks=(boot grow welcome replicas sandbox self-heal oom sigstop persistence grow-resume hang ota ota-rollback powercut depot)
 
 # shellcheck source=image/lib/device.sh
 source "$repo/image/lib/device.sh"
@@ -58,6 +63,7 @@ failures=0
 
 cleanup() {
     stop_qemu
+    stop_depot
     if [ "${KEEP:-0}" = 1 ] || [ $failures -gt 0 ]; then echo "work directory kept: $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
@@ -473,6 +479,53 @@ check_powercut() {
         fail powercut "after the second cut ($second): $(status_json | json 'd["update"]' 2>&1)"
     fi
 }
+
+check_depot() {
+    [ -n "$ota_tool" ] && [ -n "$depot_tool" ] || { fail depot "no ota or ota-depot tool (cargo build -p ota -p ota-depot)"; return; }
+    local text id t0 rollout size keys exec_start
+    text="before the depot's update $(date +%s%N)"
+    id=$(post_quote "$text") || { fail depot "POST failed"; return; }
+    keys=$work/depot-keys
+    mkdir -p "$keys"
+    cp "$repo/ota/keys/test-signing.pub" "$keys/"
+    start_depot "$keys" || { fail depot "the depot did not start: $(tail -5 "$work/depot.log")"; return; }
+    # 8 MiB that do not compress: several 1 MiB download parts, each through its own connector.
+    bundle v5 good 5.0.0 5 8 || { fail depot "cannot pack the bundle"; return; }
+    size=$(stat -c %s "$work/v5.bundle")
+    "$ota_tool" rollout --key "$repo/ota/keys/test-signing.key" --bundle "$work/v5.bundle" --waves 100% \
+        --success-threshold 100 --error-threshold 0 --out "$work/v5.plan" >/dev/null
+    rollout=$(depot publish "$work/v5.bundle" "$work/v5.plan") || { fail depot "publish refused"; return; }
+    # The device is told where its depot is the way an operator would for one boot: a runtime
+    # drop-in (/run) adding --depot to the unit's own command line. The first poll is at start.
+    exec_start=$(guest "sed -n 's/^ExecStart=//p' /etc/systemd/system/edge-supervisor.service" | tr -d '\r')
+    t0=$(now)
+    guest "mkdir -p /run/systemd/system/edge-supervisor.service.d && printf '[Service]\nExecStart=\nExecStart=%s --depot http://10.0.2.100:8088\n' '$exec_start' >/run/systemd/system/edge-supervisor.service.d/depot.conf && systemctl daemon-reload && systemctl restart edge-supervisor" 60 >/dev/null ||
+        { fail depot "cannot restart the supervisor with --depot"; return; }
+    if wait_for 300 update_ended 5.0.0 committed && wait_for 60 all_ready &&
+        wait_for 60 depot_rollout_is "$rollout" completed; then
+        local rollout_json served devices magic found copies heads
+        rollout_json=$(depot status --json | json "json.dumps([r for r in d['rollouts'] if r['id'] == $rollout][0] | {'devices': d['devices']})")
+        served=$(json 'd["bytes_served"]' <<<"$rollout_json")
+        devices=$(json 'd["devices"]' <<<"$rollout_json")
+        # No copy of the bundle on the device's flash: it went to the slot as it arrived. A
+        # copy starts with the bundle's magic bytes; a slot's kept head (*.head) does by
+        # design, and must be found (the search works).
+        magic=$(head -c 8 "$work/v5.bundle" | od -An -tx1 | tr -d ' \n')
+        found=$(guest "find /var/lib/quote-edge -type f | while read -r f; do [ \"\$(head -c 8 \"\$f\" | od -An -tx1 | tr -d ' \\n')\" = $magic ] && echo \"\$f\"; done; true" 60 | tr -d '\r')
+        copies=$(grep -v '\.head$' <<<"$found" || true)
+        heads=$(grep -c '\.head$' <<<"$found" || true)
+        if [ "$(update_field version)" = 5.0.0 ] && quote_is "$id" "$text" && [ -z "$copies" ] && [ "$heads" -ge 1 ] &&
+            [ "$devices" = 1 ] && [ "$served" -ge "$size" ] && [ "$served" -lt $((size + 65536)) ]; then
+            pass depot "rollout $rollout from a depot on the host: 5.0.0 committed $(since "$t0") s after the supervisor was told --depot; the depot holds the device's signed receipt (rollout completed) and served $served bytes for a $size-byte bundle; no bundle copy on the device's flash (its kept head found: $heads); quote $id intact"
+        else
+            fail depot "after the depot's rollout: version $(update_field version), depot's rollout: $rollout_json for a $size-byte bundle, bundle copies on flash: ${copies:-none} (kept heads found: $heads), quote $id: $(curl -s "$base/quotes/$id")"
+        fi
+    else
+        fail depot "no commit of 5.0.0 from the depot: device $(status_json | json 'd["update"]'), depot $(depot status --json 2>&1 | head -c 600), its log: $(tail -5 "$work/depot.log")"
+    fi
+}
+# depot_rollout_is ID STATE: the depot's rollout ID is in STATE.
+depot_rollout_is() { [ "$(depot status --json | json "[r['state'] for r in d['rollouts'] if r['id'] == $1][0]")" = "$2" ]; }
 
 for c in "${checks[@]}"; do
     [ "$c" = boot ] || [ -n "$qemu_pid" ] || check_boot

@@ -7,9 +7,14 @@
 //! - `depot-load enroll URL DEVICES`: each device polls once (enrolls);
 //! - `depot-load rollout URL DEVICES VERSION`: every device polls until it is offered the
 //!   version, downloads and reports, all at once, one thread per device; prints one line per
-//!   device (`device <id> bytes <n> download_ms <t>`) and the total wall time.
+//!   device (`device <id> bytes <n> download_ms <t>`) and the total wall time;
+//! - `depot-load replay URL DEVICE_KEY RECEIPT ROLLOUT` (tests/fleet/run.sh): a real device's
+//!   report of its receipt, made with its key as the device would (accepted: a retry), then
+//!   that request captured and sent again, and the same body signed by another key claiming the
+//!   device; prints `genuine <status> replayed <status> forged <status>`.
 
 use std::io::{Read, Write};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -109,15 +114,91 @@ fn device(url: &str, n: usize, version: &str) -> Result<(String, u64, Duration),
     Ok((id, bytes, took))
 }
 
+/// Sends a signed request as it was captured: its headers and body unchanged.
+fn send(
+    url: &str,
+    path: &str,
+    signed: &depot_proto::auth::Signed,
+    body: &str,
+) -> Result<u16, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    agent
+        .post(format!("{url}{path}"))
+        .header(depot_proto::auth::KEY_HEADER, &signed.key)
+        .header(depot_proto::auth::NONCE_HEADER, &signed.nonce)
+        .header(depot_proto::auth::SIGNATURE_HEADER, &signed.signature)
+        .send(body)
+        .map(|r| r.status().as_u16())
+        .map_err(|e| format!("POST {path}: {e}"))
+}
+
+fn fresh_nonce(url: &str) -> Result<String, String> {
+    let text = ureq::get(format!("{url}/api/v1/nonce"))
+        .call()
+        .and_then(|r| r.into_body().read_to_string())
+        .map_err(|e| format!("GET /api/v1/nonce: {e}"))?;
+    serde_json::from_str::<depot_proto::wire::Nonce>(&text)
+        .map(|n| n.nonce)
+        .map_err(|e| format!("GET /api/v1/nonce: {e}"))
+}
+
+/// `replay`: (genuine, replayed, forged) statuses of one report.
+fn replay(url: &str, key: &Path, receipt: &Path, rollout: u64) -> Result<[u16; 3], String> {
+    let key = SecretKey::load(key).map_err(|e| e.to_string())?;
+    let receipt =
+        std::fs::read_to_string(receipt).map_err(|e| format!("{}: {e}", receipt.display()))?;
+    let body = serde_json::to_string(&Report {
+        rollout,
+        event: Event::Committed,
+        receipt: Some(receipt),
+    })
+    .map_err(|e| e.to_string())?;
+    let path = "/api/v1/report";
+    let captured = depot_proto::auth::sign(&key, "POST", path, &fresh_nonce(url)?, body.as_bytes());
+    let genuine = send(url, path, &captured, &body)?;
+    let replayed = send(url, path, &captured, &body)?;
+    let other = SecretKey::from_seed([0xf0; 32]);
+    let mut forged =
+        depot_proto::auth::sign(&other, "POST", path, &fresh_nonce(url)?, body.as_bytes());
+    forged.key = key.public().to_hex();
+    let forged = send(url, path, &forged, &body)?;
+    Ok([genuine, replayed, forged])
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = || {
         let _ = writeln!(
             std::io::stderr(),
-            "usage: depot-load enroll URL DEVICES | depot-load rollout URL DEVICES VERSION"
+            "usage: depot-load enroll URL DEVICES | depot-load rollout URL DEVICES VERSION \
+             | depot-load replay URL DEVICE_KEY RECEIPT ROLLOUT"
         );
         ExitCode::from(2)
     };
+    if let [verb, url, key, receipt, rollout] = args.as_slice()
+        && verb == "replay"
+    {
+        let Ok(rollout) = rollout.parse() else {
+            return usage();
+        };
+        return match replay(url, Path::new(key), Path::new(receipt), rollout) {
+            Ok([genuine, replayed, forged]) => {
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "genuine {genuine} replayed {replayed} forged {forged}"
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "depot-load replay: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (verb, url, devices) = match args.as_slice() {
         [verb, url, devices, ..] => match devices.parse::<usize>() {
             Ok(n) => (verb.as_str(), url.clone(), n),
