@@ -816,8 +816,6 @@ fn a_power_cut_mid_download_from_a_depot_resumes_from_the_journal() {
     let fx = &bench.fx;
     // A payload that does not compress, so that where a request starts in the bundle says how
     // much of the payload it skips.
-    let release = crate::update::release(&fx.dir.path().join("noise"), GOOD);
-    std::fs::create_dir_all(release.join("share")).unwrap();
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let noise: Vec<u8> = (0..PAYLOAD)
         .map(|_| {
@@ -827,16 +825,7 @@ fn a_power_cut_mid_download_from_a_depot_resumes_from_the_journal() {
             x as u8
         })
         .collect();
-    std::fs::write(release.join("share/data.bin"), noise).unwrap();
-    let bundle = fx.dir.path().join("noise.bundle");
-    let options = ota_bundle::PackOptions {
-        product: "quote-edge".into(),
-        version: "2.0.0".into(),
-        security_version: 2,
-        issued_at: 2_000,
-        level: 3,
-    };
-    ota_bundle::pack(&release, &bundle, &options, &fx.key, |_, _| {}).unwrap();
+    let (bundle, _) = release_2_0_0(fx, "noise", &[("data.bin", noise)]);
     let size = std::fs::metadata(&bundle).unwrap().len();
     // Where the journal marks fall is the bundle's business, not the source's: counted once
     // from the inbox.
@@ -932,6 +921,30 @@ fn a_power_cut_mid_download_from_a_depot_resumes_from_the_journal() {
     );
 }
 
+/// A good 2.0.0 release named `name` with `share` files beside its service, and its bundle
+/// signed with the fixture's key: (bundle, release directory).
+fn release_2_0_0(
+    fx: &crate::update::Fixture,
+    name: &str,
+    share: &[(&str, Vec<u8>)],
+) -> (PathBuf, PathBuf) {
+    let rel = crate::update::release(&fx.dir.path().join(name), GOOD);
+    std::fs::create_dir_all(rel.join("share")).unwrap();
+    for (file, bytes) in share {
+        std::fs::write(rel.join("share").join(file), bytes).unwrap();
+    }
+    let out = fx.dir.path().join(format!("{name}.bundle"));
+    let options = ota_bundle::PackOptions {
+        product: "quote-edge".into(),
+        version: "2.0.0".into(),
+        security_version: 2,
+        issued_at: 2_000,
+        level: 3,
+    };
+    ota_bundle::pack(&rel, &out, &options, &fx.key, |_, _| {}).unwrap();
+    (out, rel)
+}
+
 /// The whole harness; `skip_sync` names an fsync the supervisor leaves out.
 fn power_cuts(skip_sync: Option<&'static str>) {
     let seed: u64 = std::env::var("QUOTE_EDGE_POWERCUT_SEED")
@@ -961,25 +974,19 @@ fn power_cuts(skip_sync: Option<&'static str>) {
     // at 4 MiB plus the script): the resume starts at share/b.bin and must find share/a.bin
     // finished (length, mode).
     let boundary = {
-        let rel = crate::update::release(&fx.dir.path().join("boundary"), GOOD);
-        std::fs::create_dir_all(rel.join("share")).unwrap();
         let bytes = |n: usize, seed: u32| -> Vec<u8> {
             (0..n as u32)
                 .map(|i| (i.wrapping_mul(2_654_435_761) ^ seed) as u8)
                 .collect()
         };
-        std::fs::write(rel.join("share/a.bin"), bytes(4 << 20, 1)).unwrap();
-        std::fs::write(rel.join("share/b.bin"), bytes((1 << 20) + 5, 2)).unwrap();
-        let out = fx.dir.path().join("boundary.bundle");
-        let options = ota_bundle::PackOptions {
-            product: "quote-edge".into(),
-            version: "2.0.0".into(),
-            security_version: 2,
-            issued_at: 2_000,
-            level: 3,
-        };
-        ota_bundle::pack(&rel, &out, &options, &fx.key, |_, _| {}).unwrap();
-        (out, rel)
+        release_2_0_0(
+            fx,
+            "boundary",
+            &[
+                ("a.bin", bytes(4 << 20, 1)),
+                ("b.bin", bytes((1 << 20) + 5, 2)),
+            ],
+        )
     };
     let bundles = [
         ("good", (good.0.as_path(), good.1.as_path()), "committed"),
