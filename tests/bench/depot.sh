@@ -89,10 +89,14 @@ EOF
 done
 # Bounded waits: every device enrolled (30 s), then the rollout completed (900 s).
 for _ in $(seq 300); do [ "$(field "s['devices']")" = "$devices" ] && break; sleep 0.1; done
+[ "$(field "s['devices']")" = "$devices" ] ||
+    { echo "only $(field "s['devices']") of $devices devices enrolled (logs: $bench/dev*.log)" >&2; exit 1; }
 start=$(date +%s.%N)
 $bin/ota-depot publish --depot "$url" --token-file "$bench/real/admin.token" "$bench/d.bundle" "$bench/d.plan" >/dev/null 2>&1
 for _ in $(seq 1800); do [ "$(field "r['state']")" = completed ] && break; sleep 0.5; done
 real_wall=$(echo "$(date +%s.%N) - $start" | bc)
+[ "$(field "r['state']")" = completed ] ||
+    { echo "the rollout to real devices did not complete: $(field "r['waves']")" >&2; exit 1; }
 real_state=$(field "r['state'], r['waves'][0]['committed']")
 real_cpu=$(awk -v t="$ticks" '{print ($14 + $15) / t}' "/proc/$pid/stat")
 real_hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
