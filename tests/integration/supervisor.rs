@@ -365,6 +365,102 @@ async fn a_hung_replica_leaves_rotation_and_is_replaced() {
     sup.stop().await;
 }
 
+/// Healthy fake replicas whose probes run once at the start and then not for an hour, so that
+/// whatever happens to the rotation during a test was done by something else; the admin
+/// endpoint on for the metrics.
+fn fakes_probed_hourly() -> String {
+    format!(
+        "admin_listen = \"127.0.0.1:0\"\n[probes.liveness]\nperiod = \"1h\"\n\
+         [probes.readiness]\nperiod = \"1h\"\n{}",
+        fake_service("ok")
+    )
+}
+
+/// A counter or gauge from the admin endpoint's `/metrics`.
+async fn metric(sup: &Supervisor, name: &str) -> u64 {
+    let (_, _, text) = get(sup.admin.expect("admin endpoint on"), "/metrics")
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_silent_under_requests_leaves_the_rotation_before_any_periodic_probe() {
+    let sup = Supervisor::start(3, &fakes_probed_hourly()).await;
+    let before = sup.all_ready(3).await;
+    let hung = pid_of(&before, "replica-1");
+    signal(hung, "STOP");
+    // Round robin: three requests at once reach three replicas, one of them the stopped one.
+    let addr = sup.addr;
+    let first: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(async move { get(addr, "/").await }))
+        .collect();
+    let out = sup
+        .wait_for("replica-1 out of rotation", |s| !s.replicas[1].ready)
+        .await;
+    assert_eq!(pid_of(&out, "replica-1"), hung, "out, not restarted");
+    assert_eq!(
+        metric(&sup, "edge_supervisor_silent_ejections_total").await,
+        1
+    );
+    for _ in 0..30 {
+        // The fake replica's body is its name.
+        let (status, _, name) = get(sup.addr, "/").await.unwrap();
+        assert_eq!(status, 200);
+        assert_ne!(name, "replica-1", "a request reached the silent replica");
+    }
+    // The unanswered request was waiting, not lost: woken, the replica answers it.
+    signal(hung, "CONT");
+    let mut served = Vec::new();
+    for request in first {
+        let (status, _, name) = request.await.unwrap().unwrap();
+        assert_eq!(status, 200);
+        served.push(name);
+    }
+    served.sort();
+    assert_eq!(served, ["replica-0", "replica-1", "replica-2"]);
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_answer_takes_its_replica_out_only_until_the_confirming_probe_passes() {
+    let sup = Supervisor::start(3, &fakes_probed_hourly()).await;
+    sup.all_ready(3).await;
+    for _ in 0..60 {
+        let (status, _, _) = get(sup.addr, "/").await.unwrap();
+        assert_eq!(status, 200);
+    }
+    let ejections = "edge_supervisor_silent_ejections_total";
+    assert_eq!(
+        metric(&sup, ejections).await,
+        0,
+        "fast answers eject nobody"
+    );
+    // Nothing else is sent meanwhile, so the replica looks silent while it sleeps.
+    let (status, _, name) = get(sup.addr, "/sleep/1000").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        name.starts_with("replica-"),
+        "answered by its replica: {name:?}"
+    );
+    // Reported 800 ms before the answer came; waited for all the same, not assumed.
+    let until = Instant::now() + DEADLINE;
+    while metric(&sup, ejections).await != 1 {
+        assert!(Instant::now() < until, "the slow replica was never ejected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(&sup, "edge_supervisor_proxy_retries_total").await,
+        0,
+        "the slow request was waited for, not sent again"
+    );
+    // Back in rotation although no periodic probe runs for an hour: the confirming one did it.
+    sup.all_ready(3).await;
+    sup.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_backs_off_and_says_so() {
     let config = format!(

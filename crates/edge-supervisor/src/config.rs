@@ -127,6 +127,8 @@ pub struct ProbeFile {
     pub initial_delay: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub period: Option<Duration>,
+    /// Default 200ms. The readiness probe's is also how long the router waits on a request
+    /// before it reports a replica that answered nothing else meanwhile (in-band detection).
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
     pub success_threshold: Option<u32>,

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub proxied: Family<CodeLabels, Counter>,
     pub proxy_errors: Family<KindLabels, Counter>,
     pub proxy_retries: Counter,
+    pub silent_ejections: Counter,
     pub accept_errors: Counter,
     pub connections_refused: Counter,
     pub oom_kills: Counter,
@@ -77,6 +78,7 @@ impl Default for Metrics {
             proxied: Family::default(),
             proxy_errors: Family::default(),
             proxy_retries: Counter::default(),
+            silent_ejections: Counter::default(),
             accept_errors: Counter::default(),
             connections_refused: Counter::default(),
             oom_kills: Counter::default(),
@@ -121,6 +123,11 @@ impl Default for Metrics {
             "proxy_retries",
             "Requests retried on another replica after a refused or broken connection",
             m.proxy_retries.clone(),
+        );
+        registry.register(
+            "silent_ejections",
+            "Replicas taken out of rotation because the router saw them leave a request unanswered for the readiness probe's timeout while answering nothing else",
+            m.silent_ejections.clone(),
         );
         registry.register(
             "accept_errors",

@@ -3,14 +3,22 @@
 //! breaks it before answering an idempotent request, is skipped and the request goes to the
 //! next one, so a replica killed under load costs clients nothing.
 //!
+//! In-band detection: a replica that leaves a request unanswered for the readiness probe's
+//! timeout, and has answered nothing else since that request was sent, is reported *silent*
+//! to the dispatcher, which takes it out of the rotation at once and has the readiness probe
+//! confirm (like Envoy's outlier detection, confirmed by a probe). Under load a hang then
+//! leaves the rotation after one probe timeout instead of `failure_threshold` probe periods.
+//! The request itself keeps waiting (up to `UPSTREAM_TIMEOUT`): it may be slow, not lost.
+//!
 //! Architecture invariant: the router only ever reads the set of ready replicas that the
-//! dispatcher publishes; it never decides readiness itself.
+//! dispatcher publishes; it never decides readiness itself (a silence report is a hint the
+//! dispatcher's model acts on, as it does on a probe result).
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -47,10 +55,69 @@ pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
 pub const RESERVED_DESCRIPTORS: u64 = 256;
 
 /// A replica in rotation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Backend {
     pub id: String,
     pub port: u16,
+    /// What the router has seen of this process since it entered the rotation.
+    pub health: Arc<Health>,
+}
+
+impl Backend {
+    /// A replica entering the rotation, with nothing seen yet.
+    pub fn new(id: String, port: u16) -> Self {
+        Backend {
+            id,
+            port,
+            health: Arc::default(),
+        }
+    }
+}
+
+/// The same replica process: the health seen is not part of its identity.
+impl PartialEq for Backend {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id && self.port == other.port
+    }
+}
+
+impl Eq for Backend {}
+
+/// The start of the router's clock: `Health` keeps times as nanoseconds since it, in atomics.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn ticks() -> u64 {
+    u64::try_from(EPOCH.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The router's view of one replica process, shared by every request to it.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// When its last answer (response head) arrived, in `ticks()`; 0 before the first.
+    last_answer: AtomicU64,
+    /// Reported silent once already: one report per stay in the rotation.
+    reported: AtomicBool,
+}
+
+impl Health {
+    fn answered(&self) {
+        // A plain store: two answers racing may leave the older time, microseconds off.
+        self.last_answer.store(ticks(), Ordering::Relaxed);
+    }
+
+    /// Whether a request sent at `sent` and still unanswered shows the replica silent (it has
+    /// answered nothing since), for the first time.
+    fn silent_since(&self, sent: u64) -> bool {
+        self.last_answer.load(Ordering::Relaxed) < sent
+            && !self.reported.swap(true, Ordering::Relaxed)
+    }
+}
+
+/// In-band detection: after how long an unanswered request makes its replica suspect, and
+/// whom to tell.
+pub struct Silence {
+    pub after: Duration,
+    pub report: Box<dyn Fn(&Backend) + Send + Sync>,
 }
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -59,6 +126,7 @@ pub struct Router {
     backends: watch::Receiver<Arc<[Backend]>>,
     client: Client<HttpConnector, Full<Bytes>>,
     next: AtomicUsize,
+    silence: Option<Silence>,
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -98,7 +166,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 impl Router {
-    pub fn new(backends: watch::Receiver<Arc<[Backend]>>, metrics: Arc<Metrics>) -> Self {
+    /// A router over the published `backends`; `silence` turns in-band detection on.
+    pub fn new(
+        backends: watch::Receiver<Arc<[Backend]>>,
+        metrics: Arc<Metrics>,
+        silence: Option<Silence>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
@@ -110,8 +183,44 @@ impl Router {
             backends,
             client,
             next: AtomicUsize::new(0),
+            silence: silence.filter(|s| s.after < UPSTREAM_TIMEOUT),
             metrics,
         }
+    }
+
+    /// Sends one request to `backend` and waits for the head of its answer, for at most
+    /// `UPSTREAM_TIMEOUT` (`None`). If the silence delay passes first and the replica has
+    /// answered nothing since the request was sent, it is reported once; the wait goes on.
+    async fn exchange(
+        &self,
+        backend: &Backend,
+        upstream: Request<Full<Bytes>>,
+    ) -> Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>> {
+        let sent = ticks();
+        let mut pending = std::pin::pin!(self.client.request(upstream));
+        let mut left = UPSTREAM_TIMEOUT;
+        if let Some(silence) = &self.silence {
+            match tokio::time::timeout(silence.after, &mut pending).await {
+                Ok(answer) => {
+                    if answer.is_ok() {
+                        backend.health.answered();
+                    }
+                    return Some(answer);
+                }
+                Err(_) => {
+                    if backend.health.silent_since(sent) {
+                        tracing::warn!(replica = %backend.id, after = ?silence.after, "no answer and nothing else answered: reporting the replica silent");
+                        (silence.report)(backend);
+                    }
+                    left -= silence.after;
+                }
+            }
+        }
+        let answer = tokio::time::timeout(left, pending).await.ok()?;
+        if answer.is_ok() {
+            backend.health.answered();
+        }
+        Some(answer)
     }
 
     /// Forwards one request.
@@ -191,8 +300,7 @@ impl Router {
                     );
                 }
             }
-            let answer = tokio::time::timeout(UPSTREAM_TIMEOUT, self.client.request(upstream));
-            let Ok(answer) = answer.await else {
+            let Some(answer) = self.exchange(backend, upstream).await else {
                 tracing::warn!(replica = %backend.id, timeout = ?UPSTREAM_TIMEOUT, "no answer from the replica");
                 return self.refuse(
                     StatusCode::GATEWAY_TIMEOUT,

@@ -96,6 +96,11 @@ enum Event {
     Ready {
         pid: u32,
     },
+    /// The router saw a replica leave a request unanswered while answering nothing else.
+    Silent {
+        replica: String,
+        port: u16,
+    },
 }
 
 struct Dispatcher {
@@ -309,7 +314,21 @@ impl Servers {
     ) -> Arc<Notify> {
         let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(64);
         let stop_router = Arc::new(Notify::new());
-        let router = Arc::new(Router::new(backends, Arc::clone(metrics)));
+        // In-band detection uses the readiness probe's timeout, and needs the probe to confirm.
+        let silence = settings.probes.readiness.as_ref().map(|probe| {
+            let events = events.clone();
+            proxy::Silence {
+                after: probe.timeout,
+                report: Box::new(move |backend: &Backend| {
+                    // A full inbox drops the report: the probes still find the replica.
+                    let _ = events.try_send(Event::Silent {
+                        replica: backend.id.clone(),
+                        port: backend.port,
+                    });
+                }),
+            }
+        });
+        let router = Arc::new(Router::new(backends, Arc::clone(metrics), silence));
         {
             let stop = Arc::clone(&stop_router);
             let events = events.clone();
@@ -476,6 +495,12 @@ impl Dispatcher {
                 }
             }
             Event::Ota(event) => self.ota_event(event, now),
+            Event::Silent { replica, port } => {
+                if self.model.silent(&replica, port, now) {
+                    self.metrics.silent_ejections.inc();
+                    tracing::warn!(%replica, "out of rotation: a request went unanswered; a readiness probe decides when it comes back");
+                }
+            }
         }
     }
 
@@ -778,11 +803,16 @@ impl Dispatcher {
     }
 
     fn publish_routes(&self) {
+        // A replica that stays in rotation keeps what the router has seen of it.
+        let current = self.routes.borrow().clone();
         let ready: Vec<Backend> = self
             .model
             .ready_backends()
             .into_iter()
-            .map(|(id, port)| Backend { id, port })
+            .map(|(id, port)| {
+                let new = Backend::new(id, port);
+                current.iter().find(|b| **b == new).cloned().unwrap_or(new)
+            })
             .collect();
         self.routes.send_if_modified(|current| {
             if current[..] == ready[..] {

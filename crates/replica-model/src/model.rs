@@ -411,6 +411,43 @@ impl Model {
         true
     }
 
+    /// The router saw `replica` on `port` leave a request unanswered for the
+    /// readiness probe's timeout, while answering nothing else (see the router's in-band
+    /// detection). Like Envoy's outlier detection it leaves the rotation at once; unlike it,
+    /// the readiness probe decides when it comes back: one runs now (unless one is already in
+    /// flight, whose result then decides), and `success_threshold` passes bring it back,
+    /// just as after failed probes. The liveness probe alone may restart it. Returns whether
+    /// the replica was in rotation and has left it; a report about a process that is not
+    /// the slot's ready one (replaced, already out) changes nothing.
+    pub fn silent(&mut self, replica: &str, port: u16, now: Instant) -> bool {
+        let Some(s) = self
+            .slots
+            .iter_mut()
+            .find(|s| !s.removing && replica_id(s.index) == replica)
+        else {
+            return false;
+        };
+        let Phase::Running {
+            inc,
+            ready_since: ready_since @ Some(_),
+            readiness: Some(track),
+            ..
+        } = &mut s.phase
+        else {
+            return false;
+        };
+        if inc.port != port {
+            return false;
+        }
+        *ready_since = None;
+        track.successes = 0;
+        if !track.in_flight {
+            track.next_at = now;
+        }
+        self.tick(now);
+        true
+    }
+
     /// A replica process exited (`cause` is how: code, signal, OOM kill).
     pub fn exited(&mut self, pid: u32, cause: Cause, now: Instant) {
         if let Some(i) = self.retiring.iter().position(|r| r.pid == pid) {

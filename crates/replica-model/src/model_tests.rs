@@ -610,3 +610,86 @@ fn recreate_stops_every_replica_and_starts_none_until_resumed() {
     h.all_ready();
     assert!(h.model.settled_on(0));
 }
+
+impl Harness {
+    fn port_of(&self, replica: &str) -> u16 {
+        let status = self.model.status(self.now);
+        status
+            .iter()
+            .find(|r| r.id == replica)
+            .and_then(|r| r.port)
+            .expect("running")
+    }
+
+    /// The probes asked for since the log was last drained: (slot, kind).
+    fn probes_asked(&self) -> Vec<(usize, ProbeKind)> {
+        self.log
+            .iter()
+            .filter_map(|a| match a {
+                Action::Probe { slot, kind, .. } => Some((*slot, *kind)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_replica_the_router_finds_silent_leaves_the_rotation_at_once_and_is_probed_now() {
+    let mut h = Harness::new(3);
+    h.all_ready();
+    h.log.clear();
+    let pid = h.pid_of("replica-1");
+    let port = h.port_of("replica-1");
+    h.advance(10 * MS);
+    assert!(h.model.silent("replica-1", port, h.now));
+    h.settle();
+    assert_eq!(h.ready(), ["replica-0", "replica-2"]);
+    assert_eq!(
+        h.probes_asked(),
+        [(1, ProbeKind::Readiness)],
+        "one readiness probe at once, 240 ms before its period"
+    );
+    // The confirming probe times out: still out, not restarted (readiness never restarts).
+    h.answer(|slot, _| slot != 1);
+    assert_eq!(h.ready(), ["replica-0", "replica-2"]);
+    assert!(h.signals().is_empty());
+    assert_eq!(h.pid_of("replica-1"), pid);
+    // A later periodic probe that passes brings it back.
+    h.advance(250 * MS);
+    h.answer(|_, _| true);
+    assert_eq!(h.ready(), ["replica-0", "replica-1", "replica-2"]);
+    assert_eq!(h.pid_of("replica-1"), pid);
+}
+
+#[test]
+fn a_slow_but_live_replica_is_brought_back_by_the_confirming_probe() {
+    let mut h = Harness::new(2);
+    h.all_ready();
+    h.log.clear();
+    let port = h.port_of("replica-0");
+    assert!(h.model.silent("replica-0", port, h.now));
+    h.settle();
+    assert_eq!(h.ready(), ["replica-1"]);
+    h.answer(|_, _| true);
+    assert_eq!(h.ready(), ["replica-0", "replica-1"]);
+    assert!(h.signals().is_empty());
+}
+
+#[test]
+fn a_silence_report_about_another_process_or_one_out_of_rotation_changes_nothing() {
+    let mut h = Harness::new(2);
+    h.all_ready();
+    h.log.clear();
+    let port = h.port_of("replica-0");
+    assert!(
+        !h.model.silent("replica-0", port + 1000, h.now),
+        "a replaced process"
+    );
+    assert!(!h.model.silent("replica-7", port, h.now), "no such slot");
+    assert!(h.model.silent("replica-0", port, h.now));
+    h.settle();
+    assert!(!h.model.silent("replica-0", port, h.now), "already out");
+    h.settle();
+    assert_eq!(h.probes_asked().len(), 1, "a second report asks no probe");
+    assert_eq!(h.ready(), ["replica-1"]);
+}

@@ -1,6 +1,7 @@
 //! Test program: a replica that misbehaves on purpose, for the supervisor's tests.
 //!
-//! `fake-replica PORT NAME MODES INDEX`: serves `GET /` (its name), `/healthz`, `/readyz` on
+//! `fake-replica PORT NAME MODES INDEX`: serves `GET /` (its name), `/healthz`, `/readyz`, and
+//! `/sleep/MS` (its name, after MS milliseconds: a slow answer, the rest served meanwhile) on
 //! 127.0.0.1:PORT. MODES is a comma-separated list, one per replica index (the last one
 //! applies to higher indexes), each one of:
 //! - `ok`: healthy and ready;
@@ -54,9 +55,20 @@ fn main() -> std::process::ExitCode {
 async fn serve(port: String, name: String, mode: String) {
     let started = Instant::now();
     let ready_mode = mode.clone();
+    let slow_name = name.clone();
     let app = Router::new()
         .route("/", get(move || async move { name }))
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/sleep/{ms}",
+            get(move |axum::extract::Path(ms): axum::extract::Path<u64>| {
+                let name = slow_name.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+                    name
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {
