@@ -42,3 +42,14 @@ ratio() {
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+
+# haproxy_cfg BIND PORT...: the HAProxy the router is compared with, on stdout: 2 threads,
+# round robin over 127.0.0.1:PORT..., server connections reused (`http-reuse always`).
+haproxy_cfg() {
+    local bind=$1 i=0 port; shift
+    printf 'global\n    nbthread 2\n    maxconn 4096\ndefaults\n    mode http\n'
+    printf '    timeout connect 1s\n    timeout client 30s\n    timeout server 30s\n    http-reuse always\n'
+    printf 'frontend quote\n    bind %s\n    default_backend replicas\n' "$bind"
+    printf 'backend replicas\n    balance roundrobin\n'
+    for port in "$@"; do echo "    server r$i 127.0.0.1:$port"; i=$((i + 1)); done
+}

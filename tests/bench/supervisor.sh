@@ -89,24 +89,7 @@ kill "$silent"; wait "$silent" 2>/dev/null || true
 python3 tests/bench/supervisor_trials.py "$socket" hang "$trials"
 
 ports=$(status_json | python3 -c 'import json,sys; print(" ".join(str(r["port"]) for r in json.load(sys.stdin)["replicas"]))')
-{
-    echo "global"
-    echo "    nbthread 2"
-    echo "    maxconn 4096"
-    echo "defaults"
-    echo "    mode http"
-    echo "    timeout connect 1s"
-    echo "    timeout client 30s"
-    echo "    timeout server 30s"
-    echo "    http-reuse always"
-    echo "frontend quote"
-    echo "    bind $front"
-    echo "    default_backend replicas"
-    echo "backend replicas"
-    echo "    balance roundrobin"
-    i=0
-    for port in $ports; do echo "    server r$i 127.0.0.1:$port"; i=$((i + 1)); done
-} >"$work/haproxy.cfg"
+haproxy_cfg "$front" $ports >"$work/haproxy.cfg"
 haproxy -f "$work/haproxy.cfg" -q &
 hap=$!; pids+=("$hap")
 for _ in $(seq 100); do curl -sf "http://$front/readyz" >/dev/null && break; sleep 0.05; done

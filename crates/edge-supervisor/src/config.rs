@@ -63,6 +63,10 @@ pub struct File {
     pub replicas: Option<u32>,
     /// Upper bound for `scale` (default 16).
     pub max_replicas: Option<u32>,
+    /// Client connections the router keeps open from one address (default 64): more are
+    /// closed at once, so that one client cannot take every slot. Raise it when many clients
+    /// share an address (behind a NAT, or a load generator on loopback).
+    pub max_connections_per_peer: Option<u32>,
     /// Directory of trusted OTA public keys (default `/etc/quote-edge/keys`).
     pub trusted_keys: Option<PathBuf>,
     #[serde(default)]
@@ -260,6 +264,7 @@ pub struct Settings {
     pub control_gid: Option<u32>,
     pub replicas: u32,
     pub max_replicas: u32,
+    pub max_connections_per_peer: usize,
     pub trusted_keys: PathBuf,
     pub service: ServiceSpec,
     pub probes: Probes,
@@ -423,6 +428,15 @@ fn validate(
             format!("must be 1 to 256, got {max_replicas}"),
         )));
     }
+    let per_peer = file
+        .max_connections_per_peer
+        .unwrap_or(crate::proxy::MAX_CONNECTIONS_PER_PEER as u32);
+    if !(1..=65_536).contains(&per_peer) {
+        return Err(named(invalid(
+            "max_connections_per_peer",
+            format!("must be 1 to 65536, got {per_peer}"),
+        )));
+    }
     let replicas = overrides.replicas.or(file.replicas).unwrap_or(3);
     if replicas > max_replicas {
         return Err(named(invalid(
@@ -449,6 +463,7 @@ fn validate(
         control_gid: file.control_gid,
         replicas,
         max_replicas,
+        max_connections_per_peer: per_peer as usize,
         trusted_keys: overrides
             .trusted_keys
             .clone()
@@ -797,6 +812,10 @@ mod tests {
         let cases = [
             ("replicass = 3", "replicass"),
             ("replicas = 40", "`replicas` is 40, above max_replicas (16)"),
+            (
+                "max_connections_per_peer = 0",
+                "`max_connections_per_peer` must be 1 to 65536, got 0",
+            ),
             (
                 "[probes.liveness]\nperiod = \"2ms\"",
                 "`probes.liveness.period` must be at least 10ms",

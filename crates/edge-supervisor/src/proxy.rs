@@ -23,8 +23,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -47,7 +49,8 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// retried (it may have been applied; a hung replica is the probes' to remove).
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Open client connections allowed from one address: one client cannot take every slot.
+/// Open client connections allowed from one address by default (`max_connections_per_peer`):
+/// one client cannot take every slot.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
 
 /// Descriptors kept out of the router's reach for everything else the supervisor opens:
@@ -59,6 +62,8 @@ pub const RESERVED_DESCRIPTORS: u64 = 256;
 pub struct Backend {
     pub id: String,
     pub port: u16,
+    /// `127.0.0.1:port`, made once: each request's URI shares it instead of formatting its own.
+    authority: Authority,
     /// What the router has seen of this process since it entered the rotation.
     pub health: Arc<Health>,
 }
@@ -66,11 +71,23 @@ pub struct Backend {
 impl Backend {
     /// A replica entering the rotation, with nothing seen yet.
     pub fn new(id: String, port: u16) -> Self {
+        let authority = Authority::try_from(format!("127.0.0.1:{port}"))
+            .expect("an IPv4 address and a port make an authority");
         Backend {
             id,
             port,
+            authority,
             health: Arc::default(),
         }
+    }
+
+    /// The URI of `path` on this replica.
+    fn uri(&self, path: &PathAndQuery) -> Uri {
+        let mut parts = hyper::http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path.clone());
+        Uri::from_parts(parts).expect("scheme, authority and path make a URI")
     }
 }
 
@@ -127,6 +144,8 @@ pub struct Router {
     client: Client<HttpConnector, Full<Bytes>>,
     next: AtomicUsize,
     silence: Option<Silence>,
+    /// `proxied{code="1xx"}` to `"5xx"`, looked up once rather than per request.
+    answered: [prometheus_client::metrics::counter::Counter; 5],
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -184,6 +203,14 @@ impl Router {
             client,
             next: AtomicUsize::new(0),
             silence: silence.filter(|s| s.after < UPSTREAM_TIMEOUT),
+            answered: std::array::from_fn(|class| {
+                metrics
+                    .proxied
+                    .get_or_create(&CodeLabels {
+                        code: format!("{}xx", class + 1),
+                    })
+                    .clone()
+            }),
             metrics,
         }
     }
@@ -226,16 +253,18 @@ impl Router {
     /// Forwards one request.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let response = self.forward(request).await;
-        let class = format!("{}xx", response.status().as_u16() / 100);
-        self.metrics
-            .proxied
-            .get_or_create(&CodeLabels { code: class })
-            .inc();
+        // A status is 100 to 999; hyper refuses the rest.
+        let class = usize::from(response.status().as_u16() / 100).clamp(1, 5) - 1;
+        self.answered[class].inc();
         response
     }
 
     /// The request's body, read whole (a retry sends it again), or the refusal to send back.
     async fn read_body(&self, body: Incoming) -> Result<bytes::Bytes, Response<Body>> {
+        if body.is_end_stream() {
+            // No body (a GET, most of the traffic): nothing to read or hold.
+            return Ok(Bytes::new());
+        }
         match Limited::new(body, MAX_BODY).collect().await {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(error)
@@ -280,8 +309,9 @@ impl Router {
                 | Method::DELETE
                 | Method::TRACE
         );
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut headers = parts.headers.clone();
+        let root = PathAndQuery::from_static("/");
+        let path = parts.uri.path_and_query().unwrap_or(&root);
+        let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last_error = String::new();
@@ -290,16 +320,7 @@ impl Router {
             let mut upstream = Request::new(Full::new(body.clone()));
             *upstream.method_mut() = parts.method.clone();
             *upstream.headers_mut() = headers.clone();
-            match format!("http://127.0.0.1:{}{path}", backend.port).parse() {
-                Ok(uri) => *upstream.uri_mut() = uri,
-                Err(_) => {
-                    return self.refuse(
-                        StatusCode::BAD_REQUEST,
-                        "target",
-                        "the request target is not a valid path",
-                    );
-                }
-            }
+            *upstream.uri_mut() = backend.uri(path);
             let Some(answer) = self.exchange(backend, upstream).await else {
                 tracing::warn!(replica = %backend.id, timeout = ?UPSTREAM_TIMEOUT, "no answer from the replica");
                 return self.refuse(
@@ -381,9 +402,12 @@ pub fn connection_cap() -> usize {
     usize::try_from(cap.clamp(16, 4096)).unwrap_or(4096)
 }
 
-/// Open connections per client address, released when a connection ends.
+/// Open connections per client address (at most `.1`), released when a connection ends.
 #[derive(Debug, Default)]
-struct Peers(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+struct Peers(
+    std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    usize,
+);
 
 /// One open connection of `peer`, counted until dropped.
 struct PeerSlot(Arc<Peers>, std::net::IpAddr);
@@ -392,7 +416,7 @@ impl Peers {
     fn enter(self: &Arc<Self>, peer: std::net::IpAddr) -> Option<PeerSlot> {
         let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let count = open.entry(peer).or_default();
-        if *count >= MAX_CONNECTIONS_PER_PEER {
+        if *count >= self.1 {
             return None;
         }
         *count += 1;
@@ -414,18 +438,18 @@ impl Drop for PeerSlot {
 
 /// Accepts connections until `shutdown` completes, then lets open connections finish their
 /// current request for up to `grace`. At most `cap` connections are open at once (the rest
-/// wait in the accept queue), at most `MAX_CONNECTIONS_PER_PEER` from one address (more are
-/// closed at once); each must send its headers within `HEADER_TIMEOUT`.
+/// wait in the accept queue), at most `per_peer` from one address (more are closed at once); each must send its headers within `HEADER_TIMEOUT`.
 pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     cap: usize,
+    per_peer: usize,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(cap));
-    let peers = Arc::new(Peers::default());
+    let peers = Arc::new(Peers(std::sync::Mutex::default(), per_peer));
     let mut accept_errors = 0u32;
     tokio::pin!(shutdown);
     loop {
@@ -499,6 +523,24 @@ mod tests {
     #[test]
     fn the_router_buffers_no_larger_body_than_the_service_accepts() {
         assert_eq!(MAX_BODY, quote_service::BODY_LIMIT);
+    }
+
+    #[test]
+    fn an_address_holds_at_most_its_configured_connections_until_one_closes() {
+        let peers = Arc::new(Peers(std::sync::Mutex::default(), 2));
+        let one: std::net::IpAddr = [127, 0, 0, 1].into();
+        let other: std::net::IpAddr = [127, 0, 0, 2].into();
+        let first = peers.enter(one).expect("1 of 2");
+        let _second = peers.enter(one).expect("2 of 2");
+        assert!(peers.enter(one).is_none(), "a third from the same address");
+        let _elsewhere = peers
+            .enter(other)
+            .expect("another address has its own count");
+        drop(first);
+        assert!(
+            peers.enter(one).is_some(),
+            "a closed connection frees its place"
+        );
     }
 
     #[test]

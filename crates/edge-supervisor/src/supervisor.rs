@@ -335,10 +335,11 @@ impl Servers {
             let grace = settings.service.stop_grace;
             let public = self.public;
             let cap = proxy::connection_cap();
-            tracing::info!(connections = cap, per_peer = proxy::MAX_CONNECTIONS_PER_PEER, header_timeout = ?proxy::HEADER_TIMEOUT, "router limits");
+            let per_peer = settings.max_connections_per_peer;
+            tracing::info!(connections = cap, per_peer, header_timeout = ?proxy::HEADER_TIMEOUT, "router limits");
             tokio::spawn(async move {
                 let stop = async move { stop.notified().await };
-                proxy::serve(public, router, stop, grace, cap).await;
+                proxy::serve(public, router, stop, grace, cap, per_peer).await;
                 let _ = events.send(Event::RouterDrained).await;
             });
         }
