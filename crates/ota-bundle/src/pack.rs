@@ -65,10 +65,31 @@ pub fn pack_delta(
     )
 }
 
+/// Levels at or above it first try `TRIAL_LEVEL`: a chunk that it cannot shrink by 1 %
+/// (random or already compressed data) keeps that frame, which is what the high level would
+/// make of it too (raw blocks), in a fraction of the time.
+const TRIAL_FROM_LEVEL: i32 = 10;
+const TRIAL_LEVEL: i32 = 1;
+
 /// One chunk as one zstd frame (with its content size), compressed with `prefix` (the
 /// previous chunk of the file; empty for none) as a raw-content prefix that the installer
 /// supplies again when it decompresses. A context per frame: zstd ties a prefix to its context.
 fn compress_chunk(
+    level: i32,
+    prefix: &[u8],
+    chunk: &[u8],
+    frame: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    if level >= TRIAL_FROM_LEVEL {
+        compress_chunk_at(TRIAL_LEVEL, prefix, chunk, frame)?;
+        if frame.len() as u64 * 100 >= chunk.len() as u64 * 99 {
+            return Ok(());
+        }
+    }
+    compress_chunk_at(level, prefix, chunk, frame)
+}
+
+fn compress_chunk_at(
     level: i32,
     prefix: &[u8],
     chunk: &[u8],
@@ -502,4 +523,44 @@ fn release_files(dir: &Path) -> Result<Vec<(String, PathBuf, u64)>, BundleError>
     }
     files.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes no compressor can shrink, and bytes any can (a few words repeated).
+    fn noise_and_text() -> (Vec<u8>, Vec<u8>) {
+        let mut noise = vec![0; CHUNK_SIZE as usize];
+        fastrand::Rng::with_seed(7).fill(&mut noise);
+        let words = b"quote edge replica probe rollout ";
+        let text = (0..CHUNK_SIZE as usize)
+            .map(|i| words[(i * 7 + i / 97) % words.len()])
+            .collect();
+        (noise, text)
+    }
+
+    #[test]
+    fn an_incompressible_chunk_keeps_the_trial_frame_and_a_compressible_one_the_level_asked() {
+        let (noise, text) = noise_and_text();
+        let mut frame = Vec::new();
+        let mut trial = Vec::new();
+        for (prefix, chunk) in [(&[][..], &noise), (&text[..], &noise), (&noise[..], &text)] {
+            compress_chunk(19, prefix, chunk, &mut frame).unwrap();
+            compress_chunk_at(TRIAL_LEVEL, prefix, chunk, &mut trial).unwrap();
+            if std::ptr::eq(chunk, &noise) {
+                assert_eq!(frame, trial, "noise: the trial frame, not a level-19 pass");
+                assert!(frame.len() < chunk.len() + 1024, "stored, not grown");
+            } else {
+                assert!(frame.len() < trial.len(), "text: compressed at level 19");
+            }
+            let mut out = vec![0; chunk.len()];
+            let produced = crate::read::decompress_chunk(prefix, &frame, &mut out).unwrap();
+            assert_eq!(
+                &out[..produced],
+                &chunk[..],
+                "the frame decodes to the chunk"
+            );
+        }
+    }
 }

@@ -422,7 +422,11 @@ impl<R: Read> Bundle<R> {
 
 /// Decompresses one frame into `out` (its declared size: nothing can grow past it), with
 /// `prefix` (empty for none) as the raw-content prefix it was compressed with.
-fn decompress_chunk(prefix: &[u8], frame: &[u8], out: &mut [u8]) -> Result<usize, String> {
+pub(crate) fn decompress_chunk(
+    prefix: &[u8],
+    frame: &[u8],
+    out: &mut [u8],
+) -> Result<usize, String> {
     use zstd::zstd_safe::{DCtx, get_error_name};
     let mut dctx = DCtx::try_create().ok_or("cannot allocate a zstd context")?;
     if !prefix.is_empty() {
