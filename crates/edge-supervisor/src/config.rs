@@ -132,7 +132,8 @@ pub struct ProbeFile {
     #[serde(default, with = "humantime_serde")]
     pub period: Option<Duration>,
     /// Default 200ms. The readiness probe's is also how long the router waits on a request
-    /// before it reports a replica that answered nothing else meanwhile (in-band detection).
+    /// before it reports a replica that answered nothing else meanwhile (in-band detection;
+    /// off from 10s, the router's own upstream timeout).
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
     pub success_threshold: Option<u32>,

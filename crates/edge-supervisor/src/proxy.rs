@@ -118,8 +118,8 @@ pub struct Health {
 
 impl Health {
     fn answered(&self) {
-        // A plain store: two answers racing may leave the older time, microseconds off.
-        self.last_answer.store(ticks(), Ordering::Relaxed);
+        // The latest wins even when two answers race: a stale time could report a live replica.
+        self.last_answer.fetch_max(ticks(), Ordering::Relaxed);
     }
 
     /// Whether a request sent at `sent` and still unanswered shows the replica silent (it has
@@ -131,7 +131,8 @@ impl Health {
 }
 
 /// In-band detection: after how long an unanswered request makes its replica suspect, and
-/// whom to tell.
+/// whom to tell. Off when `after` is not below `UPSTREAM_TIMEOUT` (the request has failed by
+/// then anyway).
 pub struct Silence {
     pub after: Duration,
     pub report: Box<dyn Fn(&Backend) + Send + Sync>,
@@ -144,8 +145,9 @@ pub struct Router {
     client: Client<HttpConnector, Full<Bytes>>,
     next: AtomicUsize,
     silence: Option<Silence>,
-    /// `proxied{code="1xx"}` to `"5xx"`, looked up once rather than per request.
-    answered: [prometheus_client::metrics::counter::Counter; 5],
+    /// `proxied{code="1xx"}` to `"9xx"` (hyper allows 100 to 999), looked up once rather
+    /// than per request.
+    answered: [prometheus_client::metrics::counter::Counter; 9],
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -254,7 +256,7 @@ impl Router {
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let response = self.forward(request).await;
         // A status is 100 to 999; hyper refuses the rest.
-        let class = usize::from(response.status().as_u16() / 100).clamp(1, 5) - 1;
+        let class = usize::from(response.status().as_u16() / 100).clamp(1, 9) - 1;
         self.answered[class].inc();
         response
     }
@@ -403,7 +405,7 @@ pub fn connection_cap() -> usize {
 }
 
 /// Open connections per client address (at most `.1`), released when a connection ends.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Peers(
     std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     usize,

@@ -67,9 +67,13 @@ pub fn pack_delta(
 
 /// Levels at or above it first try `TRIAL_LEVEL`: a chunk that it cannot shrink by 1 %
 /// (random or already compressed data) keeps that frame, which is what the high level would
-/// make of it too (raw blocks), in a fraction of the time.
+/// make of it too (raw blocks), in a fraction of the time. The trial's window spans the
+/// prefix and the chunk (`TRIAL_WINDOW_LOG`, where level 1 alone would see 512 KiB) and it
+/// uses long-distance matching, so a chunk that repeats part of its prefix is found
+/// compressible by the trial, as the high level would find it.
 const TRIAL_FROM_LEVEL: i32 = 10;
 const TRIAL_LEVEL: i32 = 1;
+const TRIAL_WINDOW_LOG: u32 = 21;
 
 /// One chunk as one zstd frame (with its content size), compressed with `prefix` (the
 /// previous chunk of the file; empty for none) as a raw-content prefix that the installer
@@ -81,16 +85,17 @@ fn compress_chunk(
     frame: &mut Vec<u8>,
 ) -> std::io::Result<()> {
     if level >= TRIAL_FROM_LEVEL {
-        compress_chunk_at(TRIAL_LEVEL, prefix, chunk, frame)?;
+        compress_chunk_at(TRIAL_LEVEL, Some(TRIAL_WINDOW_LOG), prefix, chunk, frame)?;
         if frame.len() as u64 * 100 >= chunk.len() as u64 * 99 {
             return Ok(());
         }
     }
-    compress_chunk_at(level, prefix, chunk, frame)
+    compress_chunk_at(level, None, prefix, chunk, frame)
 }
 
 fn compress_chunk_at(
     level: i32,
+    window_log: Option<u32>,
     prefix: &[u8],
     chunk: &[u8],
     frame: &mut Vec<u8>,
@@ -100,6 +105,12 @@ fn compress_chunk_at(
     let mut cctx = CCtx::try_create().ok_or_else(|| std::io::Error::other("zstd context"))?;
     cctx.set_parameter(CParameter::CompressionLevel(level))
         .map_err(zstd)?;
+    if let Some(log) = window_log {
+        cctx.set_parameter(CParameter::WindowLog(log))
+            .map_err(zstd)?;
+        cctx.set_parameter(CParameter::EnableLongDistanceMatching(true))
+            .map_err(zstd)?;
+    }
     cctx.set_parameter(CParameter::ContentSizeFlag(true))
         .map_err(zstd)?;
     if !prefix.is_empty() {
@@ -529,30 +540,55 @@ fn release_files(dir: &Path) -> Result<Vec<(String, PathBuf, u64)>, BundleError>
 mod tests {
     use super::*;
 
-    /// Bytes no compressor can shrink, and bytes any can (a few words repeated).
-    fn noise_and_text() -> (Vec<u8>, Vec<u8>) {
-        let mut noise = vec![0; CHUNK_SIZE as usize];
+    /// Bytes no compressor can shrink, and bytes any can (a few words repeated); and a chunk
+    /// of fresh noise that starts with the last 700 KiB of the first noise (where level 1's
+    /// own window of 512 KiB would not reach).
+    fn noise_and_text() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let mut noise = vec![0; 2 * CHUNK_SIZE as usize];
         fastrand::Rng::with_seed(7).fill(&mut noise);
+        let fresh = noise.split_off(CHUNK_SIZE as usize);
+        let back = 700 << 10;
+        let mut repeat = noise[noise.len() - back..].to_vec();
+        repeat.extend_from_slice(&fresh[..noise.len() - back]);
         let words = b"quote edge replica probe rollout ";
         let text = (0..CHUNK_SIZE as usize)
             .map(|i| words[(i * 7 + i / 97) % words.len()])
             .collect();
-        (noise, text)
+        (noise, text, repeat)
     }
 
     #[test]
     fn an_incompressible_chunk_keeps_the_trial_frame_and_a_compressible_one_the_level_asked() {
-        let (noise, text) = noise_and_text();
+        let (noise, text, repeat) = noise_and_text();
         let mut frame = Vec::new();
         let mut trial = Vec::new();
-        for (prefix, chunk) in [(&[][..], &noise), (&text[..], &noise), (&noise[..], &text)] {
+        let cases = [
+            (&[][..], &noise, "noise"),
+            (&text[..], &noise, "noise"),
+            (&noise[..], &text, "text"),
+            (&noise[..], &repeat, "a repeat of its prefix 700 KiB back"),
+        ];
+        for (prefix, chunk, what) in cases {
             compress_chunk(19, prefix, chunk, &mut frame).unwrap();
-            compress_chunk_at(TRIAL_LEVEL, prefix, chunk, &mut trial).unwrap();
-            if std::ptr::eq(chunk, &noise) {
-                assert_eq!(frame, trial, "noise: the trial frame, not a level-19 pass");
-                assert!(frame.len() < chunk.len() + 1024, "stored, not grown");
-            } else {
-                assert!(frame.len() < trial.len(), "text: compressed at level 19");
+            compress_chunk_at(
+                TRIAL_LEVEL,
+                Some(TRIAL_WINDOW_LOG),
+                prefix,
+                chunk,
+                &mut trial,
+            )
+            .unwrap();
+            match what {
+                "noise" => {
+                    assert_eq!(frame, trial, "noise: the trial frame, not a level-19 pass");
+                    assert!(frame.len() < chunk.len() + 1024, "stored, not grown");
+                }
+                "text" => assert!(frame.len() < trial.len(), "text: compressed at level 19"),
+                _ => assert!(
+                    frame.len() < chunk.len() * 2 / 5,
+                    "{what}: found through the prefix ({} bytes)",
+                    frame.len()
+                ),
             }
             let mut out = vec![0; chunk.len()];
             let produced = crate::read::decompress_chunk(prefix, &frame, &mut out).unwrap();

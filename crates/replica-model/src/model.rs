@@ -145,10 +145,14 @@ enum Phase {
     Spawning { generation: u64 },
     /// The startup probe has not passed yet; liveness and readiness wait for it.
     Starting { inc: Incarnation, startup: Track },
-    /// Liveness and readiness probes run; `ready` puts it in rotation.
+    /// Liveness and readiness probes run; `ready_since` (and not `silenced`) puts it in rotation.
     Running {
         inc: Incarnation,
+        /// Ready by its readiness probe (what an update's trial judges).
         ready_since: Option<Instant>,
+        /// Out of rotation on the router's word (see [`Model::silent`]) until a readiness probe
+        /// passes, or fails often enough to take `ready_since` away.
+        silenced: bool,
         /// When this process first became ready; kept when readiness later fails, because a
         /// long healthy run (not the current readiness) is what resets the restart backoff.
         first_ready: Option<Instant>,
@@ -413,13 +417,32 @@ impl Model {
 
     /// The router saw `replica` on `port` leave a request unanswered for the
     /// readiness probe's timeout, while answering nothing else (see the router's in-band
-    /// detection). Like Envoy's outlier detection it leaves the rotation at once; unlike it,
-    /// the readiness probe decides when it comes back: one runs now (unless one is already in
-    /// flight, whose result then decides), and `success_threshold` passes bring it back,
-    /// just as after failed probes. The liveness probe alone may restart it. Returns whether
-    /// the replica was in rotation and has left it; a report about a process that is not
-    /// the slot's ready one (replaced, already out) changes nothing.
+    /// detection). Like Envoy's outlier detection it leaves the rotation at once, and like
+    /// Envoy's `max_ejection_percent` the router's word ejects at most one replica at a time
+    /// and never the last one in rotation: a stall they all share (the one database) cannot
+    /// empty the rotation. The readiness probe decides when it comes back: one runs now
+    /// (unless one is in flight, whose result then decides); a pass brings it back, failures
+    /// count as usual. Its readiness as an update's trial sees it (`settled_on`) is the
+    /// probes' alone, and only liveness restarts it. Returns whether the replica left the
+    /// rotation; a report about a process that is not the slot's one in rotation (replaced,
+    /// already out), or that the limits above refuse, changes nothing.
     pub fn silent(&mut self, replica: &str, port: u16, now: Instant) -> bool {
+        let in_rotation = |phase: &Phase| {
+            matches!(
+                phase,
+                Phase::Running {
+                    ready_since: Some(_),
+                    silenced: false,
+                    ..
+                }
+            )
+        };
+        let silenced = |phase: &Phase| matches!(phase, Phase::Running { silenced: true, .. });
+        if self.slots.iter().any(|s| silenced(&s.phase))
+            || self.slots.iter().filter(|s| in_rotation(&s.phase)).count() < 2
+        {
+            return false;
+        }
         let Some(s) = self
             .slots
             .iter_mut()
@@ -429,7 +452,8 @@ impl Model {
         };
         let Phase::Running {
             inc,
-            ready_since: ready_since @ Some(_),
+            ready_since: Some(_),
+            silenced: silenced @ false,
             readiness: Some(track),
             ..
         } = &mut s.phase
@@ -439,8 +463,7 @@ impl Model {
         if inc.port != port {
             return false;
         }
-        *ready_since = None;
-        track.successes = 0;
+        *silenced = true;
         if !track.in_flight {
             track.next_at = now;
         }
@@ -553,6 +576,7 @@ impl Model {
                 Phase::Running {
                     inc,
                     ready_since,
+                    silenced,
                     first_ready,
                     readiness: Some(track),
                     ..
@@ -562,6 +586,7 @@ impl Model {
                 track.in_flight = false;
                 match outcome {
                     Ok(()) => {
+                        *silenced = false;
                         track.failures = 0;
                         track.successes += 1;
                         if ready_since.is_none() && track.successes >= ready_after {
@@ -574,6 +599,7 @@ impl Model {
                         track.failures += 1;
                         if ready_since.is_some() && track.failures >= readiness_limit {
                             *ready_since = None;
+                            *silenced = false;
                         }
                     }
                 }
@@ -720,6 +746,7 @@ impl Model {
                 Phase::Running {
                     inc,
                     ready_since: Some(_),
+                    silenced: false,
                     ..
                 } => Some((replica_id(s.index), inc.port)),
                 _ => None,
@@ -886,8 +913,15 @@ impl Model {
                     }
                     Phase::Starting { inc, .. } => (ReplicaState::Starting, Some(inc), false),
                     Phase::Running {
-                        inc, ready_since, ..
-                    } => (ReplicaState::Running, Some(inc), ready_since.is_some()),
+                        inc,
+                        ready_since,
+                        silenced,
+                        ..
+                    } => (
+                        ReplicaState::Running,
+                        Some(inc),
+                        ready_since.is_some() && !silenced,
+                    ),
                     Phase::Stopping { inc, .. } => (ReplicaState::Stopping, Some(inc), false),
                 };
                 let next_start_in_seconds = match &s.phase {
@@ -928,6 +962,7 @@ impl Model {
         Phase::Running {
             inc,
             ready_since: probes.readiness.is_none().then_some(now),
+            silenced: false,
             first_ready: probes.readiness.is_none().then_some(now),
             liveness: probes
                 .liveness

@@ -653,6 +653,10 @@ fn a_replica_the_router_finds_silent_leaves_the_rotation_at_once_and_is_probed_n
     h.answer(|slot, _| slot != 1);
     assert_eq!(h.ready(), ["replica-0", "replica-2"]);
     assert!(h.signals().is_empty());
+    assert!(
+        h.model.settled_on(0),
+        "an update's trial judges by the probes: one failure is below the threshold"
+    );
     assert_eq!(h.pid_of("replica-1"), pid);
     // A later periodic probe that passes brings it back.
     h.advance(250 * MS);
@@ -692,4 +696,34 @@ fn a_silence_report_about_another_process_or_one_out_of_rotation_changes_nothing
     h.settle();
     assert_eq!(h.probes_asked().len(), 1, "a second report asks no probe");
     assert_eq!(h.ready(), ["replica-1"]);
+}
+
+#[test]
+fn the_router_ejects_one_replica_at_a_time_and_never_the_last_in_rotation() {
+    let mut alone = Harness::new(1);
+    alone.all_ready();
+    let port = alone.port_of("replica-0");
+    assert!(
+        !alone.model.silent("replica-0", port, alone.now),
+        "the last one"
+    );
+    assert_eq!(alone.ready(), ["replica-0"]);
+
+    let mut h = Harness::new(3);
+    h.all_ready();
+    h.log.clear();
+    let (p0, p1) = (h.port_of("replica-0"), h.port_of("replica-1"));
+    assert!(h.model.silent("replica-0", p0, h.now));
+    h.settle();
+    assert!(
+        !h.model.silent("replica-1", p1, h.now),
+        "one out on the router's word already: a shared stall empties nothing"
+    );
+    assert_eq!(h.ready(), ["replica-1", "replica-2"]);
+    h.answer(|_, _| true);
+    assert_eq!(h.ready(), ["replica-0", "replica-1", "replica-2"]);
+    assert!(
+        h.model.silent("replica-1", p1, h.now),
+        "the first came back"
+    );
 }
