@@ -32,10 +32,13 @@ trap cleanup EXIT
 public=127.0.0.1:18220
 admin=127.0.0.1:18221
 
-# metric NAME: the value of a counter on the admin endpoint, or "n/a" (a build without it).
+# metric NAME [ABSENT]: a counter on the admin endpoint (NAME with its labels, as printed), or
+# ABSENT when it is not there (default "n/a": a build without it).
 metric() {
-    curl -sf "http://$admin/metrics" | awk -v n="$1" '$1 == n {print $2; found = 1} END {if (!found) print "n/a"}'
+    curl -sf "http://$admin/metrics" | awk -v n="$1" -v absent="${2:-n/a}" '$1 == n {print $2; found = 1} END {if (!found) print absent}'
 }
+# Readiness failures are listed once the first one happened: absent means none.
+readiness_failures() { metric 'edge_supervisor_probe_failures_total{kind="readiness"}' 0; }
 delta() { if [ "$1" = n/a ] || [ "$2" = n/a ]; then echo n/a; else echo $(($2 - $1)); fi; }
 
 # bench NAME BINARY: the three measures for one build.
@@ -74,14 +77,14 @@ t.wait(sys.argv[1], lambda s: s["ready"] == s["desired"] == 3)
 PY
     local ejected failed
     ejected=$(metric edge_supervisor_silent_ejections_total)
-    failed=$(curl -sf "http://$admin/metrics" | awk '$1 ~ /^edge_supervisor_probe_failures_total\{kind="readiness"\}$/ {print $2; f = 1} END {if (!f) print 0}')
+    failed=$(readiness_failures)
     duration=${load}s
     echo "(c) ${load}s of wrk -c$conns, no fault:"
     printf '    %-28s %12s %10s %10s\n' "path" "req/s" "p50" "p99"
     printf '    '; wrk_run "$name" "$name" "http://$public/quotes/random"
     local ejected_after failed_after
     ejected_after=$(metric edge_supervisor_silent_ejections_total)
-    failed_after=$(curl -sf "http://$admin/metrics" | awk '$1 ~ /^edge_supervisor_probe_failures_total\{kind="readiness"\}$/ {print $2; f = 1} END {if (!f) print 0}')
+    failed_after=$(readiness_failures)
     echo "    false ejections: $(delta "$ejected" "$ejected_after"), readiness probe failures: $(delta "$failed" "$failed_after"), client errors: $(cat "$work/errors-$name")"
     kill "$sup"
     wait "$sup" 2>/dev/null || true

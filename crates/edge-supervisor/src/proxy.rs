@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -112,8 +112,10 @@ fn ticks() -> u64 {
 pub struct Health {
     /// When its last answer (response head) arrived, in `ticks()`; 0 before the first.
     last_answer: AtomicU64,
-    /// Reported silent once already: one report per stay in the rotation.
-    reported: AtomicBool,
+    /// When it was last reported silent, in `ticks()`; 0 before the first report. Reports
+    /// are spaced by the silence delay: the model may refuse one (another replica is out
+    /// already), and a later silence must still be told.
+    last_report: AtomicU64,
 }
 
 impl Health {
@@ -122,11 +124,18 @@ impl Health {
         self.last_answer.fetch_max(ticks(), Ordering::Relaxed);
     }
 
-    /// Whether a request sent at `sent` and still unanswered shows the replica silent (it has
-    /// answered nothing since), for the first time.
-    fn silent_since(&self, sent: u64) -> bool {
+    /// Whether a request sent at `sent` and still unanswered at `now` shows the replica
+    /// silent (it has answered nothing since) and is due to be reported: at most one report
+    /// per `every`, however many requests wait on it.
+    fn silent_since(&self, sent: u64, now: u64, every: Duration) -> bool {
+        let every = u64::try_from(every.as_nanos()).unwrap_or(u64::MAX);
         self.last_answer.load(Ordering::Relaxed) < sent
-            && !self.reported.swap(true, Ordering::Relaxed)
+            && self
+                .last_report
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                    (last == 0 || now.saturating_sub(last) >= every).then_some(now.max(1))
+                })
+                .is_ok()
     }
 }
 
@@ -219,7 +228,8 @@ impl Router {
 
     /// Sends one request to `backend` and waits for the head of its answer, for at most
     /// `UPSTREAM_TIMEOUT` (`None`). If the silence delay passes first and the replica has
-    /// answered nothing since the request was sent, it is reported once; the wait goes on.
+    /// answered nothing since the request was sent, it is reported (at most once per silence
+    /// delay); the wait goes on.
     async fn exchange(
         &self,
         backend: &Backend,
@@ -237,7 +247,7 @@ impl Router {
                     return Some(answer);
                 }
                 Err(_) => {
-                    if backend.health.silent_since(sent) {
+                    if backend.health.silent_since(sent, ticks(), silence.after) {
                         tracing::warn!(replica = %backend.id, after = ?silence.after, "no answer and nothing else answered: reporting the replica silent");
                         (silence.report)(backend);
                     }
@@ -440,7 +450,8 @@ impl Drop for PeerSlot {
 
 /// Accepts connections until `shutdown` completes, then lets open connections finish their
 /// current request for up to `grace`. At most `cap` connections are open at once (the rest
-/// wait in the accept queue), at most `per_peer` from one address (more are closed at once); each must send its headers within `HEADER_TIMEOUT`.
+/// wait in the accept queue), at most `per_peer` from one address (more are closed at once);
+/// each must send its headers within `HEADER_TIMEOUT`.
 pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
@@ -525,6 +536,26 @@ mod tests {
     #[test]
     fn the_router_buffers_no_larger_body_than_the_service_accepts() {
         assert_eq!(MAX_BODY, quote_service::BODY_LIMIT);
+    }
+
+    #[test]
+    fn a_silent_replica_is_reported_once_per_silence_delay_and_never_after_an_answer() {
+        let health = Health::default();
+        let every = Duration::from_nanos(200);
+        assert!(
+            health.silent_since(100, 300, every),
+            "nothing answered since 100"
+        );
+        assert!(!health.silent_since(150, 350, every), "reported 50 ns ago");
+        assert!(
+            health.silent_since(150, 500, every),
+            "due again (the model may have refused)"
+        );
+        health.last_answer.store(600, Ordering::Relaxed);
+        assert!(
+            !health.silent_since(550, 900, every),
+            "it answered after the request was sent"
+        );
     }
 
     #[test]
