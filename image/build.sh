@@ -3,6 +3,9 @@
 #
 #   image/build.sh qemu   -> image/out/quote-edge-qemu-aarch64.img (+ vmlinuz, initrd.img)
 #   image/build.sh rpi    -> image/out/quote-edge-rpi-arm64.img
+#   image/build.sh qemu --base-only   only the Debian base root (image/out/base-qemu), which the
+#                         image is made from and which does not depend on our binaries: CI
+#                         builds it while cargo compiles them
 #
 # Beside each image: IMAGE.bmap (the block map `bmaptool copy` writes and verifies), IMAGE.zst
 # (the compressed image to hand out) and NAME.sha256sums (SHA-256 of every file above).
@@ -23,7 +26,13 @@ variant=${1:-}
 case "$variant" in
     qemu) image_name=quote-edge-qemu-aarch64.img ;;
     rpi) image_name=quote-edge-rpi-arm64.img ;;
-    *) echo "usage: $0 qemu|rpi" >&2; exit 2 ;;
+    *) echo "usage: $0 qemu|rpi [--base-only]" >&2; exit 2 ;;
+esac
+base_only=0
+case "${2:-}" in
+    "") ;;
+    --base-only) base_only=1 ;;
+    *) echo "$0: unknown option '$2' (usage: $0 qemu|rpi [--base-only])" >&2; exit 2 ;;
 esac
 
 recipe=$here/recipe
@@ -50,26 +59,31 @@ read_list() { sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e 's/^[[:space:]]*//' "$@
 # supervisor is told it may start with it (allow_test_key) and its console says so at boot.
 is_test_key() { [ "$(awk '{print $2; exit}' "$1")" = "$(awk '{print $2; exit}' "$test_key")" ]; }
 keygen_hint="make release keys with \`ota keygen --out release\` and set QUOTE_EDGE_TRUSTED_KEYS=release.pub"
-if [ -z "$trusted_keys" ]; then
-    if [ "$variant" = qemu ] && [ "$dev_keys" = 1 ]; then
-        trusted_keys=$test_key
-    elif [ "$variant" = qemu ]; then
-        die "no trusted OTA key: $keygen_hint, or set QUOTE_EDGE_DEV_KEYS=1 to trust the repository's test key (development only: its secret is public)"
-    else
-        die "no trusted OTA key for the Pi image: $keygen_hint (the repository's test key is never trusted on a Pi image)"
+# (Not for the base root alone: it holds no keys.)
+if [ "$base_only" = 0 ]; then
+    if [ -z "$trusted_keys" ]; then
+        if [ "$variant" = qemu ] && [ "$dev_keys" = 1 ]; then
+            trusted_keys=$test_key
+        elif [ "$variant" = qemu ]; then
+            die "no trusted OTA key: $keygen_hint, or set QUOTE_EDGE_DEV_KEYS=1 to trust the repository's test key (development only: its secret is public)"
+        else
+            die "no trusted OTA key for the Pi image: $keygen_hint (the repository's test key is never trusted on a Pi image)"
+        fi
     fi
-fi
-[ -f "$trusted_keys" ] || die "missing trusted OTA key $trusted_keys (QUOTE_EDGE_TRUSTED_KEYS)"
-if is_test_key "$trusted_keys"; then
-    [ "$variant" = rpi ] && die "$trusted_keys is the repository's test key, whose secret is public: a Pi image never trusts it; $keygen_hint"
-    [ "$dev_keys" = 1 ] || die "$trusted_keys is the repository's test key, whose secret is public: set QUOTE_EDGE_DEV_KEYS=1 to build a development image with it"
+    [ -f "$trusted_keys" ] || die "missing trusted OTA key $trusted_keys (QUOTE_EDGE_TRUSTED_KEYS)"
+    if is_test_key "$trusted_keys"; then
+        [ "$variant" = rpi ] && die "$trusted_keys is the repository's test key, whose secret is public: a Pi image never trusts it; $keygen_hint"
+        [ "$dev_keys" = 1 ] || die "$trusted_keys is the repository's test key, whose secret is public: set QUOTE_EDGE_DEV_KEYS=1 to build a development image with it"
+    fi
 fi
 [ "$(id -u)" = 0 ] || die "must run as root (mmdebstrap --mode=root chroots into the new root)"
 # shellcheck source=image/lib/need.sh
 source "$here/lib/need.sh"
 # arch-test is only a Recommends of mmdebstrap, but an arm64 root on an amd64 host needs it.
 need mmdebstrap:mmdebstrap arch-test:arch-test qemu-aarch64-static:qemu-user-static mkfs.ext4:e2fsprogs mkfs.vfat:dosfstools mcopy:mtools sfdisk:fdisk bmaptool:bmap-tools zstd:zstd systemd-sysusers:systemd
-if [ -n "${QUOTE_EDGE_BIN_DIR:-}" ]; then
+if [ "$base_only" = 1 ]; then
+    : # the base root holds none of our binaries
+elif [ -n "${QUOTE_EDGE_BIN_DIR:-}" ]; then
     for bin in edge-supervisor quote-service; do
         [ -x "$bins/$bin" ] || die "missing $bins/$bin (QUOTE_EDGE_BIN_DIR=$QUOTE_EDGE_BIN_DIR)"
     done
@@ -150,6 +164,10 @@ if [ "${QUOTE_EDGE_FRESH:-0}" = 1 ] || [ "$(cat "$base.stamp" 2>/dev/null)" != "
     echo "$stamp" >"$base.stamp"
 else
     step "reusing the base root $base (recipe inputs unchanged; QUOTE_EDGE_FRESH=1 rebuilds it)"
+fi
+if [ "$base_only" = 1 ]; then
+    step "base root ready: $base"
+    exit 0
 fi
 cp -a "$base" "$rootfs"
 

@@ -40,25 +40,34 @@ changes=(
     --change 'LABEL org.opencontainers.image.description="quote-edge cross image: Debian bookworm, aarch64 cross gcc, musl-dev:arm64"'
 )
 
-echo "mmdebstrap: bookworm amd64 (+arm64 for musl-dev) with $packages"
-# The root goes straight from mmdebstrap (tar on stdout) into docker import: no temporary copy.
-mmdebstrap --mode=root --variant=apt --architectures=amd64,arm64 --format=tar \
-    --aptopt='APT::Install-Recommends "false"' \
-    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
-    --dpkgopt='path-exclude=/usr/share/locale/*' \
-    --include="$packages" \
-    --skip=download/empty --skip=essential/unlink \
-    --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
-    --setup-hook="sync-in '$cache' /var/cache/apt/archives/" \
-    --customize-hook="sync-out /var/cache/apt/archives '$cache'" \
-    --customize-hook='rm -f "$1"/var/cache/apt/archives/*.deb' \
-    --customize-hook='chroot "$1" aarch64-linux-gnu-gcc --version >/dev/null' \
-    --customize-hook='test -f "$1"/usr/lib/aarch64-linux-musl/musl-gcc.specs' \
-    --quiet \
-    bookworm - "deb http://deb.debian.org/debian bookworm main" \
-    "deb http://deb.debian.org/debian bookworm-updates main" \
-    "deb http://deb.debian.org/debian-security bookworm-security main" |
-    docker import "${changes[@]}" - "$image:${tags[0]}" >/dev/null || die "mmdebstrap or docker import failed"
+# The image is reused while its recipe (this script and packages.txt) is unchanged: the stamp is
+# a label on the image. QUOTE_EDGE_FRESH=1 forces a new one.
+stamp=$(cat "$here/build-image.sh" "$here/packages.txt" | sha256sum | cut -c1-16)
+have=$(docker image inspect "$image:${tags[0]}" --format '{{index .Config.Labels "org.quote-edge.recipe"}}' 2>/dev/null || true)
+changes+=(--change "LABEL org.quote-edge.recipe=$stamp")
+if [ "${QUOTE_EDGE_FRESH:-0}" != 1 ] && [ "$have" = "$stamp" ]; then
+    echo "reusing $image:${tags[0]} (recipe $stamp unchanged; QUOTE_EDGE_FRESH=1 rebuilds it)"
+else
+    echo "mmdebstrap: bookworm amd64 (+arm64 for musl-dev) with $packages"
+    # The root goes straight from mmdebstrap (tar on stdout) into docker import: no temporary copy.
+    mmdebstrap --mode=root --variant=apt --architectures=amd64,arm64 --format=tar \
+        --aptopt='APT::Install-Recommends "false"' \
+        --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+        --dpkgopt='path-exclude=/usr/share/locale/*' \
+        --include="$packages" \
+        --skip=download/empty --skip=essential/unlink \
+        --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
+        --setup-hook="sync-in '$cache' /var/cache/apt/archives/" \
+        --customize-hook="sync-out /var/cache/apt/archives '$cache'" \
+        --customize-hook='rm -f "$1"/var/cache/apt/archives/*.deb' \
+        --customize-hook='chroot "$1" aarch64-linux-gnu-gcc --version >/dev/null' \
+        --customize-hook='test -f "$1"/usr/lib/aarch64-linux-musl/musl-gcc.specs' \
+        --quiet \
+        bookworm - "deb http://deb.debian.org/debian bookworm main" \
+        "deb http://deb.debian.org/debian bookworm-updates main" \
+        "deb http://deb.debian.org/debian-security bookworm-security main" |
+        docker import "${changes[@]}" - "$image:${tags[0]}" >/dev/null || die "mmdebstrap or docker import failed"
+fi
 docker tag "$image:${tags[0]}" "$image:${tags[1]}"
 
 # Smoke test: the toolchain in the image links a static musl program and a glibc one for
@@ -76,4 +85,4 @@ docker run --rm -v "$cache/hello.c:/hello.c:ro" "$image:${tags[0]}" sh -c '
     qemu-aarch64-static /tmp/hello-gnu' || die "the toolchain in $image:${tags[0]} failed its smoke test"
 
 docker image ls "$image" --format '{{.Repository}}:{{.Tag}}  {{.Size}}'
-echo "built in $(($(date +%s) - t0)) s. Use: cross build --target aarch64-unknown-linux-musl --release"
+echo "ready in $(($(date +%s) - t0)) s. Use: cross build --target aarch64-unknown-linux-musl --release"
