@@ -127,33 +127,66 @@ fn compress_chunk_at(
 /// chunk of the same file as the zstd prefix) and appended to the payload.
 ///
 /// A frame's prefix is the previous chunk's uncompressed bytes, known before anything is
-/// compressed, so the frames of a window of chunks are compressed on every core at once and
-/// written in order. Each frame is compressed alone with the same parameters, so the bundle
-/// is the same bytes whatever the number of threads.
+/// compressed, so frames are compressed on every core at once: chunks go to a pool of
+/// compression threads as they are read, and their frames are written in order as they come
+/// back, with at most `max_in_flight` chunks between the two. No thread waits for a slow
+/// neighbour's frame before taking the next chunk. Each frame is compressed alone with the
+/// same parameters, so the bundle is the same bytes whatever the number of threads.
 struct Chunker<'a, W: Write> {
     in_base: std::collections::HashSet<&'a str>,
-    level: i32,
-    /// Compression threads; a window holds twice as many chunks.
-    threads: usize,
     /// The bundle being written, named in errors.
     out: &'a Path,
     payload: W,
-    /// The last chunk of the previous window, when it was carried: the prefix of the next
-    /// window's first chunk if that one follows it in the same file.
-    prev: Vec<u8>,
-    /// Buffers of compressed windows, for reuse.
-    spare: Vec<Vec<u8>>,
+    /// The manifest's file entries so far; a chunk's `csize` is filled once its frame is written.
+    entries: Vec<FileEntry>,
+    /// To the compression threads.
+    jobs: std::sync::mpsc::Sender<Job>,
+    /// From them: a frame and its sequence number, in any order.
+    frames: std::sync::mpsc::Receiver<(u64, std::io::Result<Vec<u8>>)>,
+    /// Where each chunk sent and not yet written belongs (file, chunk), oldest first; the
+    /// front one is sequence number `written`.
+    in_flight: std::collections::VecDeque<(usize, usize)>,
+    max_in_flight: usize,
+    /// Frames that came back before an older one.
+    early: std::collections::BTreeMap<u64, Vec<u8>>,
+    /// Frames written so far (the next one's sequence number).
+    written: u64,
     /// Bytes of the release chunked so far.
     done: u64,
 }
 
-/// A carried chunk waiting in the window.
-struct Pending {
-    /// Its index in the file's chunk list, whose `csize` it fills.
-    index: usize,
-    data: Vec<u8>,
-    /// Whether the chunk before it in the file was carried (so is its prefix).
-    chained: bool,
+/// A carried chunk for the compression threads.
+struct Job {
+    seq: u64,
+    /// The chunk before it in its file, when that one was carried too.
+    prefix: Option<std::sync::Arc<Vec<u8>>>,
+    data: std::sync::Arc<Vec<u8>>,
+}
+
+/// One compression thread: compresses chunks until the sender hangs up. Where panics unwind
+/// (tests; release builds abort), a panic is turned into an error for that frame, so the
+/// writer, waiting for it, never waits forever.
+fn compress_jobs(
+    level: i32,
+    jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>,
+    frames: &std::sync::mpsc::Sender<(u64, std::io::Result<Vec<u8>>)>,
+) {
+    loop {
+        let job = match jobs.lock() {
+            Ok(receiver) => receiver.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else { return };
+        let prefix = job.prefix.as_deref().map_or(&[][..], Vec::as_slice);
+        let frame = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut frame = Vec::new();
+            compress_chunk(level, prefix, &job.data, &mut frame).map(|()| frame)
+        }))
+        .unwrap_or_else(|_| Err(std::io::Error::other("a compression thread panicked")));
+        if frames.send((job.seq, frame)).is_err() {
+            return; // the writer gave up
+        }
+    }
 }
 
 impl<W: Write> Chunker<'_, W> {
@@ -164,7 +197,7 @@ impl<W: Write> Chunker<'_, W> {
         full: &Path,
         size: u64,
         mut progress: impl FnMut(u64),
-    ) -> Result<FileEntry, BundleError> {
+    ) -> Result<(), BundleError> {
         let read_err = |source| BundleError::Release {
             path: full.to_owned(),
             reason: format!("cannot read: {source}"),
@@ -173,121 +206,103 @@ impl<W: Write> Chunker<'_, W> {
         let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o755;
         let mut reader = BufReader::new(file);
         let mut whole = blake3::Hasher::new();
-        let mut chunks = Vec::new();
-        let mut window: Vec<Pending> = Vec::with_capacity(2 * self.threads);
-        let mut chained = false;
+        let index = self.entries.len();
+        self.entries.push(FileEntry {
+            path: relative.to_owned(),
+            mode,
+            size,
+            digest: String::new(),
+            chunks: Vec::new(),
+        });
+        // The previous chunk of this file, while it was carried: the next one's prefix.
+        let mut prefix: Option<std::sync::Arc<Vec<u8>>> = None;
         let mut remaining = size;
         while remaining > 0 {
             let n = remaining.min(CHUNK_SIZE) as usize;
-            let mut data = self.spare.pop().unwrap_or_default();
-            data.resize(n, 0);
+            let mut data = vec![0; n];
             reader.read_exact(&mut data).map_err(read_err)?;
             whole.update(&data);
             let hash = blake3::hash(&data).to_hex().to_string();
             let copy = self.in_base.contains(hash.as_str());
+            let chunks = &mut self.entries[index].chunks;
             chunks.push(Chunk {
                 hash,
                 size: n as u64,
                 csize: None,
                 copy,
             });
+            let place = (index, chunks.len() - 1);
             if copy {
-                self.spare.push(data);
+                prefix = None;
             } else {
-                window.push(Pending {
-                    index: chunks.len() - 1,
-                    data,
-                    chained,
-                });
+                let data = std::sync::Arc::new(data);
+                self.send(prefix.replace(std::sync::Arc::clone(&data)), data, place)?;
             }
-            chained = !copy;
             remaining -= n as u64;
             self.done += n as u64;
-            if window.len() == 2 * self.threads {
-                self.compress_window(&mut window, &mut chunks)?;
-            }
             progress(self.done);
         }
-        self.compress_window(&mut window, &mut chunks)?;
-        Ok(FileEntry {
-            path: relative.to_owned(),
-            mode,
-            size,
-            digest: whole.finalize().to_hex().to_string(),
-            chunks,
-        })
+        self.entries[index].digest = whole.finalize().to_hex().to_string();
+        Ok(())
     }
 
-    /// Compresses the window's chunks on `threads` threads, appends the frames in order and
-    /// records their sizes; keeps the last chunk as the next window's prefix.
-    fn compress_window(
+    /// Hands a chunk to the compression threads, once fewer than `max_in_flight` are out.
+    fn send(
         &mut self,
-        window: &mut Vec<Pending>,
-        chunks: &mut [Chunk],
+        prefix: Option<std::sync::Arc<Vec<u8>>>,
+        data: std::sync::Arc<Vec<u8>>,
+        place: (usize, usize),
     ) -> Result<(), BundleError> {
-        if window.is_empty() {
-            return Ok(());
+        while self.in_flight.len() >= self.max_in_flight {
+            self.write_next()?;
         }
-        let write_err = |source| BundleError::Write {
+        let seq = self.written + self.in_flight.len() as u64;
+        self.jobs.send(Job { seq, prefix, data }).map_err(|_| {
+            self.write_error(std::io::Error::other("the compression threads stopped"))
+        })?;
+        self.in_flight.push_back(place);
+        Ok(())
+    }
+
+    /// Waits for frames until the oldest one out is back, and writes every frame that is next
+    /// in order.
+    fn write_next(&mut self) -> Result<(), BundleError> {
+        while !self.early.contains_key(&self.written) {
+            let (seq, frame) = self.frames.recv().map_err(|_| {
+                self.write_error(std::io::Error::other("the compression threads stopped"))
+            })?;
+            self.early
+                .insert(seq, frame.map_err(|e| self.write_error(e))?);
+        }
+        while let Some(frame) = self.early.remove(&self.written) {
+            let (file, chunk) = self.in_flight.pop_front().expect("a frame is out");
+            self.payload
+                .write_all(&frame)
+                .map_err(|e| self.write_error(e))?;
+            self.entries[file].chunks[chunk].csize = Some(frame.len() as u64);
+            self.written += 1;
+        }
+        Ok(())
+    }
+
+    /// Writes every frame still out; the file entries are then complete.
+    fn finish(mut self) -> Result<(W, Vec<FileEntry>), BundleError> {
+        while !self.in_flight.is_empty() {
+            self.write_next()?;
+        }
+        Ok((self.payload, self.entries))
+    }
+
+    fn write_error(&self, source: std::io::Error) -> BundleError {
+        BundleError::Write {
             path: self.out.to_owned(),
             source,
-        };
-        let prefix = |j: usize| -> &[u8] {
-            match (window[j].chained, j) {
-                (false, _) => &[],
-                (true, 0) => &self.prev,
-                (true, j) => &window[j - 1].data,
-            }
-        };
-        let mut frames: Vec<Vec<u8>> = (0..window.len())
-            .map(|_| self.spare.pop().unwrap_or_default())
-            .collect();
-        let level = self.level;
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let slots: Vec<std::sync::Mutex<&mut Vec<u8>>> =
-            frames.iter_mut().map(std::sync::Mutex::new).collect();
-        let results: Vec<std::io::Result<()>> = std::thread::scope(|scope| {
-            let work = || -> std::io::Result<()> {
-                loop {
-                    let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if j >= window.len() {
-                        return Ok(());
-                    }
-                    let mut frame = slots[j].lock().expect("one thread per frame");
-                    compress_chunk(level, prefix(j), &window[j].data, &mut frame)?;
-                }
-            };
-            let helpers: Vec<_> = (1..self.threads.min(window.len()))
-                .map(|_| scope.spawn(work))
-                .collect();
-            let mut results = vec![work()];
-            results.extend(helpers.into_iter().map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("a compression thread panicked")))
-            }));
-            results
-        });
-        drop(slots);
-        results
-            .into_iter()
-            .collect::<std::io::Result<()>>()
-            .map_err(write_err)?;
-        for (pending, frame) in window.iter().zip(&frames) {
-            self.payload.write_all(frame).map_err(write_err)?;
-            chunks[pending.index].csize = Some(frame.len() as u64);
         }
-        self.spare.extend(frames);
-        let mut drained = window.drain(..);
-        let last = drained.next_back().expect("not empty");
-        self.spare.extend(drained.map(|p| p.data));
-        self.spare
-            .push(std::mem::replace(&mut self.prev, last.data));
-        Ok(())
     }
 }
 
 /// Most compression threads `pack` uses: each holds a level-19 zstd context (about 40 MiB) and
-/// two chunks of the window, so a big build host does not turn into gigabytes.
+/// two chunks in flight (with their frames), so a big build host does not turn into gigabytes.
 const MAX_THREADS: usize = 8;
 
 /// Compression threads for `pack`: every core the process may use, up to [`MAX_THREADS`].
@@ -324,22 +339,39 @@ pub(crate) fn pack_against(
     };
     // Frames go to a temporary file beside the output, then after the header and manifest.
     let mut payload = tempfile::tempfile_in(out_dir).map_err(write_err(out_dir))?;
-    let mut chunker = Chunker {
-        in_base,
-        level: options.level,
-        threads: threads.max(1),
-        out,
-        payload: BufWriter::new(&mut payload),
-        prev: Vec::new(),
-        spare: Vec::new(),
-        done: 0,
-    };
-    let mut entries = Vec::with_capacity(files.len());
-    for (relative, full, size) in &files {
-        entries.push(chunker.file(relative, full, *size, |done| progress(done, total))?);
-    }
-    chunker.payload.flush().map_err(write_err(out))?;
-    drop(chunker);
+    let threads = threads.max(1);
+    let (job_tx, job_rx) = std::sync::mpsc::channel();
+    let (frame_tx, frame_rx) = std::sync::mpsc::channel();
+    let job_rx = std::sync::Mutex::new(job_rx);
+    let level = options.level;
+    let entries = std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let frame_tx = frame_tx.clone();
+            let job_rx = &job_rx;
+            scope.spawn(move || compress_jobs(level, job_rx, &frame_tx));
+        }
+        drop(frame_tx);
+        // On return, early or not, the chunker's sender is dropped and the threads end.
+        let mut chunker = Chunker {
+            in_base,
+            out,
+            payload: BufWriter::new(&mut payload),
+            entries: Vec::with_capacity(files.len()),
+            jobs: job_tx,
+            frames: frame_rx,
+            in_flight: std::collections::VecDeque::new(),
+            max_in_flight: 2 * threads,
+            early: std::collections::BTreeMap::new(),
+            written: 0,
+            done: 0,
+        };
+        for (relative, full, size) in &files {
+            chunker.file(relative, full, *size, |done| progress(done, total))?;
+        }
+        let (mut writer, entries) = chunker.finish()?;
+        writer.flush().map_err(write_err(out))?;
+        Ok::<_, BundleError>(entries)
+    })?;
     let manifest = Manifest {
         format: crate::manifest::FORMAT_PREFIXED,
         product: options.product.clone(),
