@@ -249,6 +249,13 @@ async fn scaling_spreads_requests_over_replicas_that_share_one_database() {
         servers.into_iter().collect::<Vec<_>>(),
         ["replica-0", "replica-1", "replica-2"]
     );
+    // A request for the server as a whole (asterisk-form) reaches a replica as such, as
+    // through any HTTP proxy, rather than a URI the router made up.
+    let (status, served_by, body) = request(sup.addr, "OPTIONS", "*", "").await.unwrap();
+    assert!(
+        served_by.starts_with("replica-") && status < 500,
+        "OPTIONS *: {status} from {served_by:?}: {body}"
+    );
     sup.stop().await;
 }
 
