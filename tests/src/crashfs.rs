@@ -897,18 +897,35 @@ impl CrashFs {
 }
 
 /// What uses a file system mounted at `mountpoint`, as /proc shows it: open files, working and
-/// root directories, mapped files of every process, and Unix sockets bound on it.
+/// root directories, mapped files of every process, and Unix sockets bound on it. Every thread
+/// is looked at, not only the leader: a killed process whose leader is already a zombie (its
+/// own `fd` unreadable) still holds its files until its last thread has exited.
 fn holders(mountpoint: &Path) -> Vec<String> {
     let mut found = Vec::new();
     let under = |p: &Path| p.starts_with(mountpoint);
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let pid = entry.file_name();
-        if !pid.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let proc = entry.path();
+    let tasks = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .flat_map(|entry| {
+            std::fs::read_dir(entry.path().join("task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|task| task.path())
+                .collect::<Vec<_>>()
+        });
+    for proc in tasks {
+        let pid = proc.file_name().unwrap_or_default().to_owned();
         let comm = std::fs::read_to_string(proc.join("comm")).unwrap_or_default();
-        let who = format!("pid {} ({})", pid.to_string_lossy(), comm.trim());
+        let who = format!("task {} ({})", pid.to_string_lossy(), comm.trim());
         for link in ["cwd", "root"] {
             if std::fs::read_link(proc.join(link)).is_ok_and(|p| under(&p)) {
                 found.push(format!("{who}: {link}"));
@@ -939,6 +956,8 @@ fn holders(mountpoint: &Path) -> Vec<String> {
             found.push(format!("a bound Unix socket: {path}"));
         }
     }
+    found.sort();
+    found.dedup();
     found
 }
 
