@@ -29,7 +29,8 @@ fn run(args: &edge_supervisor::cli::RunArgs) -> i32 {
         let _ = writeln!(std::io::stdout(), "configuration is valid:\n{settings:#?}");
         return exit::OK;
     }
-    // Two workers: the router on one core, the dispatcher and probes on the other.
+    // Two workers for the dispatcher, probes, control socket and admin endpoint; the router
+    // runs its own accept loops, one per core on threads of their own (supervisor.rs).
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("edge-supervisor")

@@ -142,9 +142,10 @@ impl Health {
 /// In-band detection: after how long an unanswered request makes its replica suspect, and
 /// whom to tell. Off when `after` is not below `UPSTREAM_TIMEOUT` (the request has failed by
 /// then anyway).
+#[derive(Clone)]
 pub struct Silence {
     pub after: Duration,
-    pub report: Box<dyn Fn(&Backend) + Send + Sync>,
+    pub report: Arc<dyn Fn(&Backend) + Send + Sync>,
 }
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -152,7 +153,8 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 pub struct Router {
     backends: watch::Receiver<Arc<[Backend]>>,
     client: Client<HttpConnector, Full<Bytes>>,
-    next: AtomicUsize,
+    /// The round-robin position, shared by every accept loop's router: the rotation is one.
+    next: Arc<AtomicUsize>,
     silence: Option<Silence>,
     /// `proxied{code="1xx"}` to `"9xx"` (hyper allows 100 to 999), looked up once rather
     /// than per request.
@@ -196,11 +198,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 impl Router {
-    /// A router over the published `backends`; `silence` turns in-band detection on.
+    /// A router over the published `backends`; `silence` turns in-band detection on; `next`
+    /// is the round-robin position, shared by the routers of one rotation.
     pub fn new(
         backends: watch::Receiver<Arc<[Backend]>>,
         metrics: Arc<Metrics>,
         silence: Option<Silence>,
+        next: Arc<AtomicUsize>,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -212,7 +216,7 @@ impl Router {
         Router {
             backends,
             client,
-            next: AtomicUsize::new(0),
+            next,
             silence: silence.filter(|s| s.after < UPSTREAM_TIMEOUT),
             answered: std::array::from_fn(|class| {
                 metrics
@@ -452,17 +456,35 @@ impl Drop for PeerSlot {
 /// current request for up to `grace`. At most `cap` connections are open at once (the rest
 /// wait in the accept queue), at most `per_peer` from one address (more are closed at once);
 /// each must send its headers within `HEADER_TIMEOUT`.
+/// The router's connection limits, shared by every accept loop: at most `cap` client
+/// connections at once, and at most `per_peer` from one address.
+#[derive(Clone)]
+pub struct Limits {
+    slots: Arc<tokio::sync::Semaphore>,
+    peers: Arc<Peers>,
+}
+
+impl Limits {
+    pub fn new(cap: usize, per_peer: usize) -> Self {
+        Limits {
+            slots: Arc::new(tokio::sync::Semaphore::new(cap)),
+            peers: Arc::new(Peers(std::sync::Mutex::default(), per_peer)),
+        }
+    }
+}
+
+/// One accept loop of the router: serves `listener` (several loops may share one listening
+/// socket, each on its own thread) within `limits` until `shutdown`, then lets open
+/// connections finish for up to `grace`.
 pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
-    cap: usize,
-    per_peer: usize,
+    limits: Limits,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
-    let peers = Arc::new(Peers(std::sync::Mutex::default(), per_peer));
+    let Limits { slots, peers } = limits;
     let mut accept_errors = 0u32;
     tokio::pin!(shutdown);
     loop {
