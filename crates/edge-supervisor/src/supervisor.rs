@@ -337,9 +337,10 @@ impl Servers {
             // its own router and its own pool of connections to the replicas: a request is
             // read, forwarded and answered on one thread, with none of the cross-thread
             // wake-ups of a shared scheduler (HAProxy's requests per second: 0.84x -> 0.89x at
-            // 32 connections, 0.78x -> 0.94x at 256; image/MEASUREMENTS.md). The loops share the listening socket,
-            // the limits, the metrics and the in-band silence report; the stop reaches every
-            // loop, and the drain is reported once all are done.
+            // 32 connections, 0.78x -> 0.94x at 256; image/MEASUREMENTS.md). The loops share
+            // the listening socket, the limits, the metrics, the in-band silence report and the
+            // round-robin position; the stop reaches every loop, and the drain is reported once
+            // all are done.
             let (loops, own_runtime) = router_loops(self.public);
             let (stop_tx, stop_rx) = watch::channel(false);
             let (drained_tx, mut drained_rx) = mpsc::channel::<()>(loops.len().max(1));
